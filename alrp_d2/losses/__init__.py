@@ -1,0 +1,17 @@
+"""Ranking-based losses in pure PyTorch (no Detectron2 import here)."""
+
+from .alrp import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
+from .ranking import PositiveStats, RankingUpdate, ranking_loss, smoothed_step
+
+__all__ = [
+    "ALRPLoss",
+    "APLoss",
+    "NDCGLoss",
+    "PositiveStats",
+    "RankingUpdate",
+    "alrp_loss",
+    "ap_loss",
+    "ndcg_loss",
+    "ranking_loss",
+    "smoothed_step",
+]
