@@ -1,0 +1,153 @@
+"""Forward plus backward time of alrp_loss and ap_loss against the naive loop over
+positives and against fvcore's sigmoid focal loss, on the same logits.
+
+    python benchmarks/loss_speed.py                 # CPU, the issue's sizes
+    python benchmarks/loss_speed.py --device cuda   # GPU
+    python benchmarks/loss_speed.py --sizes 100:1e5 --repeats 3
+
+Prints a markdown table: medians over repeats, and ratios to the loop and to focal
+loss. The loop is skipped where a first timing of a few positives predicts it would
+run past ``--loop-limit`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from fvcore.nn import sigmoid_focal_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from naive_loop import alrp_loop, ap_loop  # noqa: E402
+
+from alrp_d2.losses import alrp_loss, ap_loss  # noqa: E402
+
+DEFAULT_SIZES = "100:1e5,1000:2e6,1000:1e7,3000:3e7"
+
+
+def make_batch(p: int, m: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(m, generator=g)
+    targets = torch.zeros(m, dtype=torch.long)
+    targets[torch.randperm(m, generator=g)[: m // 10]] = -1  # ignored anchors
+    targets[torch.randperm(m, generator=g)[:p]] = 1
+    loc_errors = torch.rand(p, generator=g)
+    return logits.to(device), targets.to(device), loc_errors.to(device)
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_size(p, m, device, repeats, loop_limit):
+    logits, targets, loc_errors = make_batch(p, m, device)
+    focal_targets = (targets == 1).to(logits.dtype)
+
+    def alrp():
+        x = logits.detach().requires_grad_()
+        e = loc_errors.detach().requires_grad_()
+        cls, loc = alrp_loss(x, targets, e)
+        (cls + loc).backward()
+
+    def ap():
+        x = logits.detach().requires_grad_()
+        ap_loss(x, targets).backward()
+
+    def focal():
+        x = logits.detach().requires_grad_()
+        # Over all M logits, without masking the ignored ones: the stricter comparison.
+        loss = sigmoid_focal_loss(x, focal_targets, alpha=0.25, gamma=2.0, reduction="sum")
+        (loss / p).backward()
+
+    def loop_alrp():
+        alrp_loop(logits, targets, loc_errors)
+
+    def loop_ap():
+        ap_loop(logits, targets)
+
+    row = {"P": p, "M": m}
+    row["alrp"] = timed(alrp, device, repeats)
+    row["ap"] = timed(ap, device, repeats)
+    row["focal"] = timed(focal, device, repeats)
+    # Predict the loop's time from a run on a few positives (its cost is linear in P).
+    few = min(p, 20)
+    sub_targets = targets.clone()
+    sub_targets[torch.nonzero(targets == 1).flatten()[few:]] = 0
+    start = time.perf_counter()
+    alrp_loop(logits, sub_targets, loc_errors[:few])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    predicted = (time.perf_counter() - start) * p / few
+    if predicted <= loop_limit:
+        loop_repeats = 1 if predicted > 5 else repeats
+        row["loop_alrp"] = timed(loop_alrp, device, loop_repeats)
+        row["loop_ap"] = timed(loop_ap, device, loop_repeats)
+    else:
+        row["loop_alrp"] = row["loop_ap"] = None
+        row["loop_predicted"] = predicted
+    return row
+
+
+def markdown(rows) -> str:
+    out = [
+        "| P | M | aLRP (s) | AP Loss (s) | focal (s) | loop aLRP (s) | loop AP (s) "
+        "| loop/aLRP | loop/AP | aLRP/focal | AP/focal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        def fmt(v):
+            return "skipped" if v is None else f"{v:.4f}"
+
+        loop_a = "-" if r["loop_alrp"] is None else f"{r['loop_alrp'] / r['alrp']:.1f}x"
+        loop_b = "-" if r["loop_ap"] is None else f"{r['loop_ap'] / r['ap']:.1f}x"
+        if r["loop_alrp"] is None:
+            skipped = f"skipped (~{r['loop_predicted']:.0f} s predicted)"
+            loops = f"{skipped} | {skipped}"
+        else:
+            loops = f"{fmt(r['loop_alrp'])} | {fmt(r['loop_ap'])}"
+        out.append(
+            f"| {r['P']} | {r['M']:.0e} | {r['alrp']:.4f} | {r['ap']:.4f} | {r['focal']:.4f} | "
+            f"{loops} | {loop_a} | {loop_b} | {r['alrp'] / r['focal']:.2f}x | {r['ap'] / r['focal']:.2f}x |"
+        )
+    return "\n".join(out)
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="P:M pairs, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-limit", type=float, default=60.0, help="seconds")
+    args = parser.parse_args(argv)
+    sizes = [(int(float(a)), int(float(b))) for a, b in (s.split(":") for s in args.sizes.split(","))]
+    print(f"device: {describe_device(args.device)}; torch {torch.__version__}", flush=True)
+    rows = []
+    for p, m in sizes:
+        rows.append(run_size(p, m, args.device, args.repeats, args.loop_limit))
+        print(f"done P={p} M={m:.0e}", file=sys.stderr, flush=True)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

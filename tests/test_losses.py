@@ -1,0 +1,200 @@
+"""The fast ranking losses against the naive reference of the spec."""
+
+import pytest
+import torch
+
+from alrp_d2.losses import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
+from reference import alrp_reference, ap_reference, ndcg_reference
+
+RTOL = 1e-9
+DELTAS = [0.0, 0.5, 1.0]
+
+
+def close(actual, expected):
+    actual, expected = actual.detach().double(), expected.double()
+    scale = expected.abs().max().clamp_min(1.0) if expected.numel() else 1.0
+    return bool(((actual - expected).abs() <= RTOL * scale).all())
+
+
+def make_case(kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = 40 + seed % 30
+    logits = torch.randn(m, generator=g, dtype=torch.float64) * 2
+    targets = torch.randint(-1, 2, (m,), generator=g)
+    if kind == "ties":
+        logits = torch.round(logits * 2) / 2
+    elif kind == "one_positive":
+        targets[targets == 1] = 0
+        targets[3] = 1
+    elif kind == "positives_on_top":
+        targets = torch.where(logits > 1.0, 1, torch.where(targets == 1, 0, targets))
+        logits = torch.where(targets == 1, logits + 10, logits)
+    elif kind == "positives_at_bottom":
+        targets[:5] = 1
+        logits[:5] = logits.min() - 5 - torch.arange(5, dtype=torch.float64)
+    if (targets == 1).sum() == 0:
+        targets[0] = 1
+    p = int((targets == 1).sum())
+    loc = torch.rand(p, generator=g, dtype=torch.float64)
+    return logits, targets, loc
+
+
+KINDS = ["random", "ties", "one_positive", "positives_on_top", "positives_at_bottom"]
+CASES = [(kind, seed) for kind in KINDS for seed in range(4)]
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_alrp_matches_reference(kind, seed, delta):
+    logits, targets, loc = make_case(kind, seed)
+    x = logits.clone().requires_grad_()
+    e = loc.clone().requires_grad_()
+    cls, reg = alrp_loss(x, targets, e, delta=delta)
+    (cls + reg).backward()
+    ref_cls, ref_loc, ref_grad, ref_grad_loc = alrp_reference(logits, targets, loc, delta)
+    assert close(cls, ref_cls) and close(reg, ref_loc)
+    assert close(x.grad, ref_grad)
+    assert close(e.grad, ref_grad_loc)
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_ap_and_ndcg_match_reference(kind, seed, delta):
+    logits, targets, _ = make_case(kind, seed)
+    for fast, slow in [(ap_loss, ap_reference), (ndcg_loss, ndcg_reference)]:
+        x = logits.clone().requires_grad_()
+        loss = fast(x, targets, delta=delta)
+        loss.backward()
+        ref_loss, ref_grad = slow(logits, targets, delta)
+        assert close(loss, ref_loss), fast.__name__
+        assert close(x.grad, ref_grad), fast.__name__
+
+
+def test_ignored_entries_get_no_gradient():
+    logits, targets, loc = make_case("random", 7)
+    x = logits.clone().requires_grad_()
+    cls, reg = alrp_loss(x, targets, loc)
+    cls.backward()
+    assert (x.grad[targets == -1] == 0).all()
+    assert (x.grad[targets == 1] <= 0).all() and (x.grad[targets == 0] >= 0).all()
+
+
+def test_positives_on_top_have_zero_classification_loss():
+    logits = torch.tensor([5.0, 4.0, -3.0, -4.0], dtype=torch.float64)
+    targets = torch.tensor([1, 1, 0, 0])
+    x = logits.clone().requires_grad_()
+    cls, reg = alrp_loss(x, targets, torch.tensor([0.2, 0.4], dtype=torch.float64))
+    cls.backward()
+    assert cls.item() == 0.0
+    assert (x.grad == 0).all()  # N_FP <= eps for every positive: no update
+    # cumE / rank: (0.2/1 + (0.4 + 0.2)/2) / 2
+    assert reg.item() == pytest.approx(0.25, rel=1e-12)
+
+
+def test_batch_without_positives_gives_zero_connected_losses():
+    logits = torch.randn(20, requires_grad=True)
+    targets = torch.zeros(20, dtype=torch.long)
+    loc = torch.zeros(0, requires_grad=True)
+    cls, reg = alrp_loss(logits, targets, loc)
+    assert cls.item() == 0 and reg.item() == 0
+    (cls + reg).backward()
+    assert logits.grad is not None and (logits.grad == 0).all()
+    assert loc.grad is not None
+    for fn in (ap_loss, ndcg_loss):
+        x = torch.randn(20, requires_grad=True)
+        loss = fn(x, targets)
+        loss.backward()
+        assert loss.item() == 0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_logits_follow_float64(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5000, generator=g).to(dtype)
+    targets = torch.randint(-1, 2, (5000,), generator=g)
+    targets[targets == 1] = torch.where(torch.rand(int((targets == 1).sum()), generator=g) < 0.05, 1, 0)
+    loc = torch.rand(int((targets == 1).sum()), generator=g)
+    x = logits.clone().requires_grad_()
+    cls, reg = alrp_loss(x, targets, loc)
+    cls.backward()
+    assert cls.dtype == torch.float32 and x.grad.dtype == dtype
+    ref_cls, ref_loc, ref_grad, _ = alrp_reference(logits.double(), targets, loc.double())
+    assert cls.item() == pytest.approx(ref_cls.item(), rel=1e-5)
+    assert reg.item() == pytest.approx(ref_loc.item(), rel=1e-5)
+    tolerance = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    assert (x.grad.double() - ref_grad).abs().max() <= tolerance * ref_grad.abs().max()
+
+
+def test_float64_in_means_float64_math():
+    logits, targets, loc = make_case("random", 1)
+    cls, reg = alrp_loss(logits, targets, loc)
+    assert cls.dtype == torch.float64 and reg.dtype == torch.float64
+
+
+def test_any_shape_is_flattened():
+    logits, targets, loc = make_case("random", 2)
+    m = logits.numel() - logits.numel() % 2
+    flat = alrp_loss(logits[:m], targets[:m], loc[: int((targets[:m] == 1).sum())])
+    shaped = alrp_loss(logits[:m].view(2, -1), targets[:m].view(2, -1), loc[: int((targets[:m] == 1).sum())])
+    assert torch.equal(flat[0], shaped[0]) and torch.equal(flat[1], shaped[1])
+
+
+def test_modules_wrap_functions():
+    logits, targets, loc = make_case("ties", 0)
+    assert torch.equal(ALRPLoss(delta=0.5)(logits, targets, loc)[0], alrp_loss(logits, targets, loc, 0.5)[0])
+    assert torch.equal(APLoss()(logits, targets), ap_loss(logits, targets))
+    assert torch.equal(NDCGLoss()(logits, targets), ndcg_loss(logits, targets))
+
+
+def test_validate_false_gives_the_same_result():
+    logits, targets, loc = make_case("random", 5)
+    a = alrp_loss(logits, targets, loc)
+    b = alrp_loss(logits, targets, loc, validate=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _good():
+    logits = torch.tensor([0.5, -0.2, 1.0, 0.1])
+    targets = torch.tensor([1, 0, -1, 0])
+    return logits, targets, torch.tensor([0.3])
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda l, t, e: (l[:3], t, e), "shape mismatch"),
+        (lambda l, t, e: (l, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
+        (lambda l, t, e: (l, t.float() * 0.5, e), "targets must contain only"),
+        (lambda l, t, e: (l, t, torch.tensor([0.3, 0.1])), "loc_errors has 2 entries but targets has 1"),
+        (lambda l, t, e: (l, t, torch.zeros(0)), "loc_errors has 0 entries but targets has 1"),
+        (lambda l, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e), "logits contain NaN or Inf"),
+        (lambda l, t, e: (torch.tensor([0, float("inf"), 0, 0]), t, e), "logits contain NaN or Inf"),
+        (lambda l, t, e: (l, t, torch.tensor([float("nan")])), "loc_errors contain NaN or Inf"),
+        (lambda l, t, e: (l, t, torch.tensor([[0.3]])), "loc_errors must be a 1-D tensor"),
+        (lambda l, t, e: (l.long(), t, e), "logits must be floating point"),
+    ],
+)
+def test_bad_input_names_the_problem(mutate, message):
+    logits, targets, loc = mutate(*_good())
+    with pytest.raises(ValueError, match=message):
+        alrp_loss(logits, targets, loc)
+
+
+def test_bad_delta_and_ap_inputs():
+    logits, targets, loc = _good()
+    with pytest.raises(ValueError, match="delta"):
+        alrp_loss(logits, targets, loc, delta=-1)
+    with pytest.raises(ValueError, match="targets must contain only"):
+        ap_loss(logits, torch.tensor([1, 0, 3, 0]))
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        ndcg_loss(torch.tensor([float("nan"), 0, 0, 0]), targets)
+
+
+def test_huge_finite_logits_are_not_called_infinite():
+    logits = torch.tensor([3e38, 3e38, 3e38, -1.0])
+    targets = torch.tensor([1, 0, 0, 0])
+    cls, _ = alrp_loss(logits, targets, torch.tensor([0.5]))
+    assert torch.isfinite(cls)
