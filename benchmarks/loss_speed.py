@@ -84,15 +84,20 @@ def run_size(p, m, device, repeats, loop_limit):
     row["alrp"] = timed(alrp, device, repeats)
     row["ap"] = timed(ap, device, repeats)
     row["focal"] = timed(focal, device, repeats)
-    # Predict the loop's time from a run on a few positives (its cost is linear in P).
-    few = min(p, 20)
-    sub_targets = targets.clone()
-    sub_targets[torch.nonzero(targets == 1).flatten()[few:]] = 0
-    start = time.perf_counter()
-    alrp_loop(logits, sub_targets, loc_errors[:few])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    predicted = (time.perf_counter() - start) * p / few
+    # Predict the loop's time from runs on a few positives (its cost is linear in P).
+    def loop_on(count):
+        sub = targets.clone()
+        sub[torch.nonzero(targets == 1).flatten()[count:]] = 0
+        start = time.perf_counter()
+        alrp_loop(logits, sub, loc_errors[:count])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    few, more = min(p, 10), min(p, 40)
+    t_few, t_more = loop_on(few), loop_on(more)
+    per_positive = (t_more - t_few) / max(more - few, 1)
+    predicted = t_more + per_positive * (p - more)
     if predicted <= loop_limit:
         loop_repeats = 1 if predicted > 5 else repeats
         row["loop_alrp"] = timed(loop_alrp, device, loop_repeats)

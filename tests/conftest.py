@@ -1,5 +1,35 @@
+import importlib.util
 import os
 import sys
 
+import pytest
+
 # The naive reference implementations live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
+
+HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
+DETECTRON2_MISSING = "detectron2 is missing (install it: python -m alrp_d2.install_detectron2)"
+_skipped_for_detectron2 = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "detectron2: the test needs detectron2 installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_DETECTRON2:
+        return
+    skip = pytest.mark.skip(reason=DETECTRON2_MISSING)
+    for item in items:
+        if "detectron2" in item.keywords:
+            item.add_marker(skip)
+            _skipped_for_detectron2.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    count = len(_skipped_for_detectron2)
+    line = f"SKIPPED BECAUSE DETECTRON2 IS MISSING: {count} tests"
+    if count:
+        terminalreporter.write_sep("!", line, red=True, bold=True)
+    else:
+        terminalreporter.write_line(line)

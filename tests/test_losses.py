@@ -198,3 +198,45 @@ def test_huge_finite_logits_are_not_called_infinite():
     targets = torch.tensor([1, 0, 0, 0])
     cls, _ = alrp_loss(logits, targets, torch.tensor([0.5]))
     assert torch.isfinite(cls)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_location_equals_binary_search(seed, delta):
+    from alrp_d2.losses.ranking import _locate
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(100_000, generator=g) * (1 + seed % 3)
+    q = torch.randn(int(torch.randint(8, 2000, (1,), generator=g)), generator=g)
+    if seed % 2 == 0:  # ties everywhere
+        x, q = torch.round(x * 4) / 4, torch.round(q * 4) / 4
+    if seed == 5:
+        q[0] = 80.0  # one outlier stretches the grid
+    bounds = q.sort().values if delta == 0 else torch.cat([q - delta, q + delta]).sort().values
+    x[: bounds.numel()] = bounds  # elements exactly on boundaries
+    x[-50:] = float("-inf")
+    for dtype in (torch.float32, torch.float64):
+        xs, bs = x.to(dtype), bounds.to(dtype)
+        assert torch.equal(_locate(xs, bs), torch.bucketize(xs, bs, out_int32=True))
+
+
+def test_large_batch_matches_reference_loop():
+    g = torch.Generator().manual_seed(11)
+    m, p = 200_000, 300
+    logits = torch.randn(m, generator=g, dtype=torch.float64)
+    targets = torch.zeros(m, dtype=torch.long)
+    targets[torch.randperm(m, generator=g)[:20_000]] = -1
+    targets[torch.randperm(m, generator=g)[:p]] = 1
+    loc = torch.rand(p, generator=g, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    cls, reg = alrp_loss(x, targets, loc)
+    cls.backward()
+    pos = torch.nonzero(targets == 1).flatten()
+    neg = torch.nonzero(targets == 0).flatten()
+    sp, sn = logits[pos], logits[neg]
+    num_fp = torch.stack([((sn - s) / 2 + 0.5).clamp(0, 1).sum() for s in sp])
+    h_pos = ((sp[None, :] - sp[:, None]) / 2 + 0.5).clamp(0, 1)
+    rank = h_pos.sum(1) + 0.5 + num_fp
+    assert cls.item() == pytest.approx((num_fp / rank).mean().item(), rel=1e-9)
+    assert x.grad[targets == -1].abs().max() == 0
+    assert x.grad[neg].sum().item() == pytest.approx(-x.grad[pos].sum().item(), rel=1e-9)

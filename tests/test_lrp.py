@@ -1,0 +1,234 @@
+"""Optimal LRP: worked examples, invariances, edge cases and a brute-force search."""
+
+import contextlib
+import copy
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from alrp_d2.evaluation.lrp import format_summary, lrp_from_coco
+
+
+def make_coco(images, categories, gts, dets):
+    """COCO objects from lists; gts and dets are dicts with image_id, category_id, bbox."""
+    gt = COCO()
+    anns = []
+    for i, g in enumerate(gts, 1):
+        w, h = g["bbox"][2], g["bbox"][3]
+        anns.append({"id": i, "area": g.get("area", w * h), "iscrowd": g.get("iscrowd", 0), **g})
+    gt.dataset = {
+        "images": [{"id": i, "width": 640, "height": 480} for i in images],
+        "categories": [{"id": c, "name": f"c{c}"} for c in categories],
+        "annotations": anns,
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if dets:
+            dt = gt.loadRes(copy.deepcopy(dets))
+        else:
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.createIndex()
+    return gt, dt
+
+
+def test_worked_example_a():
+    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+           {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10]}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.8},
+            {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 8], "score": 0.7}]
+    r = lrp_from_coco(*make_coco([1], [1], gts, dets))
+    assert r["oLRP"] == pytest.approx(0.4667, abs=1e-4)
+    assert r["oLRP_loc"] == pytest.approx(0.100, abs=1e-6)
+    assert r["oLRP_FP"] == pytest.approx(1 / 3, abs=1e-6)
+    assert r["oLRP_FN"] == 0
+    assert r["per_class"][1]["threshold"] == pytest.approx(0.7)
+
+
+def test_worked_example_b():
+    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.8}]
+    r = lrp_from_coco(*make_coco([1], [1], gts, dets))
+    assert r["oLRP"] == 1 and r["oLRP_FN"] == 1
+    assert math.isnan(r["oLRP_loc"]) and math.isnan(r["oLRP_FP"])
+    assert math.isnan(r["per_class"][1]["threshold"])
+    # The grid variant counts the false positives of such a class.
+    g = lrp_from_coco(*make_coco([1], [1], gts, dets), thresholds="grid")
+    assert g["oLRP"] == 1 and g["oLRP_FP"] == 1 and g["oLRP_FN"] == 1
+
+
+def random_case(seed, n_images=4, n_cats=3, crowd=True):
+    rng = random.Random(seed)
+    gts, dets = [], []
+    for img in range(1, n_images + 1):
+        for _ in range(rng.randint(0, 5)):
+            x, y = rng.uniform(0, 200), rng.uniform(0, 200)
+            w, h = rng.choice([rng.uniform(5, 30), rng.uniform(30, 100), rng.uniform(100, 200)]), rng.uniform(5, 150)
+            gts.append({"image_id": img, "category_id": rng.randint(1, n_cats), "bbox": [x, y, w, h],
+                        "iscrowd": int(crowd and rng.random() < 0.1)})
+        for _ in range(rng.randint(0, 8)):
+            if gts and rng.random() < 0.7:
+                g = rng.choice(gts)
+                x, y, w, h = g["bbox"]
+                box = [x + rng.uniform(-8, 8), y + rng.uniform(-8, 8), w * rng.uniform(0.7, 1.3), h * rng.uniform(0.7, 1.3)]
+                cat = g["category_id"] if rng.random() < 0.8 else rng.randint(1, n_cats)
+                img_id = g["image_id"]
+            else:
+                box = [rng.uniform(0, 200), rng.uniform(0, 200), rng.uniform(5, 100), rng.uniform(5, 100)]
+                cat, img_id = rng.randint(1, n_cats), img
+            dets.append({"image_id": img_id, "category_id": cat, "bbox": box,
+                         "score": round(rng.random(), 1 if rng.random() < 0.3 else 4)})
+    return list(range(1, n_images + 1)), list(range(1, n_cats + 1)), gts, dets
+
+
+def brute_force(gt, dt, tau=0.5, area="all", grid=False):
+    """Per class: for every candidate threshold, pycocotools' own matching of the
+    detections scored at least that threshold, then LRP; keep the minimum."""
+    ev = COCOeval(gt, dt, "bbox")
+    ev.params.iouThrs = np.array([tau])
+    area_index = ev.params.areaRngLbl.index(area)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+    n_cats, n_areas, n_imgs = len(ev.params.catIds), len(ev.params.areaRng), len(ev.params.imgIds)
+    out = {}
+    for ci, cat in enumerate(ev.params.catIds):
+        scores, ious, num_gt = [], [], 0
+        for ii in range(n_imgs):
+            e = ev.evalImgs[ci * n_areas * n_imgs + area_index * n_imgs + ii]
+            if e is None:
+                continue
+            num_gt += int((~e["gtIgnore"].astype(bool)).sum())
+            img = ev.params.imgIds[ii]
+            iou_mat = ev.ious[(img, cat)]
+            gt_ids = [g["id"] for g in ev._gts[img, cat]]
+            for di, d_id in enumerate(e["dtIds"]):
+                if e["dtIgnore"][0, di]:
+                    continue
+                m = int(e["dtMatches"][0, di])
+                scores.append(e["dtScores"][di])
+                ious.append(iou_mat[di, gt_ids.index(m)] if m else None)
+        if num_gt == 0:
+            continue
+        candidates = [round(t / 100, 2) for t in range(101)] if grid else [math.inf] + sorted(set(scores), reverse=True)
+        best = None
+        for s in candidates:
+            kept = [(sc, iou) for sc, iou in zip(scores, ious) if sc >= s]
+            tp = [iou for _, iou in kept if iou is not None]
+            n_fp = len(kept) - len(tp)
+            n_fn = num_gt - len(tp)
+            value = (sum((1 - i) / (1 - tau) for i in tp) + n_fp + n_fn) / (len(tp) + n_fp + n_fn)
+            if best is None or value < best[0] - 1e-12:
+                best = (value, len(tp), n_fp, n_fn, sum(1 - i for i in tp), s)
+        value, n_tp, n_fp, n_fn, loc, s = best
+        out[cat] = {
+            "oLRP": value,
+            "oLRP_loc": loc / n_tp if n_tp else math.nan,
+            "oLRP_FP": n_fp / (n_tp + n_fp) if n_tp + n_fp else math.nan,
+            "oLRP_FN": n_fn / num_gt,
+            "threshold": s if n_tp + n_fp else math.nan,
+        }
+    return out
+
+
+def same(a, b):
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_equals_brute_force_over_thresholds(seed):
+    images, cats, gts, dets = random_case(seed)
+    gt, dt = make_coco(images, cats, gts, dets)
+    for grid in (False, True):
+        fast = lrp_from_coco(gt, dt, thresholds="grid" if grid else "exact")
+        slow = brute_force(gt, dt, grid=grid)
+        assert set(fast["per_class"]) == set(slow)
+        for cat, ref in slow.items():
+            for key, value in ref.items():
+                assert same(fast["per_class"][cat][key], value), (seed, grid, cat, key)
+        for area in ("small", "medium", "large"):
+            ref = [r["oLRP"] for r in brute_force(gt, dt, area=area, grid=grid).values()]
+            expected = float(np.mean(ref)) if ref else math.nan
+            assert same(fast[f"oLRP_{area}"], expected), (seed, area)
+
+
+def test_perfect_detections_give_zero_and_none_give_one():
+    images, cats, gts, _ = random_case(3, crowd=False)
+    perfect = [{"image_id": g["image_id"], "category_id": g["category_id"], "bbox": g["bbox"], "score": 0.9}
+               for g in gts]
+    r = lrp_from_coco(*make_coco(images, cats, gts, perfect))
+    assert r["oLRP"] == pytest.approx(0, abs=1e-12) and r["oLRP_FN"] == 0 and r["oLRP_FP"] == 0
+    r = lrp_from_coco(*make_coco(images, cats, gts, []))
+    assert r["oLRP"] == 1 and r["oLRP_FN"] == 1 and math.isnan(r["oLRP_FP"]) and math.isnan(r["oLRP_loc"])
+
+
+def test_image_order_does_not_matter():
+    images, cats, gts, dets = random_case(8, n_images=6)
+    base = lrp_from_coco(*make_coco(images, cats, gts, dets))
+    mapping = dict(zip(images, reversed(images)))
+    shuffled_g = [{**g, "image_id": mapping[g["image_id"]]} for g in gts]
+    shuffled_d = [{**d, "image_id": mapping[d["image_id"]]} for d in reversed(dets)]
+    other = lrp_from_coco(*make_coco(images, cats, shuffled_g, shuffled_d))
+    for key in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large"):
+        assert same(base[key], other[key]), key
+
+
+def test_classes_without_ground_truth_are_left_out():
+    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+            {"image_id": 1, "category_id": 2, "bbox": [30, 30, 10, 10], "score": 0.9}]
+    r = lrp_from_coco(*make_coco([1], [1, 2], gts, dets))
+    assert set(r["per_class"]) == {1} and r["oLRP"] == 0
+
+
+def test_crowd_ground_truth_is_ignored_and_reusable():
+    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+           {"image_id": 1, "category_id": 1, "bbox": [100, 100, 100, 100], "iscrowd": 1}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}] + [
+        {"image_id": 1, "category_id": 1, "bbox": [110 + i, 110, 30, 30], "score": 0.5} for i in range(3)]
+    r = lrp_from_coco(*make_coco([1], [1], gts, dets))
+    # The three detections inside the crowd region are neither TP nor FP.
+    assert r["oLRP"] == 0 and r["oLRP_FP"] == 0
+
+
+def test_at_most_max_dets_per_image_and_class():
+    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.9 - i / 100} for i in range(3)]
+    dets.append({"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.1})
+    gt, dt = make_coco([1], [1], gts, dets)
+    assert lrp_from_coco(gt, dt, max_dets=3)["oLRP"] == 1  # the true positive is the 4th
+    assert lrp_from_coco(gt, dt, max_dets=4)["oLRP"] < 1
+
+
+def test_bad_arguments():
+    gt, dt = make_coco([1], [1], [], [])
+    with pytest.raises(ValueError, match="iou_type"):
+        lrp_from_coco(gt, dt, iou_type="keypoints")
+    with pytest.raises(ValueError, match="thresholds"):
+        lrp_from_coco(gt, dt, thresholds="fine")
+    with pytest.raises(ValueError, match="tau"):
+        lrp_from_coco(gt, dt, tau=1.5)
+
+
+def test_command_line(tmp_path):
+    images, cats, gts, dets = random_case(5)
+    gt, _ = make_coco(images, cats, gts, dets)
+    gt_file, det_file = tmp_path / "gt.json", tmp_path / "dets.json"
+    gt_file.write_text(json.dumps(gt.dataset))
+    det_file.write_text(json.dumps(dets))
+    out = subprocess.run([sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(det_file)],
+                         capture_output=True, text=True, check=True).stdout
+    expected = format_summary(lrp_from_coco(*make_coco(images, cats, gts, dets)))
+    assert out.strip() == expected.strip()
+    assert "Optimal LRP" in out and "area= small" in out
+    bad = subprocess.run([sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(tmp_path / "nope.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope.json" in bad.stderr
