@@ -74,8 +74,8 @@ def _segm_iou(dt_anns, gt_anns) -> np.ndarray:
 class _Groups:
     """Detections and ground truths grouped by (image, class), padded per chunk."""
 
-    def __init__(self, coco_gt, coco_dt, iou_type: str, max_dets: int, cat_ids: List[int]):
-        img_ids = sorted(coco_gt.getImgIds())
+    def __init__(self, coco_gt, coco_dt, iou_type: str, max_dets: int, cat_ids: List[int], img_ids):
+        img_ids = sorted(coco_gt.getImgIds() if img_ids is None else img_ids)
         cat_set = set(cat_ids)
         gts: Dict[tuple, list] = {}
         dts: Dict[tuple, list] = {}
@@ -222,6 +222,7 @@ def lrp_from_coco(
     tau: float = 0.5,
     max_dets: int = 100,
     thresholds: str = "exact",
+    img_ids: Optional[List[int]] = None,
 ) -> Dict[str, object]:
     """oLRP of ``coco_dt`` against ``coco_gt`` (pycocotools ``COCO`` objects).
 
@@ -229,7 +230,8 @@ def lrp_from_coco(
     ``oLRP_FN`` (means over classes, NaN left out), ``oLRP_small``,
     ``oLRP_medium``, ``oLRP_large`` and ``per_class`` ``{category_id: {oLRP,
     oLRP_loc, oLRP_FP, oLRP_FN, threshold}}``; NaN where a figure is undefined.
-    Classes without ground truth are left out of everything.
+    Classes without ground truth are left out of everything.  ``img_ids``
+    restricts the evaluation to those images (default: all).
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -240,7 +242,7 @@ def lrp_from_coco(
     if int(max_dets) < 1:
         raise ValueError(f"max_dets must be at least 1, got {max_dets}")
     cat_ids = sorted(coco_gt.getCatIds())
-    groups = _Groups(coco_gt, coco_dt, iou_type, int(max_dets), cat_ids)
+    groups = _Groups(coco_gt, coco_dt, iou_type, int(max_dets), cat_ids, img_ids)
     pooled = {name: {"score": [], "iou": [], "cat": [], "gt": np.zeros(len(cat_ids), int)}
               for name in AREA_RANGES}
     cat_index = {c: i for i, c in enumerate(cat_ids)}
@@ -327,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 dets = json.load(f)
             if not isinstance(dets, list):
                 raise ValueError("the results file must hold a json list of detections")
-            coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
+            coco_dt = coco_gt.loadRes(dets) if dets else empty_results(coco_gt)
     except (OSError, ValueError, KeyError, AssertionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -341,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _empty_results(coco_gt):
+def empty_results(coco_gt):
     """A COCO object with no detections (pycocotools' loadRes rejects an empty list)."""
     from pycocotools.coco import COCO
 
