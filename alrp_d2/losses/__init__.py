@@ -1,6 +1,7 @@
 """Ranking-based losses in pure PyTorch (no Detectron2 import here)."""
 
 from .alrp import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
+from .localisation import localisation_error, matched_box_iou
 from .ranking import PositiveStats, RankingUpdate, ranking_loss, smoothed_step
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "RankingUpdate",
     "alrp_loss",
     "ap_loss",
+    "localisation_error",
+    "matched_box_iou",
     "ndcg_loss",
     "ranking_loss",
     "smoothed_step",

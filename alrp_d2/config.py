@@ -1,0 +1,61 @@
+"""Configuration: Detectron2's defaults plus this project's keys.
+
+Every key of a feature is declared in one ``add_*_config`` function; ``get_cfg()``
+applies them all. A YAML file or override naming a key declared nowhere fails with
+Detectron2's ``KeyError: 'Non-existent config key: ...'``.
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as _detectron2_get_cfg
+
+__all__ = ["add_alrp_config", "add_augmentation_config", "add_engine_config", "get_cfg"]
+
+
+def add_alrp_config(cfg: CN) -> None:
+    """aLRP Loss and the detectors trained by it (``MODEL.ALRP``)."""
+    cfg.MODEL.ALRP = CN()
+    cfg.MODEL.ALRP.DELTA = 1.0  # smoothing of the step function
+    cfg.MODEL.ALRP.EPS = 1e-5  # positives with N_FP <= EPS get no classification update
+    cfg.MODEL.ALRP.TAU = 0.5  # IoU of a true positive; normalises the localisation error
+    cfg.MODEL.ALRP.LOC_ERROR = "giou"  # "iou" or "giou"
+    cfg.MODEL.ALRP.SB_INIT = 50.0  # self-balance weight until the first epoch ends
+    cfg.MODEL.ALRP.ASSIGNER = "iou"  # anchor assignment of ALRPRetinaNet: "iou" or "atss"
+    cfg.MODEL.ALRP.ATSS_TOPK = 9  # anchors per pyramid level nearest to each ground truth
+    cfg.MODEL.ALRP.RPN_LOSS_WEIGHT = 0.2  # Faster R-CNN: weight of the RPN's aLRP loss
+    cfg.MODEL.ALRP.RPN_TAU = 0.7  # Faster R-CNN: TAU of the RPN
+    cfg.MODEL.ALRP.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
+
+
+def add_augmentation_config(cfg: CN) -> None:
+    """The paper's SSD-style training augmentation (``INPUT.ALRP_AUG``)."""
+    cfg.INPUT.ALRP_AUG = CN()
+    cfg.INPUT.ALRP_AUG.ENABLED = False
+    cfg.INPUT.ALRP_AUG.PHOTOMETRIC = True
+    cfg.INPUT.ALRP_AUG.EXPAND_RATIO = (1.0, 4.0)  # (1, 1) disables expansion
+    cfg.INPUT.ALRP_AUG.MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+    cfg.INPUT.ALRP_AUG.MIN_CROP_SIZE = 0.3
+    cfg.INPUT.ALRP_AUG.SIZE = (512, 512)  # (height, width) after the crop; 800x800 at 800
+    cfg.INPUT.ALRP_AUG.FLIP = True
+
+
+def add_engine_config(cfg: CN) -> None:
+    """Epoch-based training with PyTorch Lightning (``SOLVER``, ``TEST``).
+
+    With ``SOLVER.MAX_EPOCHS > 0`` training is counted in epochs: ``SOLVER.MAX_ITER``
+    and ``SOLVER.STEPS`` are derived from ``MAX_EPOCHS`` and ``STEPS_EPOCHS``, and
+    ``TEST.EVAL_PERIOD`` counts epochs. Warm-up stays in iterations.
+    """
+    cfg.SOLVER.MAX_EPOCHS = 0
+    cfg.SOLVER.STEPS_EPOCHS = ()
+    cfg.TEST.LRP_EVALUATOR = True  # evaluate optimal LRP beside COCO AP
+
+
+def get_cfg() -> CN:
+    """Detectron2's default config with every key of this project."""
+    cfg = _detectron2_get_cfg()
+    add_alrp_config(cfg)
+    add_augmentation_config(cfg)
+    add_engine_config(cfg)
+    return cfg

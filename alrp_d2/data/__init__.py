@@ -1,0 +1,21 @@
+"""Data: the paper's augmentation and mappers (Detectron2)."""
+
+from .mapper import build_mapper
+from .transforms import (
+    CentreFilteredCropTransform,
+    Expand,
+    ExpandTransform,
+    MinIoURandomCrop,
+    PhotometricDistortion,
+    build_alrp_augmentation,
+)
+
+__all__ = [
+    "CentreFilteredCropTransform",
+    "Expand",
+    "ExpandTransform",
+    "MinIoURandomCrop",
+    "PhotometricDistortion",
+    "build_alrp_augmentation",
+    "build_mapper",
+]

@@ -1,0 +1,144 @@
+"""RetinaNet trained by aLRP Loss (IoU or ATSS assignment) and by AP Loss."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
+
+from ..losses import ap_loss
+from .alrp_terms import ALRPLossTerms
+from .atss import atss_match
+from .self_balance import SelfBalance
+
+__all__ = ["ALRPRetinaNet", "APLossRetinaNet", "classwise_targets"]
+
+
+def classwise_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-anchor labels (-1 ignored, K background, else the class) to class-wise
+    targets ``(..., K)``: 1 at the anchor's class, 0 elsewhere, -1 on every class of
+    an ignored anchor."""
+    targets = torch.zeros(*gt_labels.shape, num_classes, dtype=torch.int8, device=gt_labels.device)
+    foreground = (gt_labels >= 0) & (gt_labels < num_classes)
+    targets[foreground, gt_labels[foreground]] = 1
+    targets[gt_labels < 0] = -1
+    return targets
+
+
+class _RankingRetinaNet(RetinaNet):
+    """RetinaNet whose anchors may be labelled by ATSS; the shared part of the ranking losses."""
+
+    @configurable
+    def __init__(self, *, assigner: str = "iou", atss_topk: int = 9, **kwargs):
+        super().__init__(**kwargs)
+        if assigner not in ("iou", "atss"):
+            raise ValueError(f"MODEL.ALRP.ASSIGNER must be 'iou' or 'atss', got {assigner!r}")
+        self.assigner = assigner
+        self.atss_topk = atss_topk
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["assigner"] = cfg.MODEL.ALRP.ASSIGNER
+        ret["atss_topk"] = cfg.MODEL.ALRP.ATSS_TOPK
+        return ret
+
+    @torch.no_grad()
+    def label_anchors(self, anchors, gt_instances):
+        if self.assigner == "iou":
+            return super().label_anchors(anchors, gt_instances)
+        all_anchors = Boxes.cat(anchors)
+        gt_labels, matched_gt_boxes = [], []
+        for gt in gt_instances:
+            matched, labels = atss_match(anchors, gt.gt_boxes, self.atss_topk)
+            if len(gt) > 0:
+                classes = gt.gt_classes[matched]
+                classes[labels == 0] = self.num_classes
+                boxes = gt.gt_boxes.tensor[matched]
+            else:
+                classes = torch.full_like(matched, self.num_classes)
+                boxes = torch.zeros_like(all_anchors.tensor)
+            gt_labels.append(classes)
+            matched_gt_boxes.append(boxes)
+        return gt_labels, matched_gt_boxes
+
+    def _flatten(self, pred_logits, gt_labels):
+        """Class-wise logits and targets of the whole batch, and the positives' boxes."""
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        logits = cat(pred_logits, dim=1)  # (N, R, K)
+        targets = classwise_targets(gt_labels, self.num_classes)
+        positive = (gt_labels >= 0) & (gt_labels < self.num_classes)
+        return gt_labels, logits, targets, positive
+
+
+@META_ARCH_REGISTRY.register()
+class ALRPRetinaNet(_RankingRetinaNet):
+    """RetinaNet trained by aLRP Loss: all images of the batch ranked together.
+
+    Losses ``loss_alrp_cls`` and ``loss_alrp_loc`` (the latter times the self-balance
+    weight ``self.self_balance.weight``); inference, evaluation and checkpoints are
+    Detectron2's RetinaNet's.
+    """
+
+    @configurable
+    def __init__(self, *, alrp_terms: dict, sb_init: float = 50.0, **kwargs):
+        super().__init__(**kwargs)
+        self.self_balance = SelfBalance(sb_init, name="alrp")
+        self.alrp_terms = ALRPLossTerms(self.self_balance, prefix="alrp", **alrp_terms)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        a = cfg.MODEL.ALRP
+        ret["sb_init"] = a.SB_INIT
+        ret["alrp_terms"] = dict(delta=a.DELTA, eps=a.EPS, tau=a.TAU, loc_error=a.LOC_ERROR,
+                                 validate=a.VALIDATE_INPUTS)
+        return ret
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        num_images = len(gt_labels)
+        gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
+        all_anchors = Boxes.cat(anchors).tensor
+        anchor_index = positive.nonzero()[:, 1]  # positives in (image, anchor) order
+        deltas = cat(pred_anchor_deltas, dim=1)[positive]
+        pred_boxes = self.box2box_transform.apply_deltas(deltas, all_anchors[anchor_index])
+        target_boxes = torch.stack(gt_boxes)[positive]
+        return self.alrp_terms(logits.reshape(-1), targets.reshape(-1), pred_boxes, target_boxes, num_images)
+
+
+@META_ARCH_REGISTRY.register()
+class APLossRetinaNet(_RankingRetinaNet):
+    """RetinaNet trained by AP Loss and smooth L1, the paper's baseline.
+
+    As in the official AP Loss code, the smooth L1 loss is averaged over the box
+    parameters of the positives (4 per positive).
+    """
+
+    @configurable
+    def __init__(self, *, delta: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.delta = delta
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["delta"] = cfg.MODEL.ALRP.DELTA
+        return ret
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        num_images = len(gt_labels)
+        gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
+        num_pos = int(positive.sum())
+        get_event_storage().put_scalar("num_pos_anchors", num_pos / num_images)
+        loss_cls = ap_loss(logits.reshape(-1), targets.reshape(-1), self.delta, validate=False)
+        loss_box = _dense_box_regression_loss(
+            anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, positive,
+            box_reg_loss_type="smooth_l1", smooth_l1_beta=self.smooth_l1_beta,
+        )
+        return {"loss_ap_cls": loss_cls, "loss_box_reg": loss_box / max(4 * num_pos, 1)}
