@@ -1,0 +1,226 @@
+"""Detectron2 models trained by aLRP: every config trains a step and infers (CPU, tiny)."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import HAS_DETECTRON2
+
+pytestmark = pytest.mark.detectron2
+
+if HAS_DETECTRON2:
+    from detectron2.layers import cat
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    from alrp_d2.config import get_cfg
+    from alrp_d2.losses import alrp_loss, localisation_error
+    from alrp_d2.modeling import ALRPRetinaNet, atss_match, classwise_targets
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+MODEL_CONFIGS = [c for c in CONFIGS if os.sep + "COCO-Detection" + os.sep in c]
+
+
+def tiny_cfg(path, **overrides):
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    # No pretrained weights here: batch statistics keep a random backbone's activations
+    # (and so the initial box deltas) in a sane range.
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 200
+    cfg.INPUT.MIN_SIZE_TEST = 96
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+def batch(with_boxes=(True, True), size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for has_boxes in with_boxes:
+        image = torch.randint(0, 255, (3, size, size), generator=g).float()
+        inst = Instances((size, size))
+        if has_boxes:
+            inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
+            inst.gt_classes = torch.tensor([0, 2])
+        else:
+            inst.gt_boxes = Boxes(torch.zeros(0, 4))
+            inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+        out.append({"image": image, "instances": inst, "height": size, "width": size})
+    return out
+
+
+def branch_parameters(model):
+    """(classification, box) output layers of the model's heads."""
+    if hasattr(model, "head"):
+        return [(model.head.cls_score.weight, model.head.bbox_pred.weight)]
+    rpn = model.proposal_generator.rpn_head
+    box = model.roi_heads.box_predictor
+    return [(rpn.objectness_logits.weight, rpn.anchor_deltas.weight), (box.cls_score.weight, box.bbox_pred.weight)]
+
+
+def test_every_yaml_under_configs_builds():
+    assert len(MODEL_CONFIGS) >= 12
+    for path in CONFIGS:
+        cfg = tiny_cfg(path)
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=os.path.basename)
+def test_config_trains_one_step_and_infers(path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(path)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        losses = model(batch())
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    for cls_param, box_param in branch_parameters(model):
+        assert cls_param.grad is not None and cls_param.grad.abs().sum() > 0
+        assert box_param.grad is not None and box_param.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        outputs = model([{k: v for k, v in x.items() if k != "instances"} for x in batch()])
+    assert len(outputs) == 2 and all("instances" in o for o in outputs)
+    for o in outputs:
+        inst = o["instances"]
+        assert inst.pred_boxes.tensor.shape[1] == 4 and len(inst.scores) == len(inst.pred_classes)
+
+
+def alrp_config():
+    return tiny_cfg(os.path.join(ROOT, "configs", "COCO-Detection", "alrp_retinanet_R_50_FPN_500_giou.yaml"))
+
+
+def dense_predictions(model, inputs):
+    images = model.preprocess_image(inputs)
+    features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
+    predictions = model.head(features)
+    pred_logits, pred_deltas = model._transpose_dense_predictions(predictions, [model.num_classes, 4])
+    anchors = model.anchor_generator(features)
+    gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
+    return anchors, pred_logits, gt_labels, pred_deltas, gt_boxes
+
+
+def test_retinanet_loss_equals_direct_alrp_call():
+    torch.manual_seed(0)
+    model = build_model(alrp_config())
+    assert isinstance(model, ALRPRetinaNet)
+    inputs = batch()
+    with EventStorage():
+        anchors, logits, labels, deltas, boxes = dense_predictions(model, inputs)
+        losses = model.losses(anchors, logits, labels, deltas, boxes)
+    stacked = torch.stack(labels)
+    positive = (stacked >= 0) & (stacked < 3)
+    flat_targets = classwise_targets(stacked, 3).reshape(-1)
+    anchor_boxes = Boxes.cat(anchors).tensor.expand(len(inputs), -1, -1)[positive]
+    pred = model.box2box_transform.apply_deltas(cat(deltas, dim=1)[positive], anchor_boxes)
+    errors = localisation_error(pred, torch.stack(boxes)[positive], "giou", 0.5)
+    cls, loc = alrp_loss(cat(logits, dim=1).reshape(-1), flat_targets, errors)
+    assert torch.allclose(losses["loss_alrp_cls"], cls)
+    assert torch.allclose(losses["loss_alrp_loc"], loc * 50.0)
+    # One row per anchor-class pair; ignored anchors are -1 on every class.
+    assert ((flat_targets == 1).sum() == positive.sum())
+    assert torch.equal((classwise_targets(stacked, 3) == -1).all(-1), stacked == -1)
+
+
+def test_ignored_anchors_get_no_gradient():
+    torch.manual_seed(0)
+    model = build_model(alrp_config())
+    with EventStorage():
+        anchors, logits, labels, deltas, boxes = dense_predictions(model, batch())
+        leaves = [x.detach().requires_grad_() for x in logits]
+        losses = model.losses(anchors, leaves, labels, deltas, boxes)
+    losses["loss_alrp_cls"].backward()
+    grad = torch.cat([x.grad for x in leaves], dim=1)
+    ignored = torch.stack(labels) == -1
+    assert ignored.any()
+    assert (grad[ignored] == 0).all()
+    assert (grad[~ignored] != 0).any()
+
+
+def test_images_without_boxes():
+    torch.manual_seed(0)
+    model = build_model(alrp_config())
+    with EventStorage():
+        mixed = model(batch(with_boxes=(True, False)))
+        assert all(torch.isfinite(v) for v in mixed.values())
+        empty = model(batch(with_boxes=(False, False)))
+    assert empty["loss_alrp_cls"].item() == 0 and empty["loss_alrp_loc"].item() == 0
+    sum(empty.values()).backward()  # connected graph: no error, zero gradients
+    assert model.head.cls_score.weight.grad is not None
+    assert model.head.cls_score.weight.grad.abs().sum() == 0
+
+
+def test_self_balance_weight_is_a_saved_buffer_and_logged():
+    model = build_model(alrp_config())
+    state = model.state_dict()
+    assert state["self_balance.weight"].item() == 50.0
+    model.self_balance.set_weight(12.5)
+    assert model.state_dict()["self_balance.weight"].item() == 12.5
+    with EventStorage() as storage:
+        model(batch())
+        history = storage.histories()
+    for key in ("alrp/num_pos", "alrp/num_relevant_neg", "alrp/cls", "alrp/loc", "alrp/sb_weight"):
+        assert key in history, key
+    assert history["alrp/sb_weight"].latest() == 12.5
+    cls, loc = model.self_balance.last_losses
+    assert cls.item() == pytest.approx(history["alrp/cls"].latest())
+
+
+def test_atss_on_hand_made_anchors():
+    # Level 0: 4x4 anchors of size 8 on a stride-8 grid; level 1: 2x2 anchors of size 16.
+    def grid(stride, size, n):
+        c = (torch.arange(n, dtype=torch.float32) + 0.5) * stride
+        cy, cx = torch.meshgrid(c, c, indexing="ij")
+        return Boxes(torch.stack([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2], -1).reshape(-1, 4))
+
+    levels = [grid(8, 8, 4), grid(16, 16, 2)]
+    gt = Boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    matched, labels = atss_match(levels, gt, topk=2)
+    # Candidates: two of the four 8-px anchors nearest the centre (IoU 1/4 each), the
+    # 16-px anchor on the ground truth (IoU 1) and its neighbour (IoU 0). Threshold:
+    # mean 0.375 + unbiased std 0.433 = 0.808, so only the 16-px anchor (index 16) is positive.
+    assert torch.nonzero(labels).flatten().tolist() == [16]
+    assert matched[16] == 0
+    # No ground truth: everything negative.
+    _, none = atss_match(levels, Boxes(torch.zeros(0, 4)), topk=2)
+    assert none.sum() == 0
+
+
+def test_atss_assigns_each_anchor_to_its_best_ground_truth():
+    anchors = [Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [50.0, 50.0, 60.0, 60.0]]))]
+    gts = Boxes(torch.tensor([[0.0, 0.0, 12.0, 12.0], [4.0, 4.0, 15.0, 15.0]]))
+    matched, labels = atss_match(anchors, gts, topk=3)
+    assert labels.tolist() == [1, 1, 0]
+    assert matched.tolist()[:2] == [0, 1]
+
+
+def test_unknown_config_key_fails_with_its_name(tmp_path):
+    cfg = get_cfg()
+    with pytest.raises((KeyError, AssertionError), match="MODEL.ALRP.NOT_A_KEY"):
+        cfg.merge_from_list(["MODEL.ALRP.NOT_A_KEY", 1])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  ALRP:\n    DELTAA: 0.5\n")
+    with pytest.raises(KeyError, match="MODEL.ALRP.DELTAA"):
+        get_cfg().merge_from_file(str(bad))
+
+
+def test_bad_assigner_and_loc_error_fail_clearly():
+    with pytest.raises(ValueError, match="ASSIGNER"):
+        build_model(tiny_cfg(CONFIGS[0], **{"MODEL.META_ARCHITECTURE": "ALRPRetinaNet", "MODEL.ALRP.ASSIGNER": "nope"}))
+    model = build_model(alrp_config().clone())
+    model.alrp_terms.loc_error = "l1"
+    with EventStorage(), pytest.raises(ValueError, match="localisation error"):
+        model(batch())
