@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from detectron2.data import transforms as T
-from fvcore.transforms.transform import ColorTransform, CropTransform, NoOpTransform, PadTransform
+from detectron2.data.transforms import ColorTransform
+from fvcore.transforms.transform import CropTransform, NoOpTransform, PadTransform
 
 __all__ = [
     "CentreFilteredCropTransform",

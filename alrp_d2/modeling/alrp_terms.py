@@ -72,7 +72,8 @@ class ALRPLossTerms:
         p = self.prefix
         storage.put_scalar(f"{p}/num_pos", num_pos / num_images)
         storage.put_scalar(f"{p}/num_relevant_neg", relevant / num_images)
-        storage.put_scalar(f"{p}/cls", float(cls_loss))
-        storage.put_scalar(f"{p}/loc", float(loc_loss))
-        storage.put_scalar(f"{p}/loss", float(cls_loss + loc_loss))
+        cls_value, loc_value = float(cls_loss.detach()), float(loc_loss.detach())
+        storage.put_scalar(f"{p}/cls", cls_value)
+        storage.put_scalar(f"{p}/loc", loc_value)
+        storage.put_scalar(f"{p}/loss", cls_value + loc_value)
         storage.put_scalar(f"{p}/sb_weight", float(self.balance.weight))

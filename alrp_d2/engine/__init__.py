@@ -1,0 +1,14 @@
+"""Training with PyTorch Lightning: module, data, callbacks and the command line."""
+
+from .callbacks import SelfBalanceCallback
+from .data import DetectionDataModule, batches_per_epoch
+from .module import DetectionModule, flatten_metrics, schedule_in_iterations
+
+__all__ = [
+    "DetectionDataModule",
+    "DetectionModule",
+    "SelfBalanceCallback",
+    "batches_per_epoch",
+    "flatten_metrics",
+    "schedule_in_iterations",
+]

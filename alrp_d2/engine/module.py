@@ -1,0 +1,140 @@
+"""A LightningModule around a Detectron2 model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, print_csv_format
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+
+from .. import modeling  # noqa: F401  (registers the models)
+from ..evaluation import LRPEvaluator
+
+__all__ = ["DetectionModule", "flatten_metrics", "schedule_in_iterations"]
+
+logger = logging.getLogger(__name__)
+
+
+def flatten_metrics(results: Dict) -> Dict[str, float]:
+    """``{"bbox": {"AP50": x}}`` -> ``{"bbox/AP50": x}`` (nested dicts joined with '/')."""
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            for sub, v in flatten_metrics(value).items():
+                flat[f"{key}/{sub}"] = v
+        else:
+            flat[key] = float(value)
+    return flat
+
+
+def schedule_in_iterations(cfg, iters_per_epoch: int):
+    """A copy of ``cfg`` whose ``SOLVER.MAX_ITER`` and ``SOLVER.STEPS`` count the
+    iterations of ``SOLVER.MAX_EPOCHS`` and ``SOLVER.STEPS_EPOCHS`` (warm-up stays in
+    iterations); gradient clipping is left to Lightning."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    if cfg.SOLVER.MAX_EPOCHS > 0:
+        cfg.SOLVER.MAX_ITER = cfg.SOLVER.MAX_EPOCHS * iters_per_epoch
+        cfg.SOLVER.STEPS = tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.STEPS_EPOCHS)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    cfg.freeze()
+    return cfg
+
+
+class DetectionModule(pl.LightningModule):
+    """Trains and evaluates a Detectron2 model built from ``cfg``.
+
+    Each training step runs inside a Detectron2 ``EventStorage`` (the model's
+    scalars, e.g. ``alrp/num_pos``, are logged with its losses); the optimizer and
+    learning-rate schedule come from Detectron2's builders, stepped every iteration.
+    Validation runs Detectron2's ``COCOEvaluator`` and this project's ``LRPEvaluator``
+    across ranks; their results are printed as Detectron2 prints them and logged
+    flattened (``bbox/AP50``, ``lrp/oLRP``).
+    """
+
+    def __init__(self, cfg, iters_per_epoch: int = 1, num_processes_per_machine: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.iters_per_epoch = iters_per_epoch
+        self.num_processes_per_machine = num_processes_per_machine
+        self.evaluators: List[DatasetEvaluators] = []
+        self.last_metrics: Optional[Dict[str, float]] = None
+
+    # -- set-up --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # The process group exists now: give detectron2.utils.comm its local group.
+        if dist.is_available() and dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None:
+            comm.create_local_process_group(self.num_processes_per_machine)
+
+    def configure_optimizers(self):
+        solver_cfg = schedule_in_iterations(self.cfg, self.iters_per_epoch)
+        optimizer = build_optimizer(solver_cfg, self.model)
+        scheduler = build_lr_scheduler(solver_cfg, optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- training ------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        with EventStorage(self.global_step) as storage:
+            loss_dict = self.model(batch)
+            # The self-balance weight is constant within an epoch: SelfBalanceCallback logs it.
+            scalars = {k: v[0] for k, v in storage.latest().items() if not k.endswith("/sb_weight")}
+        total = sum(loss_dict.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration {self.global_step}: {loss_dict}")
+        size = len(batch)
+        self.log("total_loss", total.detach(), prog_bar=True, batch_size=size)
+        self.log_dict({k: v.detach() for k, v in loss_dict.items()}, batch_size=size)
+        self.log_dict({k: float(v) for k, v in scalars.items()}, batch_size=size)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return total
+
+    # -- evaluation ----------------------------------------------------------------
+    def build_evaluator(self, dataset_name: str) -> DatasetEvaluators:
+        output_dir = os.path.join(self.cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_dir)]
+        if self.cfg.TEST.LRP_EVALUATOR:
+            evaluators.append(LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True))
+        return DatasetEvaluators(evaluators)
+
+    def on_validation_epoch_start(self):
+        self.evaluators = [self.build_evaluator(name) for name in self.cfg.DATASETS.TEST]
+        for evaluator in self.evaluators:
+            evaluator.reset()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        outputs = self.model(batch)
+        self.evaluators[dataloader_idx].process(batch, outputs)
+
+    def on_validation_epoch_end(self):
+        results = OrderedDict()
+        for name, evaluator in zip(self.cfg.DATASETS.TEST, self.evaluators):
+            result = evaluator.evaluate()  # gathered on the main process
+            if comm.is_main_process():
+                logger.info("Evaluation results for %s in csv format:", name)
+                print_csv_format(result)
+            results[name] = result
+        if len(results) == 1:
+            results = next(iter(results.values()))
+        flat = flatten_metrics(results) if comm.is_main_process() else {}
+        # Every rank logs the main process's figures so that monitors agree.
+        if dist.is_available() and dist.is_initialized():
+            holder = [flat]
+            dist.broadcast_object_list(holder, src=0)
+            flat = holder[0]
+        for key, value in flat.items():
+            self.log(key, value, rank_zero_only=True, add_dataloader_idx=False, sync_dist=False)
+        self.last_metrics = flat
+        self.evaluators = []
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self.validation_step(batch, batch_idx, dataloader_idx)
