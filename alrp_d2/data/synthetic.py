@@ -5,7 +5,8 @@ on textured backgrounds; some images hold a crowd region (a cluster of small sha
 annotated by one ``iscrowd`` box) and some are empty. Written once as PNG files and
 COCO json under ``$DETECTRON2_DATASETS/alrp_synthetic`` (default ``./datasets``) and
 registered in Detectron2's DatasetCatalog and MetadataCatalog in COCO form as
-``alrp_synthetic_train`` and ``alrp_synthetic_val``.
+``alrp_synthetic_train`` and ``alrp_synthetic_val`` (and ``alrp_synthetic_tiny_train``
+and ``alrp_synthetic_tiny_val`` for smoke tests).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from PIL import Image, ImageDraw
 __all__ = ["CLASSES", "SPLITS", "generate_split", "register_synthetic", "synthetic_root"]
 
 CLASSES = ["circle", "square", "triangle", "cross"]
-SPLITS = {"train": (800, 0), "val": (150, 1)}  # split: (number of images, seed)
+# split: (number of images, seed); the tiny splits serve tests and smoke runs.
+SPLITS = {"train": (800, 0), "val": (150, 1), "tiny_train": (32, 2), "tiny_val": (16, 3)}
 IMAGE_SIZE = 128
 VERSION = 1  # bump when the generator changes: files of another version are regenerated
 
@@ -154,7 +156,7 @@ def generate_split(root: str, split: str) -> str:
 
 
 def register_synthetic(root: str | None = None) -> None:
-    """Registers ``alrp_synthetic_train`` and ``alrp_synthetic_val`` (generated on first use)."""
+    """Registers ``alrp_synthetic_<split>`` for every split (generated on first use)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 

@@ -26,8 +26,9 @@ class SelfBalanceCallback(pl.Callback):
     epoch) is saved and restored with Lightning checkpoints.
 
     Args:
-        record_dir: if given, every rank writes ``self_balance_rank<r>.jsonl`` there:
-            each iteration's ``L_cls`` and ``L_loc`` and each epoch's new weight.
+        record_dir: if given, every rank appends to ``self_balance_rank<r>.jsonl`` there
+            each iteration's ``L_cls`` and ``L_loc`` and, per epoch, the weight used
+            during it and the new one.
     """
 
     def __init__(self, record_dir: Optional[str] = None):
@@ -60,20 +61,22 @@ class SelfBalanceCallback(pl.Callback):
                 totals = totals.to(_reduction_device(trainer))
                 dist.all_reduce(totals)
             sum_cls, sum_loc, count = totals.tolist()
+            used = float(balance.weight)
             if count > 0 and sum_loc > 0:
                 balance.set_weight((sum_cls + sum_loc) / sum_loc)
             pl_module.log(f"{name}/sb_weight", float(balance.weight), rank_zero_only=True)
             if self.record_dir:
-                self._write(trainer, name, float(balance.weight))
+                self._write(trainer, name, used, float(balance.weight))
 
-    def _write(self, trainer, name, weight):
+    def _write(self, trainer, name, used, weight):
         os.makedirs(self.record_dir, exist_ok=True)
         path = os.path.join(self.record_dir, f"self_balance_rank{trainer.global_rank}.jsonl")
         rows = torch.stack(self._iterations.pop(name, [])).tolist() if self._iterations.get(name) else []
         with open(path, "a") as f:
             for cls_loss, loc_loss in rows:
                 f.write(json.dumps({"epoch": trainer.current_epoch, "name": name, "cls": cls_loss, "loc": loc_loss}) + "\n")
-            f.write(json.dumps({"epoch": trainer.current_epoch, "name": name, "weight": weight}) + "\n")
+            f.write(json.dumps({"epoch": trainer.current_epoch, "name": name, "weight_used": used,
+                                "weight": weight}) + "\n")
 
     def state_dict(self):
         return {"sums": {k: v.cpu() for k, v in self._sums.items()}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -112,12 +113,14 @@ def _distributed_env(args) -> None:
         os.environ.setdefault("NODE_RANK", str(args.machine_rank))
 
 
-def write_json_atomic(path: str, data) -> None:
+def write_json_atomic(path: str, data: Dict[str, float]) -> None:
+    """Writes ``data`` (NaN as null, which strict json readers accept) via a temporary file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(clean, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
@@ -148,9 +151,9 @@ def build_trainer(cfg, args, accelerator: str, devices: int, iters_per_epoch: in
         TQDMProgressBar(refresh_rate=max(1, min(20, iters_per_epoch // 5))),
     ]
     if 0 < cfg.SOLVER.CHECKPOINT_PERIOD < cfg.SOLVER.MAX_EPOCHS:
-        callbacks.append(ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), filename="epoch{epoch:03d}",
-                                         auto_insert_metric_name=False, save_top_k=-1,
-                                         every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD))
+        callbacks.append(_PeriodicCheckpoint(dirpath=os.path.join(out, "checkpoints"), filename="epoch{epoch:03d}",
+                                             auto_insert_metric_name=False, save_top_k=-1,
+                                             every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD))
     clip = cfg.SOLVER.CLIP_GRADIENTS
     period = cfg.TEST.EVAL_PERIOD
     return pl.Trainer(
@@ -172,6 +175,14 @@ def build_trainer(cfg, args, accelerator: str, devices: int, iters_per_epoch: in
         default_root_dir=out,
         enable_model_summary=False,
     )
+
+
+class _PeriodicCheckpoint(ModelCheckpoint):
+    """Numbered checkpoints every SOLVER.CHECKPOINT_PERIOD epochs, beside last.ckpt."""
+
+    @property
+    def state_key(self) -> str:
+        return "periodic_" + super().state_key
 
 
 def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[str, float]:

@@ -1,0 +1,117 @@
+"""train_net.py end to end on CPU: 2-process DDP, self-balance, resume, eval-only, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_DETECTRON2
+
+pytestmark = pytest.mark.detectron2
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
+
+
+def train_net(*args, env_root, timeout=240):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(out_dir, rank):
+    with open(os.path.join(out_dir, f"self_balance_rank{rank}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Run 1: two CPU processes, stopped after epoch 1. Run 2: --resume up to epoch 2."""
+    base = tmp_path_factory.mktemp("engine")
+    out = base / "out"
+    common = ["--config-file", TINY, "--accelerator", "cpu", "--devices", 2]
+    first = train_net(*common, "SOLVER.MAX_EPOCHS", 1, "OUTPUT_DIR", out, env_root=base / "data")
+    assert first.returncode == 0, first.stderr[-3000:]
+    after_first = {r: records(out, r) for r in (0, 1)}
+    with open(out / "final_metrics.json") as f:
+        first_metrics = json.load(f)
+    second = train_net(*common, "--resume", "SOLVER.MAX_EPOCHS", 2, "OUTPUT_DIR", out, env_root=base / "data")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"base": base, "out": out, "first": after_first, "first_metrics": first_metrics,
+            "all": {r: records(out, r) for r in (0, 1)}, "second_log": second.stderr + second.stdout}
+
+
+def epoch_weights(rows):
+    return {r["epoch"]: r for r in rows if "weight" in r}
+
+
+def test_ranks_agree_and_weight_is_the_mean_over_all_iterations(ddp_runs):
+    rows = ddp_runs["all"]
+    w0, w1 = epoch_weights(rows[0]), epoch_weights(rows[1])
+    assert set(w0) == set(w1) == {0, 1}
+    for epoch in (0, 1):
+        assert w0[epoch]["weight"] == w1[epoch]["weight"]
+        iters = [r for rank in (0, 1) for r in rows[rank] if r["epoch"] == epoch and "cls" in r]
+        assert len(iters) == 2 * 2  # 32 images, batch 8 over 2 ranks: 2 iterations per rank
+        mean_cls = sum(r["cls"] for r in iters) / len(iters)
+        mean_loc = sum(r["loc"] for r in iters) / len(iters)
+        assert w0[epoch]["weight"] == pytest.approx((mean_cls + mean_loc) / mean_loc, rel=1e-5)
+    assert w0[0]["weight_used"] == 50.0  # SB_INIT during the first epoch
+
+
+def test_resume_continues_at_epoch_two_with_the_saved_weight(ddp_runs):
+    first = epoch_weights(ddp_runs["first"][0])
+    assert set(first) == {0}
+    resumed = [r for r in ddp_runs["all"][0][len(ddp_runs["first"][0]):]]
+    assert resumed and all(r["epoch"] == 1 for r in resumed)  # no epoch trained twice
+    assert epoch_weights(resumed)[1]["weight_used"] == first[0]["weight"]
+    assert "Resuming from" in ddp_runs["second_log"]
+
+
+def test_outputs(ddp_runs):
+    out = ddp_runs["out"]
+    for name in ("config.yaml", "last.ckpt", "model_final.pth", "final_metrics.json", "log.txt"):
+        assert (out / name).is_file(), name
+    assert any((out / "csv").rglob("metrics.csv")) and any((out / "tensorboard").rglob("events.*"))
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    for key in ("bbox/AP50", "bbox/AP", "lrp/oLRP", "lrp/oLRP_FN", "alrp/sb_weight"):
+        assert key in metrics, key
+    assert metrics["alrp/sb_weight"] == epoch_weights(ddp_runs["all"][0])[1]["weight"]
+    assert (out / "inference" / "alrp_synthetic_tiny_val" / "lrp_thresholds.json").is_file()
+
+
+def test_eval_only_reproduces_the_metrics(ddp_runs):
+    out = ddp_runs["out"]
+    evaluated = ddp_runs["base"] / "eval"
+    run = train_net("--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", out / "model_final.pth",
+                    "OUTPUT_DIR", evaluated, env_root=ddp_runs["base"] / "data")
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained = json.loads((out / "final_metrics.json").read_text())
+    again = json.loads((evaluated / "final_metrics.json").read_text())
+    for key in ("bbox/AP", "bbox/AP50", "lrp/oLRP", "lrp/oLRP_FP", "alrp/sb_weight"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config-file", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
+        (["--config-file", TINY, "MODEL.ALRP.NOT_A_KEY", "1"], "MODEL.ALRP.NOT_A_KEY"),
+        (["--config-file", TINY, "DATASETS.TRAIN", "('no_such_dataset',)"], "unknown dataset name 'no_such_dataset'"),
+        (["--config-file", TINY, "MODEL.WEIGHTS", "missing/weights.pth"], "weights file not found: missing/weights.pth"),
+        (["--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", "missing.pth"], "weights file not found: missing.pth"),
+    ],
+)
+def test_bad_input_exits_with_a_message_and_touches_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.ckpt").write_bytes(b"previous run")
+    (out / "final_metrics.json").write_text('{"bbox/AP50": 1.0}')
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    run = train_net(*args, "OUTPUT_DIR", out, env_root=tmp_path / "data", timeout=120)
+    assert run.returncode != 0
+    assert message in run.stderr, run.stderr[-2000:]
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert after == before
