@@ -34,12 +34,14 @@ def test_expand_moves_boxes_with_the_image_and_fills_the_mean():
     assert corner.tolist() == [10, 20, 30]
 
 
-def test_min_iou_crop_keeps_iou_and_drops_boxes_whose_centre_is_outside():
+def test_min_iou_crop_keeps_iou_and_drops_boxes_whose_centre_is_outside(monkeypatch):
+    # Sample the 0.3 mode only (the others are "no crop" and "any crop").
+    monkeypatch.setattr(random, "choice", lambda modes: 0.3)
     cropped = 0
     for seed in range(40):
         random.seed(seed)
         image = np.zeros((100, 100, 3), np.uint8)
-        boxes = np.array([[10.0, 10.0, 40.0, 40.0], [60.0, 55.0, 95.0, 90.0]])
+        boxes = np.array([[20.0, 20.0, 60.0, 60.0], [45.0, 40.0, 85.0, 80.0]])
         transform = MinIoURandomCrop(min_ious=(0.3,), min_crop_size=0.3).get_transform(image, boxes)
         if isinstance(transform, T.NoOpTransform):
             continue
@@ -98,3 +100,12 @@ def test_synthetic_dataset_is_deterministic_with_crowds_and_empty_images(tmp_pat
     assert len(annotated) < len(a["images"])  # some images are empty
     assert any(ann["iscrowd"] for ann in a["annotations"])
     assert (tmp_path / "a" / "val" / "00000.png").read_bytes() == (tmp_path / "b" / "val" / "00000.png").read_bytes()
+
+
+def test_centre_filtered_crop_empties_boxes_whose_centre_is_outside():
+    from alrp_d2.data import CentreFilteredCropTransform
+
+    crop = CentreFilteredCropTransform(0, 0, 50, 50, orig_w=100, orig_h=100)
+    out = crop.apply_box(np.array([[10.0, 10.0, 30.0, 30.0], [40.0, 40.0, 90.0, 90.0]]))
+    assert out[0].tolist() == [10.0, 10.0, 30.0, 30.0]
+    assert out[1].tolist() == [0.0, 0.0, 0.0, 0.0]

@@ -1,6 +1,6 @@
 """Data: the paper's augmentation and mappers (Detectron2)."""
 
-from .mapper import build_mapper
+from .mapper import BoxAwareDatasetMapper, build_mapper
 from .transforms import (
     CentreFilteredCropTransform,
     Expand,
@@ -11,6 +11,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "BoxAwareDatasetMapper",
     "CentreFilteredCropTransform",
     "Expand",
     "ExpandTransform",

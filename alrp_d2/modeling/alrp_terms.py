@@ -33,12 +33,13 @@ class ALRPLossTerms:
         self.weight = weight
         self.validate = validate
 
-    @classmethod
-    def from_config(cls, cfg, balance: SelfBalance, **overrides) -> "ALRPLossTerms":
+    @staticmethod
+    def config_kwargs(cfg, **overrides) -> dict:
+        """The constructor's keyword arguments from ``MODEL.ALRP`` (for ``from_config``)."""
         a = cfg.MODEL.ALRP
         kwargs = dict(delta=a.DELTA, eps=a.EPS, tau=a.TAU, loc_error=a.LOC_ERROR, validate=a.VALIDATE_INPUTS)
         kwargs.update(overrides)
-        return cls(balance, **kwargs)
+        return kwargs
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, pred_boxes: torch.Tensor,
                  target_boxes: torch.Tensor, num_images: int) -> Dict[str, torch.Tensor]:

@@ -34,10 +34,9 @@ class ALRPRPN(RPN):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        a = cfg.MODEL.ALRP
-        ret["sb_init"] = a.SB_INIT
-        ret["alrp_terms"] = dict(delta=a.DELTA, eps=a.EPS, tau=a.RPN_TAU, loc_error=a.LOC_ERROR,
-                                 weight=a.RPN_LOSS_WEIGHT, validate=a.VALIDATE_INPUTS)
+        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
+        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(
+            cfg, tau=cfg.MODEL.ALRP.RPN_TAU, weight=cfg.MODEL.ALRP.RPN_LOSS_WEIGHT)
         return ret
 
     def _subsample_labels(self, label):
@@ -73,10 +72,8 @@ class ALRPFastRCNNOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        a = cfg.MODEL.ALRP
-        ret["sb_init"] = a.SB_INIT
-        ret["alrp_terms"] = dict(delta=a.DELTA, eps=a.EPS, tau=a.TAU, loc_error=a.LOC_ERROR,
-                                 validate=a.VALIDATE_INPUTS)
+        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
+        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(cfg)
         return ret
 
     def losses(self, predictions, proposals):

@@ -95,10 +95,8 @@ class ALRPRetinaNet(_RankingRetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        a = cfg.MODEL.ALRP
-        ret["sb_init"] = a.SB_INIT
-        ret["alrp_terms"] = dict(delta=a.DELTA, eps=a.EPS, tau=a.TAU, loc_error=a.LOC_ERROR,
-                                 validate=a.VALIDATE_INPUTS)
+        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
+        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(cfg)
         return ret
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
