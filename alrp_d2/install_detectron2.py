@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import socket
 import subprocess
 import sys
+from urllib.parse import urlparse
 
 REPOSITORY = "https://github.com/facebookresearch/detectron2.git"
 # The upstream commit this project is tested with (also pinned in docker/Dockerfile).
@@ -28,6 +30,17 @@ def detectron2_importable() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
+def reachable(url: str, timeout: float = 10.0) -> bool:
+    """Whether the repository's host accepts a connection (a closed network often
+    drops packets rather than refusing them, which would leave git hanging)."""
+    host = urlparse(url).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commit", default=PINNED_COMMIT, help="upstream commit or tag to build")
@@ -38,10 +51,13 @@ def main(argv=None) -> int:
         print("detectron2 is already installed and importable; nothing to do.")
         return 0
     url = f"git+{REPOSITORY}@{args.commit}"
-    print(f"Building detectron2 from {url} (a few minutes on CPU) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", url]
-    result = subprocess.run(cmd)
-    if result.returncode == 0 and detectron2_importable():
+    if reachable(REPOSITORY):
+        print(f"Building detectron2 from {url} (a few minutes on CPU) ...", flush=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", url]
+        installed = subprocess.run(cmd).returncode == 0 and detectron2_importable()
+    else:
+        installed = False
+    if installed:
         print("detectron2 installed.")
         return 0
     print(
