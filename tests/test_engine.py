@@ -119,3 +119,15 @@ def test_bad_input_exits_with_a_message_and_touches_nothing(tmp_path, args, mess
     assert message in run.stderr, run.stderr[-2000:]
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     assert after == before
+
+
+def test_single_process_with_mixed_precision_and_clipping(tmp_path):
+    out = tmp_path / "out"
+    run = train_net("--config-file", TINY, "--accelerator", "cpu", "SOLVER.MAX_EPOCHS", 1,
+                    "SOLVER.AMP.ENABLED", True, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
+                    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
+                    "OUTPUT_DIR", out, env_root=tmp_path / "data")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert "bbox/AP50" in metrics and metrics["alrp/sb_weight"] > 0
+    assert "bfloat16 Automatic Mixed Precision" in run.stderr + run.stdout

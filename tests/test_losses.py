@@ -240,3 +240,22 @@ def test_large_batch_matches_reference_loop():
     assert cls.item() == pytest.approx((num_fp / rank).mean().item(), rel=1e-9)
     assert x.grad[targets == -1].abs().max() == 0
     assert x.grad[neg].sum().item() == pytest.approx(-x.grad[pos].sum().item(), rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_without_host_synchronisation():
+    logits, targets, loc = make_case("ties", 3)
+    x_cpu = logits.clone().requires_grad_()
+    cls_cpu, reg_cpu = alrp_loss(x_cpu, targets, loc)
+    (cls_cpu + reg_cpu).backward()
+    x = logits.cuda().float().requires_grad_()
+    t, e = targets.cuda(), loc.cuda().float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cls, reg = alrp_loss(x, t, e, validate=False)
+        (cls + reg).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cls.item() == pytest.approx(cls_cpu.item(), rel=1e-5)
+    assert torch.allclose(x.grad.double().cpu(), x_cpu.grad, rtol=1e-4, atol=1e-6)

@@ -155,7 +155,11 @@ class _NegativeBins:
         # Lower edge of each bin (bin 0: the first boundary, so its offsets clamp to 0).
         self.lower_edge = torch.cat([self.bounds[:1], self.bounds])
         self.offset = (x - self.lower_edge.index_select(0, self.bin)).clamp_min_(0)
-        count = torch.bincount(self.bin, minlength=self.num_bins).to(wide)
+        if x.device.type == "cpu":
+            count = torch.bincount(self.bin, minlength=self.num_bins).to(wide)
+        else:  # bincount sizes its output from the data: a synchronisation on accelerators
+            count = torch.zeros(self.num_bins, dtype=elementwise, device=x.device)
+            count = count.index_add_(0, self.bin, count.new_ones(()).expand(x.numel())).to(wide)
         offset_sum = torch.zeros(self.num_bins, dtype=elementwise, device=x.device)
         offset_sum.index_add_(0, self.bin, self.offset)
         # Sum of the scores of each bin, rebuilt in wide precision from bounded offsets.
