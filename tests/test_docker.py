@@ -7,7 +7,6 @@ import shlex
 import pytest
 import yaml
 
-from conftest import HAS_DETECTRON2
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 COMPOSE = os.path.join(ROOT, "docker", "docker-compose.yml")

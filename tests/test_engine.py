@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
 

@@ -165,16 +165,16 @@ def _good():
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda l, t, e: (l[:3], t, e), "shape mismatch"),
-        (lambda l, t, e: (l, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
-        (lambda l, t, e: (l, t.float() * 0.5, e), "targets must contain only"),
-        (lambda l, t, e: (l, t, torch.tensor([0.3, 0.1])), "loc_errors has 2 entries but targets has 1"),
-        (lambda l, t, e: (l, t, torch.zeros(0)), "loc_errors has 0 entries but targets has 1"),
-        (lambda l, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e), "logits contain NaN or Inf"),
-        (lambda l, t, e: (torch.tensor([0, float("inf"), 0, 0]), t, e), "logits contain NaN or Inf"),
-        (lambda l, t, e: (l, t, torch.tensor([float("nan")])), "loc_errors contain NaN or Inf"),
-        (lambda l, t, e: (l, t, torch.tensor([[0.3]])), "loc_errors must be a 1-D tensor"),
-        (lambda l, t, e: (l.long(), t, e), "logits must be floating point"),
+        (lambda lg, t, e: (lg[:3], t, e), "shape mismatch"),
+        (lambda lg, t, e: (l, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
+        (lambda lg, t, e: (l, t.float() * 0.5, e), "targets must contain only"),
+        (lambda lg, t, e: (lg, t, torch.tensor([0.3, 0.1])), "loc_errors has 2 entries but targets has 1"),
+        (lambda lg, t, e: (lg, t, torch.zeros(0)), "loc_errors has 0 entries but targets has 1"),
+        (lambda lg, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e), "logits contain NaN or Inf"),
+        (lambda lg, t, e: (torch.tensor([0, float("inf"), 0, 0]), t, e), "logits contain NaN or Inf"),
+        (lambda lg, t, e: (lg, t, torch.tensor([float("nan")])), "loc_errors contain NaN or Inf"),
+        (lambda lg, t, e: (lg, t, torch.tensor([[0.3]])), "loc_errors must be a 1-D tensor"),
+        (lambda lg, t, e: (lg.long(), t, e), "logits must be floating point"),
     ],
 )
 def test_bad_input_names_the_problem(mutate, message):

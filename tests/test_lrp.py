@@ -98,7 +98,7 @@ def brute_force(gt, dt, tau=0.5, area="all", grid=False):
     area_index = ev.params.areaRngLbl.index(area)
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
-    n_cats, n_areas, n_imgs = len(ev.params.catIds), len(ev.params.areaRng), len(ev.params.imgIds)
+    n_areas, n_imgs = len(ev.params.areaRng), len(ev.params.imgIds)
     out = {}
     for ci, cat in enumerate(ev.params.catIds):
         scores, ious, num_gt = [], [], 0

@@ -10,7 +10,6 @@ therefore have equal total magnitude (Theorem 2).
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch

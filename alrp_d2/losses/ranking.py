@@ -158,8 +158,8 @@ class _NegativeBins:
         if x.device.type == "cpu":
             count = torch.bincount(self.bin, minlength=self.num_bins).to(wide)
         else:  # bincount sizes its output from the data: a synchronisation on accelerators
-            count = torch.zeros(self.num_bins, dtype=elementwise, device=x.device)
-            count = count.index_add_(0, self.bin, count.new_ones(()).expand(x.numel())).to(wide)
+            count = torch.zeros(self.num_bins, dtype=wide, device=x.device)
+            count.index_add_(0, self.bin, count.new_ones(()).expand(x.numel()))
         offset_sum = torch.zeros(self.num_bins, dtype=elementwise, device=x.device)
         offset_sum.index_add_(0, self.bin, self.offset)
         # Sum of the scores of each bin, rebuilt in wide precision from bounded offsets.
@@ -364,20 +364,22 @@ def ranking_loss(
     elif num_positives is None:
         num_positives = int(positive.sum())
 
+    elementwise = _elementwise_dtype(logits.dtype)
     if num_positives == 0:
         # Zero loss, zero gradient, graph still connected (no DDP hang).
-        zero = flat_logits.new_zeros((), dtype=_elementwise_dtype(logits.dtype))
-        return _ErrorDrivenGradient.apply(logits, zero, lambda: torch.zeros_like(logits, dtype=zero.dtype)), None
+        zero = flat_logits.new_zeros((), dtype=elementwise)
+        no_gradient = lambda: torch.zeros_like(logits, dtype=elementwise)  # noqa: E731
+        return _ErrorDrivenGradient.apply(logits, zero, no_gradient), None
 
-    elementwise = _elementwise_dtype(logits.dtype)
     wide = _wide_dtype(logits.device, logits.dtype)
     with torch.no_grad():
         scores = flat_logits.detach().to(elementwise)
         positive_index = torch.nonzero_static(positive, size=num_positives).squeeze(1)
-        q = scores[positive_index].to(wide)
+        positive_scores = scores[positive_index]
+        q = positive_scores.to(wide)
         sorted_q, order = q.sort(stable=True)
         rank_pos = 0.5 + sorted_step_sums(sorted_q, torch.ones_like(sorted_q), q, delta)
-        bins = _NegativeBins(scores, flat_targets == 0, scores[positive_index], delta, wide)
+        bins = _NegativeBins(scores, flat_targets == 0, positive_scores, delta, wide)
         num_fp = bins.step_sums()
         stats = PositiveStats(q, sorted_q, order, rank_pos, num_fp, rank_pos + num_fp, delta)
 
