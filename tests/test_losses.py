@@ -166,8 +166,8 @@ def _good():
     "mutate,message",
     [
         (lambda lg, t, e: (lg[:3], t, e), "shape mismatch"),
-        (lambda lg, t, e: (l, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
-        (lambda lg, t, e: (l, t.float() * 0.5, e), "targets must contain only"),
+        (lambda lg, t, e: (lg, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
+        (lambda lg, t, e: (lg, t.float() * 0.5, e), "targets must contain only"),
         (lambda lg, t, e: (lg, t, torch.tensor([0.3, 0.1])), "loc_errors has 2 entries but targets has 1"),
         (lambda lg, t, e: (lg, t, torch.zeros(0)), "loc_errors has 0 entries but targets has 1"),
         (lambda lg, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e), "logits contain NaN or Inf"),
