@@ -25,6 +25,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from ..config import get_cfg
 from ..data.synthetic import register_synthetic
 from .callbacks import SelfBalanceCallback
+from .checkpoint import AtomicCheckpointIO
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule
 
@@ -166,6 +167,7 @@ def build_trainer(cfg, args, accelerator: str, devices: int, iters_per_epoch: in
         gradient_clip_val=clip.CLIP_VALUE if clip.ENABLED else None,
         gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm") if clip.ENABLED else None,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")],
         check_val_every_n_epoch=period if period > 0 else None,
         limit_val_batches=1.0 if period > 0 else 0,
