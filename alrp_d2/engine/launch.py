@@ -188,6 +188,8 @@ class _PeriodicCheckpoint(ModelCheckpoint):
 
 
 def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[str, float]:
+    if not module.cfg.DATASETS.TEST:
+        return {}
     trainer.limit_val_batches = 1.0
     trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     return module.last_metrics or {}
@@ -213,7 +215,8 @@ def run(args) -> int:
         if ims % world:
             raise UsageError(f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes ({world})")
         iters_per_epoch = batches_per_epoch(len(datamodule.train_dicts()), ims, world)
-    pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else 0, workers=True, verbose=False)
+    # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
+    pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
     trainer = build_trainer(cfg, args, accelerator, devices, iters_per_epoch)
     rank = trainer.global_rank
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
