@@ -78,11 +78,8 @@ def check_inputs(cfg, args) -> None:
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         if name not in known:
             raise UsageError(f"unknown dataset name {name!r} (not registered in Detectron2's DatasetCatalog)")
-    for name in list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)):
-        try:
-            DatasetCatalog.get(name)
-        except Exception as err:
-            raise UsageError(f"dataset {name!r} cannot be loaded: {err}") from None
+    for name in cfg.DATASETS.TEST:  # the training sets are loaded (and checked) by the data module
+        _load_dataset(lambda: DatasetCatalog.get(name), name)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise UsageError(f"weights file not found: {weights} (MODEL.WEIGHTS)")
@@ -93,6 +90,13 @@ def check_inputs(cfg, args) -> None:
     if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value" \
             and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0:
         raise UsageError("norm clipping supports SOLVER.CLIP_GRADIENTS.NORM_TYPE 2.0 only")
+
+
+def _load_dataset(load, name):
+    try:
+        return load()
+    except Exception as err:
+        raise UsageError(f"dataset {name!r} cannot be loaded: {err}") from None
 
 
 def _accelerator(args) -> str:
@@ -214,7 +218,8 @@ def run(args) -> int:
         ims = cfg.SOLVER.IMS_PER_BATCH
         if ims % world:
             raise UsageError(f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes ({world})")
-        iters_per_epoch = batches_per_epoch(len(datamodule.train_dicts()), ims, world)
+        train_dicts = _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+        iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
     trainer = build_trainer(cfg, args, accelerator, devices, iters_per_epoch)

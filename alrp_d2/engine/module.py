@@ -135,6 +135,3 @@ class DetectionModule(pl.LightningModule):
             self.log(key, value, rank_zero_only=True, add_dataloader_idx=False, sync_dist=False)
         self.last_metrics = flat
         self.evaluators = []
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return self.validation_step(batch, batch_idx, dataloader_idx)
