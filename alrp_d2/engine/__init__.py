@@ -3,7 +3,7 @@
 from .callbacks import SelfBalanceCallback
 from .checkpoint import AtomicCheckpointIO
 from .data import DetectionDataModule, batches_per_epoch
-from .module import DetectionModule, flatten_metrics, schedule_in_iterations
+from .module import DetectionModule, schedule_in_iterations
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -11,6 +11,5 @@ __all__ = [
     "DetectionModule",
     "SelfBalanceCallback",
     "batches_per_epoch",
-    "flatten_metrics",
     "schedule_in_iterations",
 ]

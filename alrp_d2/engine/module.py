@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, print_csv_format
+from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
@@ -19,21 +20,9 @@ from detectron2.utils.events import EventStorage
 from .. import modeling  # noqa: F401  (registers the models)
 from ..evaluation import LRPEvaluator
 
-__all__ = ["DetectionModule", "flatten_metrics", "schedule_in_iterations"]
+__all__ = ["DetectionModule", "schedule_in_iterations"]
 
 logger = logging.getLogger(__name__)
-
-
-def flatten_metrics(results: Dict) -> Dict[str, float]:
-    """``{"bbox": {"AP50": x}}`` -> ``{"bbox/AP50": x}`` (nested dicts joined with '/')."""
-    flat = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            for sub, v in flatten_metrics(value).items():
-                flat[f"{key}/{sub}"] = v
-        else:
-            flat[key] = float(value)
-    return flat
 
 
 def schedule_in_iterations(cfg, iters_per_epoch: int):
@@ -125,7 +114,7 @@ class DetectionModule(pl.LightningModule):
             results[name] = result
         if len(results) == 1:
             results = next(iter(results.values()))
-        flat = flatten_metrics(results) if comm.is_main_process() else {}
+        flat = {k: float(v) for k, v in flatten_results_dict(results).items()} if comm.is_main_process() else {}
         # Every rank logs the main process's figures so that monitors agree.
         if dist.is_available() and dist.is_initialized():
             holder = [flat]
