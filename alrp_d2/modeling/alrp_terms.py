@@ -54,19 +54,17 @@ class ALRPLossTerms:
         loc_errors = localisation_error(pred_boxes.float(), target_boxes.float(), self.loc_error, self.tau)
         cls_loss, loc_loss = alrp_loss(logits, targets, loc_errors, self.delta, self.eps, validate=self.validate)
         weighted_loc = self.balance(cls_loss, loc_loss)
-        self._log(logits, targets, cls_loss, loc_loss, num_images)
+        self._log(logits, targets, len(loc_errors), cls_loss, loc_loss, num_images)
         return {
             f"loss_{self.prefix}_cls": cls_loss * self.weight,
             f"loss_{self.prefix}_loc": weighted_loc * self.weight,
         }
 
     @torch.no_grad()
-    def _log(self, logits, targets, cls_loss, loc_loss, num_images):
+    def _log(self, logits, targets, num_pos, cls_loss, loc_loss, num_images):
         storage = get_event_storage()
-        positive = targets == 1
-        num_pos = int(positive.sum())
         if num_pos:
-            lowest = logits.detach()[positive].min()
+            lowest = logits.detach()[targets == 1].min()
             relevant = int(((targets == 0) & (logits.detach() >= lowest - self.delta)).sum())
         else:
             relevant = 0
