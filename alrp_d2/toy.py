@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from .losses import alrp_loss, ap_loss
+from .losses.alrp import cumulative_errors
 from .losses.ranking import PositiveStats, RankingUpdate, ranking_loss
 
 SCORES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
@@ -78,9 +79,7 @@ def _per_positive_lrp(logits, targets, loc_errors) -> List[float]:
 
     ranking_loss(logits, targets, definition, delta=0.0)
     stats = captured["stats"]
-    errors = loc_errors.to(stats.scores.dtype)
-    cumulative = stats.positive_step_sums(errors, delta=0) + errors
-    return ((stats.num_fp + cumulative) / stats.rank).tolist()
+    return ((stats.num_fp + cumulative_errors(stats, loc_errors)) / stats.rank).tolist()
 
 
 def compute() -> Dict[str, object]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .ranking import PositiveStats, RankingUpdate, ranking_loss
 
-__all__ = ["ALRPLoss", "APLoss", "NDCGLoss", "alrp_loss", "ap_loss", "ndcg_loss"]
+__all__ = ["ALRPLoss", "APLoss", "NDCGLoss", "alrp_loss", "ap_loss", "cumulative_errors", "ndcg_loss"]
 
 
 def _spread_over_false_positives(stats: PositiveStats, update: torch.Tensor, eps: float):
@@ -27,6 +27,14 @@ def _spread_over_false_positives(stats: PositiveStats, update: torch.Tensor, eps
     update = torch.where(active, update, torch.zeros_like(update))
     weight = torch.where(active, update / stats.num_fp.clamp_min(eps), torch.zeros_like(update))
     return update, weight
+
+
+def cumulative_errors(stats: PositiveStats, errors: torch.Tensor) -> torch.Tensor:
+    """``cumE(i) = E(i) + sum_{k != i} E(k) H0(s_k - s_i)`` (unit step, ties count 1/2):
+    each positive's error plus those of the positives scored above it. ``errors`` are
+    aligned with ``stats.scores``; the result is differentiable in them."""
+    errors = errors.to(stats.scores.dtype)
+    return stats.positive_step_sums(errors, delta=0) + errors
 
 
 def alrp_loss(
@@ -83,9 +91,7 @@ def alrp_loss(
     )
     if stats is None:
         return cls_loss, loc_errors.sum() * 0.0
-    errors = loc_errors.to(stats.scores.dtype)
-    cumulative = stats.positive_step_sums(errors, delta=0) + errors
-    loc_loss = (cumulative / stats.rank).mean()
+    loc_loss = (cumulative_errors(stats, loc_errors) / stats.rank).mean()
     return cls_loss, loc_loss.to(cls_loss.dtype)
 
 
