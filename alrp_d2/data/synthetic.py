@@ -20,6 +20,8 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..io import atomic_write
+
 __all__ = ["CLASSES", "SPLITS", "generate_split", "register_synthetic", "synthetic_root"]
 
 CLASSES = ["circle", "square", "triangle", "cross"]
@@ -148,10 +150,8 @@ def generate_split(root: str, split: str) -> str:
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)],
     }
-    fd, tmp_json = tempfile.mkstemp(dir=os.path.dirname(json_path), suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(json_path) as f:
         json.dump(data, f)
-    os.replace(tmp_json, json_path)
     return json_path
 
 

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional
 from urllib.parse import urlparse
 
@@ -23,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from ..config import get_cfg
+from ..io import atomic_write
 from ..data.synthetic import register_synthetic
 from .callbacks import SelfBalanceCallback
 from .checkpoint import AtomicCheckpointIO
@@ -118,15 +118,11 @@ def _distributed_env(args) -> None:
         os.environ.setdefault("NODE_RANK", str(args.machine_rank))
 
 
-def write_json_atomic(path: str, data: Dict[str, float]) -> None:
-    """Writes ``data`` (NaN as null, which strict json readers accept) via a temporary file."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+def write_metrics(path: str, metrics: Dict[str, float]) -> None:
+    """Writes ``metrics`` as json (NaN as null, which strict readers accept), atomically."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    with atomic_write(path) as f:
         json.dump(clean, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _precision(cfg, accelerator: str) -> str:
@@ -239,7 +235,7 @@ def run(args) -> int:
         metrics = _evaluate(trainer, module, datamodule)
         metrics.update(_self_balance_weights(module))
         if rank == 0:
-            write_json_atomic(final_path, metrics)
+            write_metrics(final_path, metrics)
             logger.info("Final metrics written to %s", final_path)
         return 0
 
@@ -261,7 +257,7 @@ def run(args) -> int:
     metrics.update(_self_balance_weights(module))
     if rank == 0:
         DetectionCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
-        write_json_atomic(final_path, metrics)
+        write_metrics(final_path, metrics)
         logger.info("Final metrics written to %s", final_path)
     return 0
 
