@@ -26,6 +26,14 @@ def add_alrp_config(cfg: CN) -> None:
     cfg.MODEL.ALRP.RPN_LOSS_WEIGHT = 0.2  # Faster R-CNN: weight of the RPN's aLRP loss
     cfg.MODEL.ALRP.RPN_TAU = 0.7  # Faster R-CNN: TAU of the RPN
     cfg.MODEL.ALRP.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
+    # IoU assignment of ALRPRetinaNet / APLossRetinaNet and of MaxIoURPN / ALRPRPN, by the
+    # authors' rule: a ground truth's best anchors become positive where that IoU reaches:
+    cfg.MODEL.ALRP.MIN_POS_IOU = 0.0
+    cfg.MODEL.ALRP.RPN_MIN_POS_IOU = 0.3
+    # Test-time candidates per level of ALRPRetinaNet / APLossRetinaNet: "pairs" (Detectron2:
+    # top (anchor, class) pairs above the threshold) or "anchors" (the authors': top anchors
+    # by best class score, then their classes above the threshold)
+    cfg.MODEL.ALRP.TEST_CANDIDATES = "pairs"
 
 
 def add_augmentation_config(cfg: CN) -> None:
@@ -46,9 +54,22 @@ def add_engine_config(cfg: CN) -> None:
     With ``SOLVER.MAX_EPOCHS > 0`` training is counted in epochs: ``SOLVER.MAX_ITER``
     and ``SOLVER.STEPS`` are derived from ``MAX_EPOCHS`` and ``STEPS_EPOCHS``, and
     ``TEST.EVAL_PERIOD`` counts epochs. Warm-up stays in iterations.
+
+    Redeclared Detectron2 keys (their unit changes):
+
+    - ``SOLVER.CHECKPOINT_PERIOD``: numbered checkpoints ``checkpoints/epochNNN.ckpt``
+      every this many *epochs* (0: none), whether or not validation runs. Detectron2's
+      default (5000, in iterations) would silently mean "never"; the default here is 10.
+    - ``TEST.EVAL_PERIOD``: evaluation every this many *epochs* (0: only at the end).
+
+    New: ``SOLVER.CHECKPOINT_ITERS``: ``last.ckpt`` every this many iterations inside an
+    epoch as well as at each epoch's end (0: epoch ends only). The default, 1000, cuts a
+    COCO epoch at batch 32 (3697 iterations) into four parts.
     """
     cfg.SOLVER.MAX_EPOCHS = 0
     cfg.SOLVER.STEPS_EPOCHS = ()
+    cfg.SOLVER.CHECKPOINT_PERIOD = 10
+    cfg.SOLVER.CHECKPOINT_ITERS = 1000
     cfg.TEST.LRP_EVALUATOR = True  # evaluate optimal LRP beside COCO AP
 
 

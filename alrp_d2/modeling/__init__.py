@@ -1,12 +1,15 @@
 """Detectron2 meta-architectures and heads trained by ranking-based losses.
 
 Importing this package registers them in Detectron2's registries:
-``ALRPRetinaNet`` and ``APLossRetinaNet`` (META_ARCH_REGISTRY), ``ALRPRPN``
-(PROPOSAL_GENERATOR_REGISTRY) and ``ALRPROIHeads`` (ROI_HEADS_REGISTRY).
+``ALRPRetinaNet`` and ``APLossRetinaNet`` (META_ARCH_REGISTRY), ``ALRPRPN`` and
+``MaxIoURPN`` (PROPOSAL_GENERATOR_REGISTRY), ``ALRPROIHeads`` (ROI_HEADS_REGISTRY) and
+``build_alrp_retinanet_resnet_fpn_backbone`` (BACKBONE_REGISTRY).
 """
 
 from .atss import atss_match
-from .rcnn import ALRPRPN, ALRPFastRCNNOutputLayers, ALRPROIHeads
+from .backbone import LastLevelP6P7NoReLU, build_alrp_retinanet_resnet_fpn_backbone
+from .matcher import MaxIoUMatcher
+from .rcnn import ALRPRPN, ALRPFastRCNNOutputLayers, ALRPROIHeads, MaxIoURPN
 from .retinanet import ALRPRetinaNet, APLossRetinaNet, classwise_targets
 from .self_balance import SelfBalance
 
@@ -16,7 +19,11 @@ __all__ = [
     "ALRPRPN",
     "ALRPRetinaNet",
     "APLossRetinaNet",
+    "LastLevelP6P7NoReLU",
+    "MaxIoUMatcher",
+    "MaxIoURPN",
     "SelfBalance",
     "atss_match",
+    "build_alrp_retinanet_resnet_fpn_backbone",
     "classwise_targets",
 ]

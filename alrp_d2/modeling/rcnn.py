@@ -15,14 +15,29 @@ from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 
 from .alrp_terms import ALRPLossTerms
+from .matcher import MaxIoUMatcher
 from .retinanet import classwise_targets
 from .self_balance import SelfBalance
 
-__all__ = ["ALRPRPN", "ALRPFastRCNNOutputLayers", "ALRPROIHeads"]
+__all__ = ["ALRPRPN", "ALRPFastRCNNOutputLayers", "ALRPROIHeads", "MaxIoURPN"]
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
-class ALRPRPN(RPN):
+class MaxIoURPN(RPN):
+    """Detectron2's RPN whose anchors are labelled by the authors' max-IoU rule
+    (:class:`MaxIoUMatcher`): a ground truth's best anchors become positive only where
+    their IoU reaches ``MODEL.ALRP.RPN_MIN_POS_IOU`` (0.3 in the authors' configs)."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["anchor_matcher"] = MaxIoUMatcher.from_thresholds(
+            cfg.MODEL.RPN.IOU_THRESHOLDS, cfg.MODEL.RPN.IOU_LABELS, cfg.MODEL.ALRP.RPN_MIN_POS_IOU)
+        return ret
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class ALRPRPN(MaxIoURPN):
     """RPN whose objectness and box losses are aLRP, over every anchor."""
 
     @configurable

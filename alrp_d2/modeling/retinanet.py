@@ -8,12 +8,13 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.box_regression import _dense_box_regression_loss
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..losses import ap_loss
 from .alrp_terms import ALRPLossTerms
 from .atss import atss_match
+from .matcher import MaxIoUMatcher
 from .self_balance import SelfBalance
 
 __all__ = ["ALRPRetinaNet", "APLossRetinaNet", "classwise_targets"]
@@ -31,22 +32,56 @@ def classwise_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor
 
 
 class _RankingRetinaNet(RetinaNet):
-    """RetinaNet whose anchors may be labelled by ATSS; the shared part of the ranking losses."""
+    """RetinaNet whose anchors are labelled by the authors' max-IoU rule or by ATSS, and
+    whose test-time candidates may be chosen as in the authors' code; the shared part of
+    the ranking losses.
+
+    With ``test_candidates="anchors"``, each level keeps the ``TOPK_CANDIDATES_TEST``
+    anchors of highest best-class score, then every (anchor, class) above the score
+    threshold, with boxes clipped to the image before NMS (the authors' mmdetection
+    head). ``"pairs"`` is Detectron2's: the top (anchor, class) pairs above the threshold.
+    """
 
     @configurable
-    def __init__(self, *, assigner: str = "iou", atss_topk: int = 9, **kwargs):
+    def __init__(self, *, assigner: str = "iou", atss_topk: int = 9,
+                 test_candidates: str = "pairs", **kwargs):
         super().__init__(**kwargs)
         if assigner not in ("iou", "atss"):
             raise ValueError(f"MODEL.ALRP.ASSIGNER must be 'iou' or 'atss', got {assigner!r}")
+        if test_candidates not in ("pairs", "anchors"):
+            raise ValueError(
+                f"MODEL.ALRP.TEST_CANDIDATES must be 'pairs' or 'anchors', got {test_candidates!r}")
         self.assigner = assigner
         self.atss_topk = atss_topk
+        self.test_candidates = test_candidates
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["assigner"] = cfg.MODEL.ALRP.ASSIGNER
         ret["atss_topk"] = cfg.MODEL.ALRP.ATSS_TOPK
+        ret["test_candidates"] = cfg.MODEL.ALRP.TEST_CANDIDATES
+        if cfg.MODEL.ALRP.ASSIGNER == "iou":
+            ret["anchor_matcher"] = MaxIoUMatcher.from_thresholds(
+                cfg.MODEL.RETINANET.IOU_THRESHOLDS, cfg.MODEL.RETINANET.IOU_LABELS,
+                cfg.MODEL.ALRP.MIN_POS_IOU)
         return ret
+
+    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, score_thresh,
+                                      topk_candidates, image_size):
+        if self.test_candidates == "pairs":
+            return super()._decode_per_level_predictions(
+                anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size)
+        k = min(topk_candidates, pred_scores.shape[0])
+        anchor_idxs = pred_scores.max(dim=1).values.topk(k).indices
+        scores = pred_scores[anchor_idxs]
+        keep = scores > score_thresh
+        rows, classes = keep.nonzero(as_tuple=True)
+        anchor_idxs = anchor_idxs[rows]
+        deltas, anchor_boxes = pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+        boxes = Boxes(self.box2box_transform.apply_deltas(deltas, anchor_boxes))
+        boxes.clip(image_size)
+        return Instances(image_size, pred_boxes=boxes, scores=scores[keep], pred_classes=classes)
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):

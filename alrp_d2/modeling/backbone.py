@@ -1,0 +1,35 @@
+"""RetinaNet's ResNet-FPN backbone with the authors' P7 (no ReLU between P6 and P7)."""
+
+from __future__ import annotations
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+__all__ = ["LastLevelP6P7NoReLU", "build_alrp_retinanet_resnet_fpn_backbone"]
+
+
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """P6 from C5 and P7 from P6 by stride-2 3x3 convolutions, with no ReLU in between
+    (the authors' mmdetection FPN, ``add_extra_convs='on_input'`` and
+    ``relu_before_extra_convs=False``). Same parameters as Detectron2's ``LastLevelP6P7``."""
+
+    def forward(self, c5):
+        p6 = self.p6(c5)
+        return [p6, self.p7(p6)]
+
+
+@BACKBONE_REGISTRY.register()
+def build_alrp_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """Detectron2's ``build_retinanet_resnet_fpn_backbone`` with :class:`LastLevelP6P7NoReLU`."""
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7NoReLU(bottom_up.output_shape()["res5"].channels, out_channels),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
