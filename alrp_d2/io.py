@@ -18,6 +18,9 @@ def atomic_write(path, mode: str = "w"):
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the run's readers
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -1,12 +1,15 @@
 """Training with PyTorch Lightning: module, data, callbacks and the command line."""
 
-from .callbacks import SelfBalanceCallback
-from .checkpoint import AtomicCheckpointIO
+from .callbacks import SelfBalanceCallback, StepSeedCallback
+from .checkpoint import AtomicCheckpointIO, RunCheckpoint, WeightsCheckpointer
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule, schedule_in_iterations
 
 __all__ = [
     "AtomicCheckpointIO",
+    "RunCheckpoint",
+    "StepSeedCallback",
+    "WeightsCheckpointer",
     "DetectionDataModule",
     "DetectionModule",
     "SelfBalanceCallback",

@@ -10,9 +10,10 @@ import torch.distributed as dist
 from detectron2.data import DatasetFromList, MapDataset, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import InferenceSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..data import build_mapper
+from ..data.sampling import EpochShardSampler, SeededMapDataset
 
 __all__ = ["DetectionDataModule", "batches_per_epoch"]
 
@@ -32,22 +33,30 @@ def batches_per_epoch(num_images: int, ims_per_batch: int, world_size: int) -> i
 
 class DetectionDataModule(pl.LightningDataModule):
     """Training data in epochs: each rank gets its own shard of the dataset,
-    reshuffled every epoch (``DistributedSampler.set_epoch``, called by Lightning),
-    with the same number of batches on every rank. Test data: Detectron2's
-    ``InferenceSampler`` shards, one image per batch, no image twice.
+    reshuffled every epoch (``EpochShardSampler.set_epoch``, called by Lightning),
+    with the same number of batches on every rank, each image augmented under random
+    states of its own (``SeededMapDataset``). Its state in a checkpoint is the epoch and
+    the batches of it already trained: a run resumed from a checkpoint written in the
+    middle of an epoch goes on with the next batch of the same permutation. Test data:
+    Detectron2's ``InferenceSampler`` shards, one image per batch, no image twice.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self._train_dicts = None
+        self._train_names: List[str] = []
+        self._resume_at = None  # (epoch, batches done) from a checkpoint
 
     def train_dicts(self) -> List[dict]:
         if self._train_dicts is None:
-            self._train_dicts = get_detection_dataset_dicts(
-                self.cfg.DATASETS.TRAIN,
-                filter_empty=self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            )
+            dicts, names = [], []
+            filter_empty = self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            for name in self.cfg.DATASETS.TRAIN:  # one by one, to name the dataset of a bad image
+                part = get_detection_dataset_dicts([name], filter_empty=filter_empty)
+                dicts.extend(part)
+                names.extend([name] * len(part))
+            self._train_dicts, self._train_names = dicts, names
         return self._train_dicts
 
     def per_rank_batch(self, world_size: int) -> int:
@@ -58,14 +67,31 @@ class DetectionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         world_size, rank = _world()
-        dataset = MapDataset(DatasetFromList(self.train_dicts(), copy=False), build_mapper(self.cfg, True))
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=max(self.cfg.SEED, 0), drop_last=False)
+        batch_size = self.per_rank_batch(world_size)
+        seed = max(self.cfg.SEED, 0)
+        dicts = self.train_dicts()
+        dataset = SeededMapDataset(dicts, build_mapper(self.cfg, True), seed=seed, dataset_names=self._train_names)
+        sampler = EpochShardSampler(len(dicts), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size)
+        if self._resume_at is not None:
+            epoch, done = self._resume_at
+            batches = math.ceil(len(sampler) / batch_size)
+            # A checkpoint of an epoch's end resumes with the next epoch.
+            sampler.resume_at(*((epoch + 1, 0) if done >= batches else (epoch, done)))
+            self._resume_at = None
         return DataLoader(
-            dataset, batch_size=self.per_rank_batch(world_size), sampler=sampler,
+            dataset, batch_size=batch_size, sampler=sampler,
             num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator,
             persistent_workers=self.cfg.DATALOADER.NUM_WORKERS > 0,
         )
+
+    def state_dict(self):
+        """The position in the training data: the epoch and its batches trained so far."""
+        loop = self.trainer.fit_loop
+        return {"epoch": self.trainer.current_epoch,
+                "batches_done": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict):
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def test_dataloader_for(self, dataset_name: str):
         dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)

@@ -3,39 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
 import json
 import logging
 import math
 import os
 import sys
 from typing import Dict, List, Optional
-from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..config import get_cfg
-from ..io import atomic_write
+from ..data.check import check_datasets
+from ..data.sampling import DataError
 from ..data.synthetic import register_synthetic
-from .callbacks import SelfBalanceCallback
-from .checkpoint import AtomicCheckpointIO
+from ..io import atomic_write
+from .checkpoint import WeightsCheckpointer
+from .cluster import UsageError, install_requeue_handler, requeue_slurm_job, resolve_topology, slurm_restarted
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule
+from .resume import config_differences, find_resume_checkpoint, run_files
+from .trainer import build_trainer
 
 __all__ = ["UsageError", "argument_parser", "main", "setup_cfg"]
 
 logger = logging.getLogger("alrp_d2")
 
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, before anything is written."""
+# Exit status of a run stopped by SIGTERM after saving its checkpoint: that of a process
+# ended by the signal, so that job controllers do not take the run for finished.
+EXIT_STOPPED = 128 + 15
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="where to train; cpu with --devices N runs N gloo processes")
     parser.add_argument("--devices", type=int, default=None,
                         help="processes per machine (default: --num-gpus)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="read every image and annotation of the config's datasets, list the problems, exit")
     return parser
 
 
@@ -107,17 +111,6 @@ def _accelerator(args) -> str:
     return args.accelerator
 
 
-def _distributed_env(args) -> None:
-    """Lightning reads the rendezvous from the environment: take it from --dist-url."""
-    if args.num_machines > 1:
-        url = urlparse(args.dist_url)
-        if url.scheme != "tcp" or not url.hostname or not url.port:
-            raise UsageError(f"--dist-url must be tcp://HOST:PORT with several machines, got {args.dist_url}")
-        os.environ.setdefault("MASTER_ADDR", url.hostname)
-        os.environ.setdefault("MASTER_PORT", str(url.port))
-        os.environ.setdefault("NODE_RANK", str(args.machine_rank))
-
-
 def write_metrics(path: str, metrics: Dict[str, float]) -> None:
     """Writes ``metrics`` as json (NaN as null, which strict readers accept), atomically."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
@@ -125,66 +118,10 @@ def write_metrics(path: str, metrics: Dict[str, float]) -> None:
         json.dump(clean, f, indent=2, sort_keys=True)
 
 
-def _precision(cfg, accelerator: str) -> str:
-    if not cfg.SOLVER.AMP.ENABLED:
-        return "32-true"
-    return "16-mixed" if accelerator == "gpu" else "bf16-mixed"
-
-
 def _self_balance_weights(module) -> Dict[str, float]:
     from ..modeling.self_balance import SelfBalance
 
     return {f"{m.name}/sb_weight": float(m.weight) for m in module.modules() if isinstance(m, SelfBalance)}
-
-
-def build_trainer(cfg, args, accelerator: str, devices: int, iters_per_epoch: int) -> pl.Trainer:
-    world = devices * args.num_machines
-    if world > 1:
-        backend = "nccl" if accelerator == "gpu" else "gloo"
-        strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
-    else:
-        strategy = "auto"
-    out = cfg.OUTPUT_DIR
-    callbacks: List[pl.Callback] = [
-        SelfBalanceCallback(record_dir=out),
-        ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_epochs=1),
-        LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(refresh_rate=max(1, min(20, iters_per_epoch // 5))),
-    ]
-    if 0 < cfg.SOLVER.CHECKPOINT_PERIOD < cfg.SOLVER.MAX_EPOCHS:
-        callbacks.append(_PeriodicCheckpoint(dirpath=os.path.join(out, "checkpoints"), filename="epoch{epoch:03d}",
-                                             auto_insert_metric_name=False, save_top_k=-1,
-                                             every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD))
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    period = cfg.TEST.EVAL_PERIOD
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=args.num_machines,
-        strategy=strategy,
-        max_epochs=max(cfg.SOLVER.MAX_EPOCHS, 1),
-        precision=_precision(cfg, accelerator),
-        gradient_clip_val=clip.CLIP_VALUE if clip.ENABLED else None,
-        gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm") if clip.ENABLED else None,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")],
-        check_val_every_n_epoch=period if period > 0 else None,
-        limit_val_batches=1.0 if period > 0 else 0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        log_every_n_steps=max(1, min(20, iters_per_epoch)),
-        default_root_dir=out,
-        enable_model_summary=False,
-    )
-
-
-class _PeriodicCheckpoint(ModelCheckpoint):
-    """Numbered checkpoints every SOLVER.CHECKPOINT_PERIOD epochs, beside last.ckpt."""
-
-    @property
-    def state_key(self) -> str:
-        return "periodic_" + super().state_key
 
 
 def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[str, float]:
@@ -195,18 +132,89 @@ def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[
     return module.last_metrics or {}
 
 
+def _is_first_process(args) -> bool:
+    """Whether this process will be global rank 0 (known before Lightning starts)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit() and (name != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", 1)) > 1):
+            return int(os.environ[name]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and args.machine_rank == 0
+
+
+def _lock_output_dir(output_dir: str):
+    """An exclusive lock on OUTPUT_DIR for the run's first process, held until it exits:
+    a second training started into the same folder stops before writing anything."""
+    os.makedirs(output_dir, exist_ok=True)
+    handle = open(os.path.join(output_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"another training is running in {output_dir} ({owner}); wait for it to end"
+                         " or choose another OUTPUT_DIR") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    for stale in glob.glob(os.path.join(output_dir, ".tmp-*")):  # left by a killed write
+        os.remove(stale)
+    return handle
+
+
+def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
+    """The checkpoint to continue from, or None for a fresh run; refuses to train a
+    fresh run into another run's folder or to resume a different training."""
+    out = cfg.OUTPUT_DIR
+    resume = args.resume or slurm_restarted()
+    if not resume:
+        used = run_files(out)
+        if used:
+            raise UsageError(f"OUTPUT_DIR {out} holds another run's checkpoints ({', '.join(sorted(used))}):"
+                             " add --resume to continue that run, or choose another OUTPUT_DIR")
+        return None
+    try:
+        found = find_resume_checkpoint(out)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    if found is None:
+        logger.info("--resume: no checkpoint in %s yet, starting from MODEL.WEIGHTS", out)
+        return None
+    path, saved = found
+    changes = config_differences(saved["config"], cfg)
+    if saved.get("world_size", world_size) != world_size:
+        changes.append(f"number of processes: {saved['world_size']} -> {world_size}")
+    if changes:
+        raise UsageError(f"--resume from {path}: the config differs from the checkpointed run's in what"
+                         " changes training:\n  " + "\n  ".join(changes) +
+                         "\n(only SOLVER.MAX_EPOCHS, TEST.*, DATALOADER.NUM_WORKERS, checkpointing and"
+                         " *_TEST keys may change; start a new run with MODEL.WEIGHTS to train otherwise)")
+    logger.info("Resuming from %s", path)
+    return path
+
+
+def _data_error_message(err: BaseException) -> str:
+    # A DataError from a DataLoader worker is re-raised with the worker's traceback: keep
+    # the original message, its last line.
+    lines = [line for line in str(err).splitlines() if "DataError: " in line]
+    return lines[-1].split("DataError: ", 1)[1] if lines else str(err)
+
+
 def run(args) -> int:
+    # The console from the start (resume decisions, warnings); log.txt once writing is safe.
+    setup_logger(distributed_rank=0 if _is_first_process(args) else 1, name="alrp_d2", abbrev_name="alrp_d2")
     register_synthetic()
     cfg = setup_cfg(args)
     accelerator = _accelerator(args)
-    devices = args.devices or args.num_gpus or 1
-    _distributed_env(args)
+    topology = resolve_topology(args)
     check_inputs(cfg, args)
     cfg.defrost()
     cfg.MODEL.DEVICE = "cuda" if accelerator == "gpu" else "cpu"
     cfg.freeze()
+    if args.check_data:
+        return check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
 
-    world = devices * args.num_machines
+    world = topology.world_size
     datamodule = DetectionDataModule(cfg)
     if args.eval_only:
         iters_per_epoch = 1
@@ -216,22 +224,26 @@ def run(args) -> int:
             raise UsageError(f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes ({world})")
         train_dicts = _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
         iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
+    ckpt_path = None if args.eval_only else _resume_checkpoint(cfg, args, world)
+    first = _is_first_process(args)
+    lock = _lock_output_dir(cfg.OUTPUT_DIR) if first and not args.eval_only else None  # noqa: F841 (held)
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
-    pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
-    trainer = build_trainer(cfg, args, accelerator, devices, iters_per_epoch)
+    seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
+    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed)
     rank = trainer.global_rank
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2")
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",
+                 configure_stdout=False)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml")) as f:
             f.write(cfg.dump())
         logger.info("Full config saved to %s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
 
-    module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=devices)
+    module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
     final_path = os.path.join(cfg.OUTPUT_DIR, "final_metrics.json")
     if args.eval_only:
-        DetectionCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+        WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
         metrics = _evaluate(trainer, module, datamodule)
         metrics.update(_self_balance_weights(module))
         if rank == 0:
@@ -239,24 +251,31 @@ def run(args) -> int:
             logger.info("Final metrics written to %s", final_path)
         return 0
 
-    last = os.path.join(cfg.OUTPUT_DIR, "last.ckpt")
-    ckpt_path: Optional[str] = None
-    if args.resume and os.path.isfile(last):
-        ckpt_path = last
-        logger.info("Resuming from %s", last)
-    else:
-        if args.resume:
-            logger.info("--resume: no %s yet, starting from MODEL.WEIGHTS", last)
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(module.model).load(cfg.MODEL.WEIGHTS)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path is None and cfg.MODEL.WEIGHTS:
+        WeightsCheckpointer(module.model).load(cfg.MODEL.WEIGHTS)
+    install_requeue_handler()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        requeued = rank == 0 and requeue_slurm_job()
+        logger.warning("Training stopped by a signal at iteration %d; %s", trainer.global_step,
+                       "the requeued job resumes by itself" if requeued
+                       else f"continue with --resume (from {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')})")
+        return EXIT_STOPPED
+    except DataError as err:
+        print(f"error: {_data_error_message(err)}\nThe progress so far is saved in"
+              f" {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')}: repair or remove the image (train_net.py"
+              " --check-data lists every problem), then continue with --resume", file=sys.stderr)
+        return 1
 
+    # The model first, so that a crash in the evaluation loses nothing of the training.
+    if rank == 0:
+        WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
     period = cfg.TEST.EVAL_PERIOD
     evaluated_at_end = period > 0 and cfg.SOLVER.MAX_EPOCHS % period == 0 and module.last_metrics is not None
     metrics = dict(module.last_metrics) if evaluated_at_end else _evaluate(trainer, module, datamodule)
     metrics.update(_self_balance_weights(module))
     if rank == 0:
-        DetectionCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
         write_metrics(final_path, metrics)
         logger.info("Final metrics written to %s", final_path)
     return 0

@@ -71,6 +71,10 @@ class DetectionModule(pl.LightningModule):
         scheduler = build_lr_scheduler(solver_cfg, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint):
+        # What a --resume checks its own config against (alrp_d2.engine.resume).
+        checkpoint["alrp_d2"] = {"config": self.cfg.dump(), "world_size": self.trainer.world_size}
+
     # -- training ------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         with EventStorage(self.global_step) as storage:

@@ -1,0 +1,99 @@
+"""Which checkpoint a ``--resume`` continues from, and whether it may.
+
+- The newest readable checkpoint of ``OUTPUT_DIR`` (``last.ckpt``, ``last.prev.ckpt``,
+  ``checkpoints/*.ckpt``; newest by modification time): one that cannot be read is
+  named in a warning and the next one is tried.
+- The resumed run must train what the checkpointed one trained: a config that differs
+  in a key that changes training, or another number of processes, is refused with the
+  list of differences. Keys that change only evaluation, logging or speed may differ.
+- A run without ``--resume`` never writes into a folder that holds another run's
+  checkpoints.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import CfgNode
+
+from .checkpoint import LAST, NUMBERED_DIR, PREVIOUS
+
+__all__ = ["RESUMABLE_CHANGES", "config_differences", "find_resume_checkpoint", "run_files"]
+
+logger = logging.getLogger("alrp_d2")
+
+# Keys a resumed run may change: the length of training (the learning-rate steps are
+# in SOLVER.STEPS_EPOCHS), evaluation, checkpointing, logging, loading speed, and where
+# things are. Every key ending in "_TEST" is a test-time setting (Detectron2's naming).
+RESUMABLE_CHANGES = frozenset({
+    "SOLVER.MAX_EPOCHS", "TEST.EVAL_PERIOD", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
+    "SOLVER.CHECKPOINT_ITERS", "OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.DEVICE", "DATASETS.TEST",
+    "TEST.LRP_EVALUATOR", "TEST.DETECTIONS_PER_IMAGE", "TEST.EXPECTED_RESULTS", "VIS_PERIOD",
+})
+
+
+def run_files(output_dir: str) -> List[str]:
+    """The checkpoints of a run in ``output_dir`` (paths), any order."""
+    names = [os.path.join(output_dir, LAST), os.path.join(output_dir, PREVIOUS)]
+    names += glob.glob(os.path.join(output_dir, NUMBERED_DIR, "*.ckpt"))
+    names += glob.glob(os.path.join(output_dir, "hpc_ckpt_*.ckpt"))
+    return [p for p in names if os.path.isfile(p)]
+
+
+def _read(path: str) -> Dict[str, Any]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("state_dict", "loops", "optimizer_states", "alrp_d2") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"not a complete training checkpoint of this project (no {', '.join(missing)})")
+    return checkpoint
+
+
+def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``(path, what the run saved about itself)`` of the newest readable checkpoint,
+    or None when there is none. Raises ``FileNotFoundError`` when checkpoints exist but
+    none can be read."""
+    candidates = sorted(run_files(output_dir), key=os.path.getmtime, reverse=True)
+    for path in candidates:
+        try:
+            checkpoint = _read(path)
+        except Exception as err:  # truncated, corrupt, foreign: try the previous one
+            logger.warning("Cannot resume from %s (%s: %s); trying the previous checkpoint",
+                           path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            continue
+        return path, checkpoint["alrp_d2"]
+    if candidates:
+        raise FileNotFoundError(f"no readable checkpoint in {output_dir} (tried {', '.join(candidates)})")
+    return None
+
+
+def _flatten(node: CfgNode, prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, CfgNode):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = _plain(value)
+    return flat
+
+
+def _plain(value):
+    # YAML gives lists where a config file's defaults hold tuples: compare them as equal.
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def config_differences(saved_yaml: str, cfg: CfgNode) -> List[str]:
+    """``KEY: saved -> now`` for each training-affecting key whose value changed."""
+    saved = _flatten(CfgNode.load_cfg(saved_yaml))
+    now = _flatten(cfg)
+    changed = []
+    for key in sorted(set(saved) & set(now)):
+        if key in RESUMABLE_CHANGES or key.endswith("_TEST"):
+            continue
+        if saved[key] != now[key]:
+            changed.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    return changed
