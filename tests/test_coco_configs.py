@@ -301,6 +301,51 @@ def test_p7_is_computed_from_p6_without_relu():
     assert (p6 < 0).any()  # a ReLU would have changed P7
 
 
+def small_model(name, num_classes=3):
+    cfg = load(name)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.RESNETS.DEPTH = 18  # the backbone takes no part in these tests
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    return cfg, build_model(cfg)
+
+
+def test_p7_backbone_has_detectron2s_parameters():
+    cfg, model = small_model("alrp_atss_R_50_FPN_500.yaml")
+    assert isinstance(model.backbone.top_block, LastLevelP6P7NoReLU)
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    reference = build_model(cfg).backbone
+    ours = {k: v.shape for k, v in model.backbone.state_dict().items()}
+    assert ours == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_test_candidates_are_the_authors_top_anchors():
+    # One level, 6 anchors, 3 classes: the authors keep the top-k anchors by their best
+    # class score, then every class above the threshold, with boxes clipped to the image.
+    _, model = small_model("alrp_atss_R_50_FPN_500.yaml")
+    assert model.test_candidates == "anchors"
+    anchors = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 5 + [[90.0, 90.0, 110.0, 110.0]]))
+    scores = torch.tensor([
+        [0.90, 0.80, 0.01],  # best 0.90: kept, two classes above 0.05
+        [0.04, 0.03, 0.02],  # best 0.04: in the top 3 anchors, but no class above 0.05
+        [0.30, 0.00, 0.00],  # best 0.30: kept
+        [0.06, 0.07, 0.08],  # best 0.08: 4th anchor, outside the top 3
+        [0.00, 0.00, 0.01],
+        [0.00, 0.50, 0.00],  # best 0.50: kept; its box is clipped to the 100 x 100 image
+    ])
+    deltas = torch.zeros(6, 4)
+    out = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 3, (100, 100))
+    got = sorted(zip(out.scores.tolist(), out.pred_classes.tolist()))
+    assert got == [(pytest.approx(0.3), 0), (pytest.approx(0.5), 1), (pytest.approx(0.8), 1),
+                   (pytest.approx(0.9), 0)]
+    assert out.pred_boxes.tensor.max() <= 100
+    # Detectron2's rule would have kept the top 3 pairs: 0.9, 0.8, 0.5.
+    model.test_candidates = "pairs"
+    out = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 3, (100, 100))
+    assert sorted(out.scores.tolist()) == pytest.approx([0.5, 0.8, 0.9])
+
+
 def test_max_iou_matcher_minimum_and_later_ground_truth_wins():
     iou = torch.tensor([
         [0.45, 0.20, 0.10, 0.00],  # gt 0: best anchor 0 (0.45)
@@ -510,16 +555,11 @@ CASES = {  # config, assigner, localisation error
 def test_alrp_retinanet_losses_equal_the_authors_head(case):
     name, assigner, loc_kind = CASES[case]
     num_classes, size, num_images = 3, 384, 3
-    cfg = load(name)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
-    cfg.MODEL.RESNETS.DEPTH = 18  # the backbone takes no part here
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     # ATSS: the two anchors of a location share their centre, so a 9th candidate splits such
     # a pair, and which one topk returns is left unspecified (by both codes); 8 does not.
-    topk = cfg.MODEL.ALRP.ATSS_TOPK = 8
-    model = build_model(cfg)
+    topk = 8
+    cfg, model = small_model(name, num_classes)
+    model.atss_topk = topk
     assert model.box2box_transform.weights == (10.0, 10.0, 5.0, 5.0)
 
     strides = [8, 16, 32, 64, 128]
