@@ -1,7 +1,7 @@
 """train_net.py with a fault injected, for the resume tests.
 
     python tests/fault_injection.py [--trace DIR] [--kill-at-step N | --kill-at-epoch-start E
-        | --kill-in-save K | --term-at-step N] -- TRAIN_NET_ARGS...
+        | --kill-in-save K | --signal-at-step N [--signal USR1]] -- TRAIN_NET_ARGS...
 
 --trace DIR             every rank appends (step, epoch, image ids) of each trained batch to
                         DIR/trace_rank<r>.jsonl
@@ -10,7 +10,8 @@
                         epoch's checkpoint
 --kill-in-save K        SIGKILL the writing rank in the middle of writing its K-th checkpoint
                         (a partial temporary file is left behind)
---term-at-step N        SIGTERM to rank 0 when step N is about to start (as `docker stop` does)
+--signal-at-step N      send --signal (TERM, the default, or USR1) to rank 0 when step N is
+                        about to start (as `docker stop` or SLURM's `--signal` do)
 
 Lightning starts the other DDP processes by running this same command line, so they get
 the same faults.
@@ -44,8 +45,8 @@ class Faults(pl.Callback):
                                     "ids": [d["image_id"] for d in batch]}) + "\n")
         if self.opts.kill_at_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.opts.term_at_step == step and trainer.global_rank == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.opts.signal_at_step == step and trainer.global_rank == 0:
+            os.kill(os.getpid(), getattr(signal, "SIG" + self.opts.signal))
 
     def on_train_epoch_start(self, trainer, pl_module):
         if self.opts.kill_at_epoch_start == trainer.current_epoch:
@@ -58,7 +59,8 @@ def main():
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--kill-at-epoch-start", type=int)
     parser.add_argument("--kill-in-save", type=int)
-    parser.add_argument("--term-at-step", type=int)
+    parser.add_argument("--signal-at-step", type=int)
+    parser.add_argument("--signal", default="TERM", choices=["TERM", "USR1"])
     split = sys.argv.index("--")
     opts = parser.parse_args(sys.argv[1:split])
     if opts.trace:

@@ -2,7 +2,8 @@
 
 - Under ``torchrun`` (or any torch elastic launcher) the topology is the launcher's:
   processes per node ``LOCAL_WORLD_SIZE``, nodes ``WORLD_SIZE / LOCAL_WORLD_SIZE``.
-- Under SLURM with one task per process (``srun``, ``SLURM_NTASKS`` > 1) it is SLURM's:
+- Under SLURM with one task per process (``srun``; or one task and no flag asking for
+  more processes) it is SLURM's:
   ``SLURM_NTASKS_PER_NODE`` (or ``SLURM_NTASKS / SLURM_NNODES``) per node, ``SLURM_NNODES``
   nodes. Lightning's cluster environments then take the ranks and the master address
   from the environment; ``--dist-url`` is not read.
@@ -86,7 +87,9 @@ def resolve_topology(args) -> Topology:
         _check_flags_agree(args, topology)
         return topology
     ntasks = _env_int("SLURM_NTASKS")
-    if SLURMEnvironment.detect() and ntasks and ntasks > 1:
+    # One SLURM task asked for several processes by the flags: Lightning starts them.
+    flags_ask_more = (args.devices or args.num_gpus or 1) > 1 or args.num_machines > 1
+    if SLURMEnvironment.detect() and ntasks and (ntasks > 1 or not flags_ask_more):
         nnodes = _env_int("SLURM_NNODES") or _env_int("SLURM_JOB_NUM_NODES") or 1
         topology = Topology(_slurm_tasks_per_node(ntasks, nnodes), nnodes, "slurm")
         _check_flags_agree(args, topology)

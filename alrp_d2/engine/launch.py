@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from typing import Dict, List, Optional
 
@@ -187,7 +188,7 @@ def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
     if changes:
         raise UsageError(f"--resume from {path}: the config differs from the checkpointed run's in what"
                          " changes training:\n  " + "\n  ".join(changes) +
-                         "\n(only SOLVER.MAX_EPOCHS, TEST.*, DATALOADER.NUM_WORKERS, checkpointing and"
+                         "\n(SOLVER.MAX_EPOCHS, DATALOADER.NUM_WORKERS, checkpointing, DATASETS.TEST, TEST.* and"
                          " *_TEST keys may change; start a new run with MODEL.WEIGHTS to train otherwise)")
     logger.info("Resuming from %s", path)
     return path
@@ -263,9 +264,15 @@ def run(args) -> int:
                        else f"continue with --resume (from {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')})")
         return EXIT_STOPPED
     except DataError as err:
-        print(f"error: {_data_error_message(err)}\nThe progress so far is saved in"
-              f" {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')}: repair or remove the image (train_net.py"
-              " --check-data lists every problem), then continue with --resume", file=sys.stderr)
+        # The other processes wait for this one in a collective: end those this one started.
+        kill = getattr(trainer.strategy.launcher, "kill", None)
+        if kill is not None:
+            kill(signal.SIGKILL)
+        message = _data_error_message(err)
+        logger.error("%s", message)
+        print(f"error: {message}\nThe progress so far is saved in {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')}:"
+              " repair or remove the image (train_net.py --check-data lists every problem), then continue"
+              " with --resume", file=sys.stderr)
         return 1
 
     # The model first, so that a crash in the evaluation loses nothing of the training.

@@ -28,12 +28,16 @@ logger = logging.getLogger("alrp_d2")
 
 # Keys a resumed run may change: the length of training (the learning-rate steps are
 # in SOLVER.STEPS_EPOCHS), evaluation, checkpointing, logging, loading speed, and where
-# things are. Every key ending in "_TEST" is a test-time setting (Detectron2's naming).
+# things are; besides, every key under TEST and every key ending in "_TEST" (Detectron2's
+# naming of test-time settings).
 RESUMABLE_CHANGES = frozenset({
-    "SOLVER.MAX_EPOCHS", "TEST.EVAL_PERIOD", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
-    "SOLVER.CHECKPOINT_ITERS", "OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.DEVICE", "DATASETS.TEST",
-    "TEST.LRP_EVALUATOR", "TEST.DETECTIONS_PER_IMAGE", "TEST.EXPECTED_RESULTS", "VIS_PERIOD",
+    "SOLVER.MAX_EPOCHS", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_ITERS",
+    "OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.DEVICE", "DATASETS.TEST", "VIS_PERIOD",
 })
+
+
+def _resumable_change(key: str) -> bool:
+    return key in RESUMABLE_CHANGES or key.startswith("TEST.") or key.endswith("_TEST")
 
 
 def run_files(output_dir: str) -> List[str]:
@@ -92,7 +96,7 @@ def config_differences(saved_yaml: str, cfg: CfgNode) -> List[str]:
     now = _flatten(cfg)
     changed = []
     for key in sorted(set(saved) & set(now)):
-        if key in RESUMABLE_CHANGES or key.endswith("_TEST"):
+        if _resumable_change(key):
             continue
         if saved[key] != now[key]:
             changed.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
