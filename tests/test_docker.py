@@ -1,8 +1,12 @@
 """The compose file's commands parse with train_net.py's arguments and name existing configs."""
 
 import os
+import pathlib
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 import yaml
@@ -29,7 +33,52 @@ def test_services_reserve_all_gpus_and_share_memory():
         assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == "all", name
         assert service["ipc"] == "host" and service["network_mode"] == "host", name
         assert any(v.endswith(":/datasets:ro") for v in service["volumes"]), name
-        assert "NCCL_SOCKET_IFNAME" in service["environment"] and "GLOO_SOCKET_IFNAME" in service["environment"]
+        # Passed through only when the caller sets them: no interface name imposed.
+        for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+            assert name in service["environment"] and service["environment"][name] is None, name
+        assert service["stop_grace_period"]  # time to write the checkpoint after SIGTERM
+
+
+ENTRYPOINT = os.path.join(ROOT, "docker", "entrypoint.sh")
+
+
+def test_dockerfile_runs_train_net_through_the_entrypoint():
+    with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
+        text = f.read()
+    assert "COPY docker/entrypoint.sh /usr/local/bin/alrp-entrypoint" in text
+    assert 'ENTRYPOINT ["/usr/local/bin/alrp-entrypoint", "python", "train_net.py"]' in text
+
+
+@pytest.fixture()
+def open_dir():
+    """A folder other users can traverse (pytest's own temporary folders are private)."""
+    path = tempfile.mkdtemp(prefix="alrp-entrypoint-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_entrypoint_makes_a_missing_output_folder_writable_for_the_training_user(open_dir):
+    output = open_dir / "host" / "output"  # does not exist yet, as a fresh bind mount's host path
+    script = 'id -u; touch "$ALRP_OUTPUT/written"'
+    run = subprocess.run([ENTRYPOINT, "sh", "-c", script], env=dict(os.environ, ALRP_OUTPUT=str(output)),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1000"]  # not root
+    assert (output / "written").stat().st_uid == 1000
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_entrypoint_writes_as_the_owner_of_an_existing_output_folder(open_dir):
+    output = open_dir / "output"
+    output.mkdir()
+    os.chown(output, 1234, 1234)
+    run = subprocess.run([ENTRYPOINT, "sh", "-c", 'id -u; touch "$ALRP_OUTPUT/written"'],
+                         env=dict(os.environ, ALRP_OUTPUT=str(output)), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1234"]
+    assert (output / "written").stat().st_uid == 1234
 
 
 @pytest.mark.detectron2

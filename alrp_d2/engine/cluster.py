@@ -67,7 +67,8 @@ def _slurm_tasks_per_node(ntasks: int, nnodes: int) -> int:
 
 
 def _check_flags_agree(args, topology: Topology) -> None:
-    asked = args.devices or args.num_gpus
+    # Detectron2's --num-gpus defaults to 1: only another value is a request.
+    asked = args.devices or (args.num_gpus if args.num_gpus != 1 else None)
     if asked and asked != topology.devices:
         raise UsageError(f"{topology.launcher} starts {topology.devices} processes per node, but the flags ask for"
                          f" {asked} (--devices/--num-gpus): drop the flag or make them agree")
