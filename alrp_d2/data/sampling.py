@@ -15,7 +15,7 @@ Nothing of either needs saving beyond ``(epoch, batches done)``.
 
 from __future__ import annotations
 
-import copy
+import bisect
 import logging
 import random
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -94,23 +94,31 @@ class EpochShardSampler(Sampler):
 
 
 class SeededMapDataset(Dataset):
-    """``mapper(copy of dicts[index])`` for ``(epoch, index)`` keys, under Python,
-    NumPy and torch random states seeded from ``(seed, epoch, index)``; the caller's
-    random states are restored afterwards.
+    """``mapper(dicts[index])`` for ``(epoch, index)`` keys, under Python, NumPy and
+    torch random states seeded from ``(seed, epoch, index)``; the caller's random states
+    are restored afterwards.
 
-    A mapper that fails raises :class:`DataError` naming the image file and its dataset
-    (``dataset_names[index]``).
+    ``dicts`` is best Detectron2's ``DatasetFromList`` (serialised records, which
+    data-loader workers share without copying) and ``mapper`` one that copies the record
+    it is given, as Detectron2's ``DatasetMapper`` does. ``datasets`` names the datasets
+    ``dicts`` concatenates, with their lengths: a mapper that fails raises
+    :class:`DataError` naming the image file and its dataset.
     """
 
     def __init__(self, dicts: Sequence[dict], mapper: Callable[[dict], dict], seed: int,
-                 dataset_names: Optional[Sequence[str]] = None):
+                 datasets: Sequence[Tuple[str, int]] = ()):
         self.dicts = dicts
         self.mapper = mapper
         self.seed = seed
-        self.dataset_names = dataset_names
+        self._names = [name for name, _ in datasets]
+        self._ends = list(np.cumsum([count for _, count in datasets]))
 
     def __len__(self) -> int:
         return len(self.dicts)
+
+    def dataset_of(self, index: int) -> str:
+        position = bisect.bisect_right(self._ends, index)
+        return self._names[position] if position < len(self._names) else "?"
 
     def __getitem__(self, key: Tuple[int, int]) -> dict:
         epoch, index = key
@@ -122,16 +130,14 @@ class SeededMapDataset(Dataset):
                 random.seed(seed)
                 np.random.seed(seed)
                 torch.manual_seed(seed)
-                mapped = self.mapper(copy.deepcopy(record))
+                mapped = self.mapper(record)
         except Exception as err:
-            name = self.dataset_names[index] if self.dataset_names else "?"
-            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset {name!r} "
-                            f"cannot be used: {type(err).__name__}: {err}") from err
+            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset "
+                            f"{self.dataset_of(index)!r} cannot be used: {type(err).__name__}: {err}") from err
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
         if mapped is None:
-            name = self.dataset_names[index] if self.dataset_names else "?"
-            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset {name!r}: "
-                            "the mapper returned no data")
+            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset "
+                            f"{self.dataset_of(index)!r}: the mapper returned no data")
         return mapped

@@ -45,18 +45,18 @@ class DetectionDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self._train_dicts = None
-        self._train_names: List[str] = []
+        self._train_datasets: List[tuple] = []  # (name, number of images) of each training set
         self._resume_at = None  # (epoch, batches done) from a checkpoint
 
     def train_dicts(self) -> List[dict]:
         if self._train_dicts is None:
-            dicts, names = [], []
+            dicts, datasets = [], []
             filter_empty = self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             for name in self.cfg.DATASETS.TRAIN:  # one by one, to name the dataset of a bad image
                 part = get_detection_dataset_dicts([name], filter_empty=filter_empty)
                 dicts.extend(part)
-                names.extend([name] * len(part))
-            self._train_dicts, self._train_names = dicts, names
+                datasets.append((name, len(part)))
+            self._train_dicts, self._train_datasets = dicts, datasets
         return self._train_dicts
 
     def per_rank_batch(self, world_size: int) -> int:
@@ -70,7 +70,9 @@ class DetectionDataModule(pl.LightningDataModule):
         batch_size = self.per_rank_batch(world_size)
         seed = max(self.cfg.SEED, 0)
         dicts = self.train_dicts()
-        dataset = SeededMapDataset(dicts, build_mapper(self.cfg, True), seed=seed, dataset_names=self._train_names)
+        # Serialised records: workers read them without copying the list's pages.
+        records = DatasetFromList(dicts, copy=False, serialize=True)
+        dataset = SeededMapDataset(records, build_mapper(self.cfg, True), seed=seed, datasets=self._train_datasets)
         sampler = EpochShardSampler(len(dicts), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size)
         if self._resume_at is not None:
             epoch, done = self._resume_at

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -199,6 +200,10 @@ def _data_error_message(err: BaseException) -> str:
     # the original message, its last line.
     lines = [line for line in str(err).splitlines() if "DataError: " in line]
     return lines[-1].split("DataError: ", 1)[1] if lines else str(err)
+
+
+# Lightning cannot see that DetectionDataModule resumes its data mid-epoch (it does).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def run(args) -> int:
