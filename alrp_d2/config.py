@@ -3,12 +3,17 @@
 Every key of a feature is declared in one ``add_*_config`` function; ``get_cfg()``
 applies them all. A YAML file or override naming a key declared nowhere fails with
 Detectron2's ``KeyError: 'Non-existent config key: ...'``.
+
+Importing this module registers every model of the project in Detectron2's registries
+(as Detectron2 projects do), so ``build_model(get_cfg())`` finds ``ALRPRetinaNet`` & co.
 """
 
 from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _detectron2_get_cfg
+
+from . import modeling  # noqa: F401  (registers the models)
 
 __all__ = ["add_alrp_config", "add_augmentation_config", "add_engine_config", "get_cfg"]
 

@@ -232,3 +232,88 @@ def test_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(tmp_path / "nope.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.json" in bad.stderr
+
+
+def official_cut_anywhere(gt, dt, tau=0.5):
+    """The official LRP-Error code's procedure, independently: per class, COCOeval's
+    non-ignored detections of every image in image order, sorted by score with a stable
+    sort, LRP after every detection (ties split), the minimum."""
+    ev = COCOeval(gt, dt, "bbox")
+    ev.params.iouThrs = np.array([tau])
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+    n_areas, n_imgs = len(ev.params.areaRng), len(ev.params.imgIds)
+    out = {}
+    for ci, cat in enumerate(ev.params.catIds):
+        scores, ious, num_gt = [], [], 0
+        for ii in range(n_imgs):  # area "all" is index 0
+            e = ev.evalImgs[ci * n_areas * n_imgs + ii]
+            if e is None:
+                continue
+            num_gt += int((~e["gtIgnore"].astype(bool)).sum())
+            img = ev.params.imgIds[ii]
+            gt_ids = [g["id"] for g in ev._gts[img, cat]]
+            for di in range(len(e["dtIds"])):
+                if not e["dtIgnore"][0, di]:
+                    m = int(e["dtMatches"][0, di])
+                    scores.append(e["dtScores"][di])
+                    ious.append(ev.ious[(img, cat)][di, gt_ids.index(m)] if m else None)
+        if num_gt == 0:
+            continue
+        order = np.argsort(-np.array(scores), kind="mergesort")
+        best = (1.0, 0, 0, num_gt, 0.0)  # nothing kept
+        n_tp = n_fp = 0
+        loc = 0.0
+        for i in order:
+            if ious[i] is None:
+                n_fp += 1
+            else:
+                n_tp, loc = n_tp + 1, loc + 1 - ious[i]
+            value = (loc / (1 - tau) + n_fp + num_gt - n_tp) / (num_gt + n_fp)
+            if value < best[0] - 1e-12:
+                best = (value, n_tp, n_fp, num_gt - n_tp, loc)
+        value, n_tp, n_fp, n_fn, loc = best
+        out[cat] = {"oLRP": value, "oLRP_loc": loc / n_tp if n_tp else math.nan,
+                    "oLRP_FP": n_fp / (n_tp + n_fp) if n_tp + n_fp else math.nan, "oLRP_FN": n_fn / num_gt}
+    return out
+
+
+def tied(dets, decimals=1):
+    return [{**d, "score": round(d["score"], decimals)} for d in dets]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ties_official_equals_the_official_procedure(seed):
+    images, cats, gts, dets = random_case(seed, n_images=6)
+    for case in (dets, tied(dets)):
+        gt, dt = make_coco(images, cats, gts, case)
+        fast = lrp_from_coco(gt, dt, ties="official")
+        ref = official_cut_anywhere(gt, dt)
+        assert set(fast["per_class"]) == set(ref)
+        for cat, r in ref.items():
+            for key, value in r.items():
+                assert same(fast["per_class"][cat][key], value), (seed, cat, key)
+
+
+def test_ties_threshold_is_the_default_and_agrees_without_ties():
+    disagree = 0
+    for seed in range(12):
+        images, cats, gts, dets = random_case(seed, n_images=6)
+        # Distinct scores: both semantics agree exactly.
+        distinct = [{**d, "score": 0.5 + i * 1e-4} for i, d in enumerate(dets)]
+        gt, dt = make_coco(images, cats, gts, distinct)
+        a, b = lrp_from_coco(gt, dt), lrp_from_coco(gt, dt, ties="official")
+        for key in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN"):
+            assert same(a[key], b[key]), (seed, key)
+        # Tied scores: the default equals the threshold brute force; official is never higher.
+        gt, dt = make_coco(images, cats, gts, tied(dets))
+        default, official = lrp_from_coco(gt, dt), lrp_from_coco(gt, dt, ties="official")
+        explicit = lrp_from_coco(gt, dt, ties="threshold")
+        assert all(same(default[k], explicit[k]) for k in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN"))
+        for cat, ref in brute_force(gt, dt).items():
+            assert same(default["per_class"][cat]["oLRP"], ref["oLRP"])
+            assert official["per_class"][cat]["oLRP"] <= ref["oLRP"] + 1e-12
+        disagree += not same(default["oLRP"], official["oLRP"])
+    assert disagree  # the tied cases do tell the two apart
+    with pytest.raises(ValueError, match="ties"):
+        lrp_from_coco(gt, dt, ties="anywhere")

@@ -7,7 +7,16 @@ LRP (Oksuz et al., ECCV 2018; TPAMI 2021) of a set of detections thresholded at 
 
 Per class, oLRP is the minimum of LRP over every cut of the class's detections pooled
 over all images and sorted by score (or over the score grid 0, 0.01, ..., 1 with
-``thresholds="grid"``, as in the NeurIPS 2020 experiments).  At the optimum the
+``thresholds="grid"``, as in the NeurIPS 2020 experiments).
+
+Tied scores (``ties``): by default (``"threshold"``) a cut never splits detections of
+equal score, since a score threshold keeps all of them or none: oLRP is then the best
+LRP that a per-class score threshold achieves, and the reported threshold reproduces it.
+``ties="official"`` follows the official LRP-Error code, which cuts its score-sorted
+list anywhere, ties included, ordered among equal scores by image (ascending image id)
+and, within an image, by the detections' order in the results: use it to reproduce
+published figures.  Without tied scores the two agree exactly; with ties "official" can
+only be lower (it may keep part of a tie), and its threshold may not reproduce it.  At the optimum the
 components are ``loc = sum(1 - IoU) / N_TP``, ``FP = N_FP / (N_TP + N_FP)``,
 ``FN = N_FN / N_GT`` and the threshold is the score at the cut.
 
@@ -41,6 +50,7 @@ AREA_RANGES = {
     "large": (96.0**2, 1e10),
 }
 GRID = np.round(np.arange(0, 101) / 100, 2)
+TIES = ("threshold", "official")
 CHUNK = 4096  # (image, class) pairs matched at once; bounds the padded arrays
 
 
@@ -174,18 +184,25 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
     return results
 
 
-def _optimal_lrp(scores, ious, num_gt, tau, thresholds):
-    """oLRP and its components for one class from its pooled detections."""
+def _optimal_lrp(scores, ious, num_gt, tau, thresholds, ties="threshold", tie_order=None):
+    """oLRP and its components for one class from its pooled detections; ``tie_order``
+    ranks equal scores for ``ties="official"``."""
     nan = float("nan")
     if num_gt == 0:
         return None
-    order = np.argsort(-scores, kind="mergesort")
+    if ties == "official" and tie_order is not None:
+        order = np.lexsort((tie_order, -scores))
+    else:
+        order = np.argsort(-scores, kind="mergesort")
     scores, ious = scores[order], ious[order]
     tp = ~np.isnan(ious)
     cum_tp = np.concatenate([[0], np.cumsum(tp)])
     cum_loc = np.concatenate([[0.0], np.cumsum(np.where(tp, 1 - np.nan_to_num(ious), 0.0))])
     k = np.arange(len(scores) + 1)
-    if thresholds == "exact":
+    if thresholds == "exact" and ties == "official":
+        cut_k = k  # the official code's cut after every detection, ties split
+        cut_threshold = np.concatenate([[nan], scores])
+    elif thresholds == "exact":
         # A cut keeps every detection scored at least the threshold: never split ties.
         cuts = np.concatenate([[True], np.append(scores[1:] < scores[:-1], True)]) if len(scores) else np.array([True])
         cut_k = k[cuts]
@@ -223,6 +240,7 @@ def lrp_from_coco(
     max_dets: int = 100,
     thresholds: str = "exact",
     img_ids: Optional[List[int]] = None,
+    ties: str = "threshold",
 ) -> Dict[str, object]:
     """oLRP of ``coco_dt`` against ``coco_gt`` (pycocotools ``COCO`` objects).
 
@@ -232,19 +250,28 @@ def lrp_from_coco(
     oLRP_loc, oLRP_FP, oLRP_FN, threshold}}``; NaN where a figure is undefined.
     Classes without ground truth are left out of everything.  ``img_ids``
     restricts the evaluation to those images (default: all).
+
+    ``ties``: ``"threshold"`` (default) never cuts between detections of equal score,
+    so each class's oLRP is reached by keeping the detections scored at least its
+    ``threshold``; ``"official"`` cuts anywhere, ties included, in the official
+    LRP-Error code's order (image id, then the detection's order in ``coco_dt``), to
+    reproduce published figures (module docstring). The grid thresholds ignore ``ties``.
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if thresholds not in ("exact", "grid"):
         raise ValueError(f"thresholds must be 'exact' or 'grid', got {thresholds!r}")
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(map(repr, TIES))}, got {ties!r}")
     if not 0 < tau < 1:
         raise ValueError(f"tau must be in (0, 1), got {tau}")
     if int(max_dets) < 1:
         raise ValueError(f"max_dets must be at least 1, got {max_dets}")
     cat_ids = sorted(coco_gt.getCatIds())
     groups = _Groups(coco_gt, coco_dt, iou_type, int(max_dets), cat_ids, img_ids)
-    pooled = {name: {"score": [], "iou": [], "cat": [], "gt": np.zeros(len(cat_ids), int)}
+    pooled = {name: {"score": [], "iou": [], "cat": [], "tie": [], "gt": np.zeros(len(cat_ids), int)}
               for name in AREA_RANGES}
+    image_rank = {img: i for i, img in enumerate(sorted({k[0] for k in groups.keys}))}
     cat_index = {c: i for i, c in enumerate(cat_ids)}
     # Chunks of pairs of similar size keep the padding small.
     sizes = np.array([len(d) * 1000 + len(g) for d, g in zip(groups.dt, groups.gt)])
@@ -254,8 +281,12 @@ def lrp_from_coco(
         res = _match_chunk([groups.dt[i] for i in members], [groups.gt[i] for i in members],
                            iou_type, tau, AREA_RANGES)
         cats = np.array([cat_index[groups.keys[i][1]] for i in members])
+        # Order of equal scores in the official code: image, then rank within the image.
+        tie = np.array([image_rank[groups.keys[i][0]] for i in members])[:, None] * (int(max_dets) + 1) \
+            + np.arange(res["all"]["score"].shape[1])[None, :]
         for name, r in res.items():
             keep = ~r["ignore"]
+            pooled[name]["tie"].append(tie[keep])
             pooled[name]["score"].append(r["score"][keep])
             pooled[name]["iou"].append(r["iou"][keep])
             pooled[name]["cat"].append(np.broadcast_to(cats[:, None], keep.shape)[keep])
@@ -267,14 +298,15 @@ def lrp_from_coco(
         score = np.concatenate(p["score"]) if p["score"] else np.zeros(0)
         iou = np.concatenate(p["iou"]) if p["iou"] else np.zeros(0)
         cat = np.concatenate(p["cat"]) if p["cat"] else np.zeros(0, int)
-        # Group by class; the order among equal scores is immaterial since no cut splits ties.
+        tie = np.concatenate(p["tie"]) if p["tie"] else np.zeros(0, int)
+        # Group by class (the order among equal scores is given by ``tie``).
         order = np.argsort(cat, kind="stable")
-        score, iou, cat = score[order], iou[order], cat[order]
+        score, iou, cat, tie = score[order], iou[order], cat[order], tie[order]
         bounds = np.searchsorted(cat, np.arange(len(cat_ids) + 1))
         per_area[name] = {}
         for ci, c in enumerate(cat_ids):
             sl = slice(bounds[ci], bounds[ci + 1])
-            r = _optimal_lrp(score[sl], iou[sl], int(p["gt"][ci]), tau, thresholds)
+            r = _optimal_lrp(score[sl], iou[sl], int(p["gt"][ci]), tau, thresholds, ties, tie[sl])
             if r is not None:
                 per_area[name][c] = r
     all_classes = per_area["all"]
@@ -318,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tau", type=float, default=0.5)
     parser.add_argument("--max-dets", type=int, default=100)
     parser.add_argument("--thresholds", default="exact", choices=["exact", "grid"])
+    parser.add_argument("--ties", default="threshold", choices=list(TIES),
+                        help="threshold: never split equal scores (default); official: the official"
+                             " LRP-Error code's cut anywhere, in image order")
     parser.add_argument("--per-class", action="store_true", help="also print each class's figures")
     args = parser.parse_args(argv)
     from pycocotools.coco import COCO
@@ -333,7 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (OSError, ValueError, KeyError, AssertionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = lrp_from_coco(coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds)
+    result = lrp_from_coco(coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds,
+                           ties=args.ties)
     print(format_summary(result, args.tau, args.max_dets))
     if args.per_class:
         names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}

@@ -29,13 +29,14 @@ class LRPEvaluator(COCOEvaluator):
     ``COCOEvaluator`` (any dataset that one accepts works here: COCO json files or
     datasets converted from Detectron2's format), gathers them across ranks and,
     on the main process, prints COCO-style summary lines and writes the per-class
-    optimal score thresholds to ``output_dir/lrp_thresholds.json``.
+    optimal score thresholds to ``output_dir/lrp_thresholds.json``. ``thresholds`` and
+    ``ties`` are those of :func:`alrp_d2.evaluation.lrp.lrp_from_coco`.
     """
 
     def __init__(self, dataset_name, output_dir=None, distributed=True, *,
-                 tau: float = 0.5, max_dets: int = 100, thresholds: str = "exact"):
+                 tau: float = 0.5, max_dets: int = 100, thresholds: str = "exact", ties: str = "threshold"):
         super().__init__(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir)
-        self._tau, self._max_dets, self._thresholds = tau, max_dets, thresholds
+        self._tau, self._max_dets, self._thresholds, self._ties = tau, max_dets, thresholds, ties
         self._logger = logging.getLogger(__name__)
 
     def evaluate(self, img_ids=None):
@@ -57,7 +58,8 @@ class LRPEvaluator(COCOEvaluator):
         coco_gt = self._coco_api
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(detections) if detections else empty_results(coco_gt)
-        result = lrp_from_coco(coco_gt, coco_dt, "bbox", self._tau, self._max_dets, self._thresholds, img_ids)
+        result = lrp_from_coco(coco_gt, coco_dt, "bbox", self._tau, self._max_dets, self._thresholds, img_ids,
+                               ties=self._ties)
         self._logger.info("Optimal LRP (thresholds: %s):\n%s", self._thresholds,
                           format_summary(result, self._tau, self._max_dets))
         if self._output_dir:

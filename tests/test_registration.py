@@ -1,0 +1,28 @@
+"""Importing alrp_d2.config registers every model of the project (a fresh interpreter)."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.detectron2
+
+CODE = """
+from alrp_d2.config import get_cfg
+from detectron2.modeling import (BACKBONE_REGISTRY, META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
+                                 ROI_HEADS_REGISTRY, build_model)
+for registry, name in [(META_ARCH_REGISTRY, "ALRPRetinaNet"), (META_ARCH_REGISTRY, "APLossRetinaNet"),
+                       (PROPOSAL_GENERATOR_REGISTRY, "ALRPRPN"), (PROPOSAL_GENERATOR_REGISTRY, "MaxIoURPN"),
+                       (ROI_HEADS_REGISTRY, "ALRPROIHeads"),
+                       (BACKBONE_REGISTRY, "build_alrp_retinanet_resnet_fpn_backbone")]:
+    assert name in registry, name
+cfg = get_cfg()
+cfg.merge_from_file("configs/quickstart/alrp_retinanet_synthetic.yaml")
+print(type(build_model(cfg)).__name__)
+"""
+
+
+def test_importing_the_config_registers_the_models():
+    done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ALRPRetinaNet"
