@@ -45,6 +45,7 @@ def alrp_loss(
     eps: float = 1e-5,
     *,
     validate: bool = True,
+    process_group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Average Localisation-Recall-Precision loss, split into its two components.
 
@@ -67,6 +68,11 @@ def alrp_loss(
         delta: smoothing of the step function; 0 is the unit step.
         eps: positives with ``N_FP <= eps`` get no classification update.
         validate: check the inputs, at the cost of one host-device synchronisation.
+        process_group: one ranking over the concatenated ``logits``, ``targets`` and
+            ``loc_errors`` of every process of this group (see
+            :func:`alrp_d2.losses.ranking.ranking_loss`): every process gets the global
+            losses (normalised by the global number of positives) and the global
+            gradient with respect to its own ``logits`` and ``loc_errors``.
 
     Returns:
         ``(cls_loss, loc_loss)``; the aLRP loss value is their sum.
@@ -77,21 +83,22 @@ def alrp_loss(
     loc_detached = loc_errors.detach()
 
     def definition(stats: PositiveStats) -> RankingUpdate:
-        errors = loc_detached.to(stats.scores.dtype)
+        errors = stats.gather(loc_detached).to(stats.scores.dtype)
         cls = (stats.num_fp / stats.rank).mean()
         above_errors = stats.positive_step_sums(errors)
         update, weight = _spread_over_false_positives(
             stats, (stats.num_fp + above_errors) / stats.rank, eps
         )
-        return RankingUpdate(cls, -update / num_positives, weight / num_positives)
+        total = stats.num_positives
+        return RankingUpdate(cls, -update / total, weight / total)
 
     cls_loss, stats = ranking_loss(
         logits, targets, definition, delta=delta, num_positives=num_positives,
-        validate=validate, extra_finite={"loc_errors": loc_errors},
+        validate=validate, extra_finite={"loc_errors": loc_errors}, process_group=process_group,
     )
     if stats is None:
         return cls_loss, loc_errors.sum() * 0.0
-    loc_loss = (cumulative_errors(stats, loc_errors) / stats.rank).mean()
+    loc_loss = (cumulative_errors(stats, stats.gather_keeping_grad(loc_errors)) / stats.rank).mean()
     return cls_loss, loc_loss.to(cls_loss.dtype)
 
 
@@ -102,6 +109,7 @@ def ap_loss(
     eps: float = 1e-5,
     *,
     validate: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """AP Loss (Chen et al.): ``1 - mean_i iprec(i)``.
 
@@ -110,6 +118,7 @@ def ap_loss(
     ``a(i) H(s_j - s_i) / rank(i) / |P|`` to negative ``j``, with ``a(i) = 1`` where
     ``iprec(i) = prec(i)`` and ``(1 - iprec(i)) / (1 - prec(i))`` elsewhere.  ``eps``
     is accepted for a uniform signature; AP Loss has no ``N_FP`` test.
+    ``process_group``: one ranking across processes, as in :func:`alrp_loss`.
     """
 
     def definition(stats: PositiveStats) -> RankingUpdate:
@@ -126,7 +135,8 @@ def ap_loss(
         p = stats.num_positives
         return RankingUpdate(shortfall.mean(), -shortfall / p, share / stats.rank / p)
 
-    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate)
+    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate,
+                           process_group=process_group)
     return loss
 
 
@@ -137,12 +147,14 @@ def ndcg_loss(
     eps: float = 1e-5,
     *,
     validate: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """NDCG Loss (supplementary S4): ``1 - sum_i G(i) / G_max``.
 
     ``G(i) = 1 / log2(1 + rank(i))`` and ``G_max = sum_{r=1..|P|} 1 / log2(1 + r)``.
     A positive with ``N_FP(i) > eps`` gets ``-(1 - G(i)) / G_max`` and spreads it over
     the negatives in proportion to ``H(s_j - s_i) / N_FP(i)`` (``Z = 1``).
+    ``process_group``: one ranking across processes, as in :func:`alrp_loss`.
     """
 
     def definition(stats: PositiveStats) -> RankingUpdate:
@@ -152,7 +164,8 @@ def ndcg_loss(
         update, weight = _spread_over_false_positives(stats, (1 - gain) / max_gain, eps)
         return RankingUpdate(1 - gain.sum() / max_gain, -update, weight)
 
-    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate)
+    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate,
+                           process_group=process_group)
     return loss
 
 

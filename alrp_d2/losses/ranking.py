@@ -30,6 +30,11 @@ not lose precision at tens of millions of anchors.
 
 The engine never synchronises host and device when the number of positives is
 given and validation is off; validation (on by default) costs one synchronisation.
+
+With a ``process_group``, the loss is that of one ranking over the concatenation of
+every process's ``logits`` and ``targets`` (:mod:`alrp_d2.losses.distributed`): every
+process returns the global loss and its own inputs' part of the global gradient; the
+processes exchange ``O(P)`` numbers per call, never their negatives.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
+
+from .distributed import PositivePartition
 
 __all__ = [
     "PositiveStats",
@@ -227,6 +235,10 @@ class PositiveStats:
     All tensors are detached, of shape ``(P,)`` and of a wide dtype (float64 where the
     device has it).  ``scores`` are the positives' logits; ``rank_pos`` is ``rank+``,
     ``num_fp`` is ``N_FP`` and ``rank`` is their sum.
+
+    In a ranking across processes (``partition`` set) the positives are those of every
+    process, concatenated by rank; :meth:`gather` brings a per-positive tensor of this
+    process (e.g. localisation errors) into that order.
     """
 
     scores: torch.Tensor
@@ -236,10 +248,20 @@ class PositiveStats:
     num_fp: torch.Tensor
     rank: torch.Tensor
     delta: float
+    partition: Optional[PositivePartition] = None
 
     @property
     def num_positives(self) -> int:
         return self.scores.numel()
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """This process's per-positive ``local`` values extended to every positive
+        (detached); ``local`` itself without a process group."""
+        return local.detach() if self.partition is None else self.partition.gather(local)
+
+    def gather_keeping_grad(self, local: torch.Tensor) -> torch.Tensor:
+        """:meth:`gather`, differentiable in this process's ``local``."""
+        return local if self.partition is None else self.partition.gather_keeping_grad(local)
 
     def positive_step_sums(self, weights: torch.Tensor, delta: Optional[float] = None) -> torch.Tensor:
         """``sum_{k in P, k != i} w_k H(s_k - s_i)`` for each positive ``i``.
@@ -327,6 +349,7 @@ def ranking_loss(
     num_positives: Optional[int] = None,
     validate: bool = True,
     extra_finite: Optional[dict] = None,
+    process_group=None,
 ):
     """Apply a ranking-based loss ``definition`` to class-wise flattened logits.
 
@@ -340,10 +363,14 @@ def ranking_loss(
             synchronisation when ``validate`` is off).
         validate: check the inputs (one host-device synchronisation).
         extra_finite: named tensors that must also be finite (checked with the rest).
+        process_group: rank the concatenation of the ``logits`` of every process of
+            this ``torch.distributed`` group (every process must call, with its own
+            inputs); ``None``: this process's logits alone. The processes' numbers of
+            positives are exchanged first: one host-device synchronisation.
 
     Returns:
         ``(loss, stats)``; ``loss`` carries the error-driven gradient to ``logits``,
-        ``stats`` is ``None`` when there is no positive.
+        ``stats`` is ``None`` when there is no positive (in any process of the group).
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise ValueError("logits and targets must be tensors")
@@ -363,9 +390,12 @@ def ranking_loss(
         num_positives = counted if num_positives is None else num_positives
     elif num_positives is None:
         num_positives = int(positive.sum())
+    partition = None
+    if process_group is not None and dist.get_world_size(process_group) > 1:
+        partition = PositivePartition(num_positives, process_group, logits.device)
 
     elementwise = _elementwise_dtype(logits.dtype)
-    if num_positives == 0:
+    if (partition.num_global if partition else num_positives) == 0:
         # Zero loss, zero gradient, graph still connected (no DDP hang).
         zero = flat_logits.new_zeros((), dtype=elementwise)
         no_gradient = lambda: torch.zeros_like(logits, dtype=elementwise)  # noqa: E731
@@ -376,19 +406,26 @@ def ranking_loss(
         scores = flat_logits.detach().to(elementwise)
         positive_index = torch.nonzero_static(positive, size=num_positives).squeeze(1)
         positive_scores = scores[positive_index]
+        if partition is not None:
+            positive_scores = partition.gather(positive_scores)
         q = positive_scores.to(wide)
         sorted_q, order = q.sort(stable=True)
         rank_pos = 0.5 + sorted_step_sums(sorted_q, torch.ones_like(sorted_q), q, delta)
         bins = _NegativeBins(scores, flat_targets == 0, positive_scores, delta, wide)
-        num_fp = bins.step_sums()
-        stats = PositiveStats(q, sorted_q, order, rank_pos, num_fp, rank_pos + num_fp, delta)
+        num_fp = bins.step_sums()  # this process's negatives only ...
+        if partition is not None:
+            num_fp = partition.sum(num_fp)  # ... and everybody's
+        stats = PositiveStats(q, sorted_q, order, rank_pos, num_fp, rank_pos + num_fp, delta, partition)
 
     update = definition(stats)
 
     def gradient():
         with torch.no_grad():
             grad = bins.distribute(update.negative_weight.detach().to(wide))
-            grad[positive_index] = update.positive_grad.detach().to(grad.dtype)
+            positive_grad = update.positive_grad.detach()
+            if partition is not None:
+                positive_grad = partition.local_slice(positive_grad)
+            grad[positive_index] = positive_grad.to(grad.dtype)
             return grad.view_as(logits)
 
     return _ErrorDrivenGradient.apply(logits, update.loss.to(elementwise), gradient), stats
