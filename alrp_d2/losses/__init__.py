@@ -2,6 +2,7 @@
 
 from .alrp import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
 from .localisation import localisation_error, matched_box_iou
+from .rank_sort import RankSortLoss, rank_sort_loss
 from .ranking import PositiveStats, RankingUpdate, ranking_loss, smoothed_step
 
 __all__ = [
@@ -9,12 +10,14 @@ __all__ = [
     "APLoss",
     "NDCGLoss",
     "PositiveStats",
+    "RankSortLoss",
     "RankingUpdate",
     "alrp_loss",
     "ap_loss",
     "localisation_error",
     "matched_box_iou",
     "ndcg_loss",
+    "rank_sort_loss",
     "ranking_loss",
     "smoothed_step",
 ]
