@@ -15,7 +15,7 @@ from detectron2.config import get_cfg as _detectron2_get_cfg
 
 from . import modeling  # noqa: F401  (registers the models)
 
-__all__ = ["add_alrp_config", "add_augmentation_config", "add_engine_config", "get_cfg"]
+__all__ = ["add_alrp_config", "add_augmentation_config", "add_engine_config", "add_reporting_config", "get_cfg"]
 
 
 def add_alrp_config(cfg: CN) -> None:
@@ -31,6 +31,10 @@ def add_alrp_config(cfg: CN) -> None:
     cfg.MODEL.ALRP.RPN_LOSS_WEIGHT = 0.2  # Faster R-CNN: weight of the RPN's aLRP loss
     cfg.MODEL.ALRP.RPN_TAU = 0.7  # Faster R-CNN: TAU of the RPN
     cfg.MODEL.ALRP.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
+    # Which anchors are ranked together: "process" (the images of each process, as the
+    # authors' code ranks those of each GPU) or "global" (the whole batch of every process:
+    # the loss then does not depend on the number of processes; costs O(P) communication).
+    cfg.MODEL.ALRP.RANKING_SCOPE = "process"
     # IoU assignment of ALRPRetinaNet / APLossRetinaNet and of MaxIoURPN / ALRPRPN, by the
     # authors' rule: a ground truth's best anchors become positive where that IoU reaches:
     cfg.MODEL.ALRP.MIN_POS_IOU = 0.0
@@ -39,6 +43,20 @@ def add_alrp_config(cfg: CN) -> None:
     # top (anchor, class) pairs above the threshold) or "anchors" (the authors': top anchors
     # by best class score, then their classes above the threshold)
     cfg.MODEL.ALRP.TEST_CANDIDATES = "pairs"
+
+
+def add_rank_sort_config(cfg: CN) -> None:
+    """Rank & Sort Loss and the detectors trained by it (``MODEL.RANK_SORT``).
+
+    ``RankSortRetinaNet`` also reads ``MODEL.ALRP.ASSIGNER``, ``ATSS_TOPK``, ``MIN_POS_IOU``
+    and ``TEST_CANDIDATES`` (the anchor labelling and test-time candidates it shares with
+    the aLRP RetinaNet), ``RankSortRPN`` reads ``MODEL.ALRP.RPN_MIN_POS_IOU``.
+    """
+    cfg.MODEL.RANK_SORT = CN()
+    cfg.MODEL.RANK_SORT.DELTA = 0.5  # smoothing of the step function
+    cfg.MODEL.RANK_SORT.EPS = 1e-10  # positives with N_FP (or D) <= EPS get no update
+    cfg.MODEL.RANK_SORT.RPN_LOSS_WEIGHT = 0.2  # Faster/Mask R-CNN: weight of the RPN's losses
+    cfg.MODEL.RANK_SORT.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
 
 
 def add_augmentation_config(cfg: CN) -> None:
@@ -78,10 +96,29 @@ def add_engine_config(cfg: CN) -> None:
     cfg.TEST.LRP_EVALUATOR = True  # evaluate optimal LRP beside COCO AP
 
 
+def add_reporting_config(cfg: CN) -> None:
+    """What a run reports while it trains (``SOLVER.LOG_PERIOD``, ``TEST.BEST_CHECKPOINT``).
+
+    - ``SOLVER.LOG_PERIOD``: a Detectron2-style line (iteration, epoch, losses, lr, time,
+      data time, ETA, GPU memory) in ``log.txt`` and on the console every this many
+      iterations.
+    - ``TEST.BEST_CHECKPOINT.METRIC``: after every evaluation, the model is saved as
+      ``OUTPUT_DIR/model_best.pth`` when this flattened metric (``bbox/AP``, ``bbox/AP50``,
+      ``lrp/oLRP``, ...) is the best of the run so far ("": never). ``MODE``: ``max``,
+      ``min`` or ``auto`` (``min`` for ``lrp/*``, lower is better; ``max`` otherwise).
+    """
+    cfg.SOLVER.LOG_PERIOD = 20
+    cfg.TEST.BEST_CHECKPOINT = CN()
+    cfg.TEST.BEST_CHECKPOINT.METRIC = "bbox/AP"
+    cfg.TEST.BEST_CHECKPOINT.MODE = "auto"
+
+
 def get_cfg() -> CN:
     """Detectron2's default config with every key of this project."""
     cfg = _detectron2_get_cfg()
     add_alrp_config(cfg)
+    add_rank_sort_config(cfg)
     add_augmentation_config(cfg)
     add_engine_config(cfg)
+    add_reporting_config(cfg)
     return cfg

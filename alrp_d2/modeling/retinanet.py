@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import torch
+import torch.distributed as dist
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..losses import ap_loss
-from .alrp_terms import ALRPLossTerms
+from .alrp_terms import ALRPLossTerms, ranking_group, scale_gradient
 from .atss import atss_match
 from .matcher import MaxIoUMatcher
 from .self_balance import SelfBalance
@@ -153,14 +153,17 @@ class APLossRetinaNet(_RankingRetinaNet):
     """
 
     @configurable
-    def __init__(self, *, delta: float = 1.0, **kwargs):
+    def __init__(self, *, delta: float = 1.0, ranking_scope: str = "process", **kwargs):
         super().__init__(**kwargs)
         self.delta = delta
+        ranking_group(ranking_scope)  # checks the name
+        self.ranking_scope = ranking_scope
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["delta"] = cfg.MODEL.ALRP.DELTA
+        ret["ranking_scope"] = cfg.MODEL.ALRP.RANKING_SCOPE
         return ret
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
@@ -168,7 +171,11 @@ class APLossRetinaNet(_RankingRetinaNet):
         gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
         num_pos = int(positive.sum())
         get_event_storage().put_scalar("num_pos_anchors", num_pos / num_images)
-        loss_cls = ap_loss(logits.reshape(-1), targets.reshape(-1), self.delta, validate=False)
+        # A global ranking covers the classification; the box loss stays per process.
+        group = ranking_group(self.ranking_scope)
+        loss_cls = ap_loss(logits.reshape(-1), targets.reshape(-1), self.delta, validate=False,
+                           process_group=group)
+        loss_cls = scale_gradient(loss_cls, dist.get_world_size(group) if group is not None else 1)
         loss_box = _dense_box_regression_loss(
             anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, positive,
             box_reg_loss_type="smooth_l1", smooth_l1_beta=self.smooth_l1_beta,
