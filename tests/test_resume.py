@@ -81,7 +81,7 @@ def max_difference(a, b):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    from alrp_d2.data.synthetic import generate_split, synthetic_root  # noqa: F401
+    from alrp_d2.data.synthetic import generate_split
 
     for split in ("tiny_train", "tiny_val"):
         generate_split(os.path.join(root, "alrp_synthetic"), split)

@@ -23,15 +23,17 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..config import get_cfg
 from ..data.check import check_datasets
+from ..data.register import datasets_from_env, register_coco_datasets
 from ..data.sampling import DataError
 from ..data.synthetic import register_synthetic
 from ..io import atomic_write
+from .best import metric_mode
 from .checkpoint import WeightsCheckpointer
 from .cluster import UsageError, install_requeue_handler, requeue_slurm_job, resolve_topology, slurm_restarted
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule
 from .resume import config_differences, find_resume_checkpoint, run_files
-from .trainer import build_trainer
+from .trainer import LOGGERS, build_trainer, check_loggers
 
 __all__ = ["UsageError", "argument_parser", "main", "setup_cfg"]
 
@@ -50,7 +52,29 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="processes per machine (default: --num-gpus)")
     parser.add_argument("--check-data", action="store_true",
                         help="read every image and annotation of the config's datasets, list the problems, exit")
+    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format dataset under NAME before the config is read (repeatable;"
+                             " also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...)")
+    parser.add_argument("--logger", default="tensorboard,csv", type=_logger_names,
+                        help=f"comma-separated loggers among {','.join(LOGGERS)} (default: tensorboard,csv)")
     return parser
+
+
+def _logger_names(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown logger(s) {', '.join(unknown) or '(none given)'};"
+                                         f" choose among {', '.join(LOGGERS)}")
+    return names
+
+
+def register_datasets(args) -> None:
+    """The COCO-format datasets of ``$ALRP_DATASETS`` and ``--dataset``, registered."""
+    try:
+        register_coco_datasets(datasets_from_env() + [tuple(d) for d in args.dataset])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def setup_cfg(args):
@@ -142,6 +166,9 @@ def _is_first_process(args) -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and args.machine_rank == 0
 
 
+_HELD_LOCKS: List = []
+
+
 def _lock_output_dir(output_dir: str):
     """An exclusive lock on OUTPUT_DIR for the run's first process, held until it exits:
     a second training started into the same folder stops before writing anything."""
@@ -210,10 +237,16 @@ def run(args) -> int:
     # The console from the start (resume decisions, warnings); log.txt once writing is safe.
     setup_logger(distributed_rank=0 if _is_first_process(args) else 1, name="alrp_d2", abbrev_name="alrp_d2")
     register_synthetic()
+    register_datasets(args)
     cfg = setup_cfg(args)
     accelerator = _accelerator(args)
     topology = resolve_topology(args)
     check_inputs(cfg, args)
+    try:
+        check_loggers(args.logger)
+        metric_mode(cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE)
+    except (ImportError, ValueError) as err:
+        raise UsageError(str(err)) from None
     cfg.defrost()
     cfg.MODEL.DEVICE = "cuda" if accelerator == "gpu" else "cpu"
     cfg.freeze()
@@ -232,10 +265,11 @@ def run(args) -> int:
         iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
     ckpt_path = None if args.eval_only else _resume_checkpoint(cfg, args, world)
     first = _is_first_process(args)
-    lock = _lock_output_dir(cfg.OUTPUT_DIR) if first and not args.eval_only else None  # noqa: F841 (held)
+    if first and not args.eval_only:
+        _HELD_LOCKS.append(_lock_output_dir(cfg.OUTPUT_DIR))  # released when main() returns
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
-    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed)
+    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger)
     rank = trainer.global_rank
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",
@@ -300,3 +334,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().close()
