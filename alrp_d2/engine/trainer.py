@@ -2,19 +2,61 @@
 
 from __future__ import annotations
 
-from typing import List
+import importlib.util
+import os
+from typing import List, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
+from .best import BestCheckpoint
 from .callbacks import SelfBalanceCallback, StepSeedCallback
 from .checkpoint import AtomicCheckpointIO, RunCheckpoint
 from .cluster import Topology
+from .printer import MetricPrinter
+from .signals import StopOnSignal
 
-__all__ = ["build_trainer"]
+__all__ = ["LOGGERS", "build_loggers", "build_trainer", "check_loggers"]
+
+# --logger name: (Lightning logger class name, the package it needs)
+LOGGERS = {"tensorboard": ("TensorBoardLogger", "tensorboard"), "csv": ("CSVLogger", None),
+           "wandb": ("WandbLogger", "wandb"), "mlflow": ("MLFlowLogger", "mlflow")}  # name: (class, package)
+
+
+def check_loggers(names: Sequence[str]) -> None:
+    """Raises ``ValueError`` for an unknown logger name, ``ImportError`` naming the
+    package of a logger that is not installed."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ValueError(f"unknown logger {name!r}; choose among {', '.join(LOGGERS)}")
+        package = LOGGERS[name][1]
+        if package and importlib.util.find_spec(package) is None:
+            raise ImportError(f"--logger {name} needs the package {package!r}, which is not installed:"
+                              f" pip install {package}")
+
+
+def build_loggers(names: Sequence[str], out: str) -> List:
+    """Lightning loggers by name (``LOGGERS``), writing under ``out``: TensorBoard in
+    ``out/tensorboard``, CSV in ``out/csv``, MLflow in ``out/mlruns`` (unless
+    ``MLFLOW_TRACKING_URI`` is set), W&B in ``out/wandb`` (its project: ``WANDB_PROJECT``,
+    default ``alrp_d2``). A logger whose package is missing raises ``ImportError`` naming
+    it."""
+    check_loggers(names)
+    built = []
+    for name in names:
+        if name == "tensorboard":
+            built.append(TensorBoardLogger(out, name="tensorboard"))
+        elif name == "csv":
+            built.append(CSVLogger(out, name="csv"))
+        elif name == "wandb":
+            built.append(WandbLogger(save_dir=out, project=os.environ.get("WANDB_PROJECT", "alrp_d2")))
+        else:
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(os.path.abspath(out), "mlruns")
+            built.append(MLFlowLogger(experiment_name="alrp_d2", tracking_uri=uri))
+    return built
 
 
 def _precision(cfg, accelerator: str) -> str:
@@ -23,9 +65,10 @@ def _precision(cfg, accelerator: str) -> str:
     return "16-mixed" if accelerator == "gpu" else "bf16-mixed"
 
 
-def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: int, seed: int) -> pl.Trainer:
+def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: int, seed: int,
+                  loggers: Sequence[str] = ("tensorboard", "csv")) -> pl.Trainer:
     """A Trainer for ``cfg`` on ``topology``; ``seed`` seeds each training step
-    (:class:`StepSeedCallback`)."""
+    (:class:`StepSeedCallback`); ``loggers`` names its loggers (:func:`build_loggers`)."""
     if topology.world_size > 1:
         backend = "nccl" if accelerator == "gpu" else "gloo"
         strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
@@ -37,12 +80,16 @@ def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: in
         plugins.append(SLURMEnvironment(auto_requeue=False))
     out = cfg.OUTPUT_DIR
     callbacks: List[pl.Callback] = [
+        StopOnSignal(),
         StepSeedCallback(seed),
         SelfBalanceCallback(record_dir=out),
         RunCheckpoint(out, every_n_iters=cfg.SOLVER.CHECKPOINT_ITERS, every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=max(1, min(20, iters_per_epoch // 5))),
+        MetricPrinter(cfg.SOLVER.LOG_PERIOD),
     ]
+    if cfg.TEST.BEST_CHECKPOINT.METRIC:
+        callbacks.append(BestCheckpoint(out, cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE))
     clip = cfg.SOLVER.CLIP_GRADIENTS
     period = cfg.TEST.EVAL_PERIOD
     return pl.Trainer(
@@ -56,7 +103,7 @@ def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: in
         gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm") if clip.ENABLED else None,
         callbacks=callbacks,
         plugins=plugins,
-        logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")],
+        logger=build_loggers(loggers, out),
         enable_checkpointing=True,
         check_val_every_n_epoch=period if period > 0 else None,
         limit_val_batches=1.0 if period > 0 else 0,
