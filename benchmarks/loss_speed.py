@@ -4,6 +4,7 @@ positives and against fvcore's sigmoid focal loss, on the same logits.
     python benchmarks/loss_speed.py                 # CPU, the issue's sizes
     python benchmarks/loss_speed.py --device cuda   # GPU
     python benchmarks/loss_speed.py --sizes 100:1e5 --repeats 3
+    python benchmarks/loss_speed.py --rank-sort     # Rank & Sort Loss against its loop and aLRP
 
 Prints a markdown table: medians over repeats, and ratios to the loop and to focal
 loss. The loop is skipped where a first timing of a few positives predicts it would
@@ -24,8 +25,9 @@ from fvcore.nn import sigmoid_focal_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from naive_loop import alrp_loop, ap_loop  # noqa: E402
+from rank_sort_loop import rank_sort_loop  # noqa: E402
 
-from alrp_d2.losses import alrp_loss, ap_loss  # noqa: E402
+from alrp_d2.losses import alrp_loss, ap_loss, rank_sort_loss  # noqa: E402
 
 DEFAULT_SIZES = "100:1e5,1000:2e6,1000:1e7,3000:3e7"
 
@@ -52,6 +54,24 @@ def timed(fn, device: str, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_interleaved(fns, device: str, repeats: int):
+    """Median times of several functions run in turn, so that the load of a shared machine
+    falls on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def run_size(p, m, device, repeats, loop_limit):
@@ -108,6 +128,68 @@ def run_size(p, m, device, repeats, loop_limit):
     return row
 
 
+def run_rank_sort_size(p, m, device, repeats, loop_limit):
+    """Rank & Sort Loss (delta 0.5, labels uniform in (0.1, 1]) against the authors' loop,
+    aLRP (delta 1) and focal loss on the same logits, the three timed in turn."""
+    logits, targets, loc_errors = make_batch(p, m, device)
+    g = torch.Generator().manual_seed(1)
+    labels = (0.1 + 0.9 * torch.rand(m, generator=g)).to(device)
+    rs_targets = torch.where(targets == 1, labels, targets.to(labels.dtype))
+    focal_targets = (targets == 1).to(logits.dtype)
+
+    def rank_sort():
+        x = logits.detach().requires_grad_()
+        ranking, sorting = rank_sort_loss(x, rs_targets)
+        (ranking + sorting).backward()
+
+    def alrp():
+        x = logits.detach().requires_grad_()
+        cls, loc = alrp_loss(x, targets, loc_errors.detach().requires_grad_())
+        (cls + loc).backward()
+
+    def focal():
+        x = logits.detach().requires_grad_()
+        loss = sigmoid_focal_loss(x, focal_targets, alpha=0.25, gamma=2.0, reduction="sum")
+        (loss / p).backward()
+
+    row = {"P": p, "M": m}
+    row["rs"], row["alrp"], row["focal"] = timed_interleaved(
+        [rank_sort, alrp, focal], device, repeats)
+
+    def loop_on(count):
+        sub = rs_targets.clone()
+        sub[torch.nonzero(rs_targets > 0).flatten()[count:]] = 0
+        start = time.perf_counter()
+        rank_sort_loop(logits, sub)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    few, more = min(p, 10), min(p, 40)
+    t_few, t_more = loop_on(few), loop_on(more)
+    predicted = t_more + (t_more - t_few) / max(more - few, 1) * (p - more)
+    if predicted <= loop_limit:
+        row["loop"] = timed(lambda: rank_sort_loop(logits, rs_targets), device,
+                            1 if predicted > 5 else repeats)
+    else:
+        row["loop"], row["loop_predicted"] = None, predicted
+    return row
+
+
+def markdown_rank_sort(rows) -> str:
+    out = ["| P | M | RS Loss (s) | aLRP (s) | focal (s) | loop RS (s) | loop/RS | RS/aLRP "
+           "| RS/focal |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["loop"] is None:
+            loop, speedup = f"skipped (~{r['loop_predicted']:.0f} s predicted)", "-"
+        else:
+            loop, speedup = f"{r['loop']:.4f}", f"{r['loop'] / r['rs']:.1f}x"
+        out.append(f"| {r['P']} | {r['M']:.0e} | {r['rs']:.4f} | {r['alrp']:.4f} | "
+                   f"{r['focal']:.4f} | {loop} | {speedup} | {r['rs'] / r['alrp']:.2f}x | "
+                   f"{r['rs'] / r['focal']:.2f}x |")
+    return "\n".join(out)
+
+
 def markdown(rows) -> str:
     out = [
         "| P | M | aLRP (s) | AP Loss (s) | focal (s) | loop aLRP (s) | loop AP (s) "
@@ -144,14 +226,17 @@ def main(argv=None):
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="P:M pairs, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-limit", type=float, default=60.0, help="seconds")
+    parser.add_argument("--rank-sort", action="store_true",
+                        help="time rank_sort_loss against its loop, aLRP and focal loss")
     args = parser.parse_args(argv)
     sizes = [(int(float(a)), int(float(b))) for a, b in (s.split(":") for s in args.sizes.split(","))]
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}", flush=True)
+    run, table = (run_rank_sort_size, markdown_rank_sort) if args.rank_sort else (run_size, markdown)
     rows = []
     for p, m in sizes:
-        rows.append(run_size(p, m, args.device, args.repeats, args.loop_limit))
+        rows.append(run(p, m, args.device, args.repeats, args.loop_limit))
         print(f"done P={p} M={m:.0e}", file=sys.stderr, flush=True)
-    print(markdown(rows))
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def batches(draw):
         kinds[draw(st.integers(0, m - 1))] = 1
     targets = [lab / 8 if k == 1 else float(k) for k, lab in zip(kinds, labels)]
     delta = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]))
-    return torch.tensor(scores, dtype=torch.float64) / 4, torch.tensor(targets, dtype=torch.float64), delta
+    return (torch.tensor(scores, dtype=torch.float64) / 4,
+            torch.tensor(targets, dtype=torch.float64), delta)
 
 
 @settings(max_examples=200, deadline=None)
@@ -193,3 +194,18 @@ def test_losses_are_bounded_and_sorting_nonnegative_at_unit_step(batch):
     assert -1 <= float(sorting) <= 1
     if delta == 0:  # the target sorting error is the least one
         assert float(sorting) >= -1e-12
+
+
+def test_benchmark_loop_equals_the_loss():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from rank_sort_loop import rank_sort_loop
+
+    logits, targets = make_case("random", 5)
+    x = logits.clone().requires_grad_()
+    ranking, sorting = rank_sort_loss(x, targets)
+    (ranking + sorting).backward()
+    loop_rank, loop_sort, loop_grad = rank_sort_loop(logits, targets)
+    assert close(ranking, loop_rank, 1.0) and close(sorting, loop_sort, 1.0)
+    assert close(x.grad, loop_grad)

@@ -143,12 +143,15 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, delta: float, eps: float
 
 def _validated_count(logits: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor) -> int:
     """Input checks and the number of positives, with one host-device synchronisation."""
-    valid = (targets == 0) | (targets == -1) | ((targets > 0) & (targets <= 1))
-    bad_logits, bad_targets, count = torch.stack([
-        (~torch.isfinite(logits)).any().to(torch.int64),
-        (~valid).any().to(torch.int64),
-        positive.sum(),
-    ]).tolist()
+    # A sum is a cheap screen for NaN or Inf; only a non-finite sum (which finite values
+    # may also give, by overflow) makes the element-wise test decide.
+    total = logits.sum(dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    bad_logits = ~torch.isfinite(total) & ~torch.isfinite(logits).all()
+    low, high = torch.aminmax(targets)
+    bad_targets = (low.isnan() | high.isnan() | (low < -1) | (high > 1)
+                   | ((targets < 0) & (targets != -1)).any())
+    bad_logits, bad_targets, count = torch.stack(
+        [bad_logits.to(torch.int64), bad_targets.to(torch.int64), positive.sum()]).tolist()
     if bad_logits:
         raise ValueError("logits contain NaN or Inf")
     if bad_targets:
@@ -219,7 +222,8 @@ def rank_sort_loss(
                              negative_weight / num_positives)
 
     if delta > 0:
-        engine_targets = torch.where(positive, 1, torch.where(flat_targets == 0, 0, -1))
+        # The engine's labels: 1 positive, 0 negative, -1 ignored (any negative value).
+        engine_targets = positive.to(torch.int8) - (flat_targets < 0).to(torch.int8)
         rank_loss, _ = ranking_loss(flat_logits.view_as(logits), engine_targets.view_as(logits),
                                     definition, delta=delta, num_positives=num_positives,
                                     validate=False)
@@ -227,10 +231,9 @@ def rank_sort_loss(
         rank_loss = _unit_step_ranking(flat_logits, flat_targets, positive_index, definition)
 
     def sorting_gradient() -> torch.Tensor:
-        grad = torch.zeros(flat_logits.shape, dtype=outputs["sort_update"].dtype,
-                           device=flat_logits.device)
-        grad[positive_index] = outputs["sort_update"]
-        return grad.to(elementwise).view_as(logits)
+        grad = torch.zeros(flat_logits.shape, dtype=elementwise, device=flat_logits.device)
+        grad[positive_index] = outputs["sort_update"].to(elementwise)
+        return grad.view_as(logits)
 
     sort_loss = _GivenGradient.apply(logits, outputs["sorting"].to(elementwise), sorting_gradient)
     return rank_loss, sort_loss
