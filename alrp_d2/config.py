@@ -50,7 +50,8 @@ def add_rank_sort_config(cfg: CN) -> None:
 
     ``RankSortRetinaNet`` also reads ``MODEL.ALRP.ASSIGNER``, ``ATSS_TOPK``, ``MIN_POS_IOU``
     and ``TEST_CANDIDATES`` (the anchor labelling and test-time candidates it shares with
-    the aLRP RetinaNet), ``RankSortRPN`` reads ``MODEL.ALRP.RPN_MIN_POS_IOU``.
+    the aLRP RetinaNet), ``RankSortRPN`` reads ``MODEL.ALRP.RPN_MIN_POS_IOU``, and every
+    Rank & Sort head ``MODEL.ALRP.RANKING_SCOPE`` (the ranking scope of all ranking heads).
     """
     cfg.MODEL.RANK_SORT = CN()
     cfg.MODEL.RANK_SORT.DELTA = 0.5  # smoothing of the step function

@@ -1,4 +1,5 @@
-"""One ranking across 2 gloo processes equals one process holding the concatenated batch.
+"""One ranking across 2 gloo processes equals one process holding the concatenated batch
+(aLRP, AP, NDCG and Rank & Sort Loss, whose two outputs are both compared).
 
 Every case is computed in 2 CPU processes with ``process_group`` and, in each of them,
 by one call on the concatenation of both processes' inputs; each process's loss and the
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from alrp_d2.losses import alrp_loss, ap_loss, ndcg_loss
+from alrp_d2.losses import alrp_loss, ap_loss, ndcg_loss, rank_sort_loss
 
 RTOL = 1e-9
 WORLD = 2
@@ -36,6 +37,14 @@ def make_part(kind, seed, rank):
     return logits, targets, loc
 
 
+def continuous_labels(targets, loc):
+    """Rank & Sort targets: each positive labelled in (0, 1] (from its ``loc`` draw, with
+    ties among labels), 0 negative, -1 ignored."""
+    labels = targets.to(torch.float64)
+    labels[targets == 1] = torch.ceil(loc * 4).clamp_min(1) / 4
+    return labels
+
+
 def evaluate(loss_name, logits, targets, loc, delta, group):
     """Loss value and gradients of ``logits`` (and ``loc``)."""
     x = logits.clone().requires_grad_()
@@ -45,6 +54,12 @@ def evaluate(loss_name, logits, targets, loc, delta, group):
         value = cls + reg
     elif loss_name == "ap":
         value = ap_loss(x, targets, delta=delta, process_group=group)
+    elif loss_name == "rank_sort":
+        ranking, sorting = rank_sort_loss(x, continuous_labels(targets, loc), delta=delta,
+                                          process_group=group)
+        value = torch.stack([ranking, sorting])
+        (ranking + sorting).backward()
+        return value.detach(), x.grad, torch.zeros_like(e)
     else:
         value = ndcg_loss(x, targets, delta=delta, process_group=group)
     value.backward()
@@ -59,7 +74,7 @@ def disagreement(actual, expected, floor=0.0):
 
 
 KINDS = ["random", "ties", "no_positive_on_rank1", "no_positive_anywhere"]
-CASES = [(loss, kind, seed, delta) for loss in ("alrp", "ap", "ndcg") for kind in KINDS
+CASES = [(loss, kind, seed, delta) for loss in ("alrp", "ap", "ndcg", "rank_sort") for kind in KINDS
          for seed in range(2) for delta in (0.0, 0.5, 1.0)]
 
 
@@ -75,10 +90,10 @@ def worker(rank, init_file, out_dir):
         start = sum(len(p[0]) for p in parts[:rank])
         loc_start = sum(len(p[2]) for p in parts[:rank])
         results[f"{loss_name}-{kind}-{seed}-{delta}"] = {
-            "value": disagreement(value.reshape(1), ref_value.reshape(1), floor=1.0),
+            "value": disagreement(value.reshape(-1), ref_value.reshape(-1), floor=1.0),
             "grad": disagreement(grad, ref_grad[start:start + len(logits)]),
             "grad_loc": disagreement(grad_loc, ref_grad_loc[loc_start:loc_start + len(loc)]),
-            "zero": bool(value == 0) if kind == "no_positive_anywhere" else True,
+            "zero": bool((value == 0).all()) if kind == "no_positive_anywhere" else True,
         }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -25,11 +25,13 @@ query, is a ``P x P`` computation in row chunks of bounded memory.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .distributed import PositivePartition
 from .ranking import PositiveStats, RankingUpdate, ranking_loss
 
 __all__ = ["RankSortLoss", "rank_sort_loss"]
@@ -167,6 +169,7 @@ def rank_sort_loss(
     eps: float = 1e-10,
     *,
     validate: bool = True,
+    process_group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rank & Sort Loss: ``(L_rank, L_sort)`` (module docstring for the definitions).
 
@@ -180,6 +183,11 @@ def rank_sort_loss(
             ``D(i) <= eps`` no sorting update.
         validate: check the inputs, at the cost of one host-device synchronisation
             (without it, counting the positives costs one).
+        process_group: one ranking over the concatenated ``logits`` and ``targets`` of
+            every process of this group (as :func:`alrp_d2.losses.alrp_loss`): every
+            process gets the global losses (means over the global positives) and the
+            global updates of its own ``logits``; the positives' scores and labels are
+            gathered (``O(P)``), the negatives stay in their process.
 
     Returns:
         ``(ranking_loss, sorting_loss)``. ``ranking_loss`` carries the ranking update to
@@ -197,8 +205,13 @@ def rank_sort_loss(
     else:
         num_positives = int(positive.sum())
     elementwise = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if num_positives == 0:
-        zero = flat_logits[:0].sum().to(elementwise)  # zero gradient, graph connected
+    partition = None  # the engine makes its own for delta > 0
+    if process_group is not None and dist.get_world_size(process_group) > 1 and delta == 0:
+        partition = PositivePartition(num_positives, process_group, logits.device)
+    zero = flat_logits[:0].sum().to(elementwise)  # zero gradient, graph connected
+    if num_positives == 0 and (process_group is None or dist.get_world_size(process_group) == 1):
+        return zero, zero.clone()
+    if partition is not None and partition.num_global == 0:
         return zero, zero.clone()
 
     with torch.no_grad():
@@ -207,28 +220,34 @@ def rank_sort_loss(
     outputs = {}
 
     def definition(stats: PositiveStats) -> RankingUpdate:
-        """The whole loss from the positives' statistics; the sorting part is kept for
-        the second output."""
+        """The whole loss from the (global) positives' statistics; the sorting part is
+        kept for the second output, this process's share of its update sliced out."""
         scores, num_fp = stats.scores, stats.num_fp
+        total = stats.num_positives
         rank_pos, sorting, sort_update = _positive_pass(
-            scores, labels.to(scores.dtype), delta, eps)
+            scores, stats.gather(labels).to(scores.dtype), delta, eps)
         ranking_error = num_fp / (rank_pos + num_fp)
         active = num_fp > eps
         rank_update = torch.where(active, ranking_error, 0.0)
         negative_weight = torch.where(active, ranking_error / num_fp.clamp_min(eps), 0.0)
         outputs["sorting"] = sorting.mean()
-        outputs["sort_update"] = sort_update / num_positives
-        return RankingUpdate(ranking_error.mean(), -rank_update / num_positives,
-                             negative_weight / num_positives)
+        sort_update = sort_update / total
+        if stats.partition is not None:
+            sort_update = stats.partition.local_slice(sort_update)
+        outputs["sort_update"] = sort_update
+        return RankingUpdate(ranking_error.mean(), -rank_update / total, negative_weight / total)
 
     if delta > 0:
         # The engine's labels: 1 positive, 0 negative, -1 ignored (any negative value).
         engine_targets = positive.to(torch.int8) - (flat_targets < 0).to(torch.int8)
-        rank_loss, _ = ranking_loss(flat_logits.view_as(logits), engine_targets.view_as(logits),
-                                    definition, delta=delta, num_positives=num_positives,
-                                    validate=False)
+        rank_loss, stats = ranking_loss(flat_logits.view_as(logits), engine_targets.view_as(logits),
+                                        definition, delta=delta, num_positives=num_positives,
+                                        validate=False, process_group=process_group)
+        if stats is None:  # no positive in any process
+            return rank_loss, zero
     else:
-        rank_loss = _unit_step_ranking(flat_logits, flat_targets, positive_index, definition)
+        rank_loss = _unit_step_ranking(flat_logits, flat_targets, positive_index, definition,
+                                       partition)
 
     def sorting_gradient() -> torch.Tensor:
         grad = torch.zeros(flat_logits.shape, dtype=elementwise, device=flat_logits.device)
@@ -241,24 +260,32 @@ def rank_sort_loss(
 
 def _unit_step_ranking(flat_logits: torch.Tensor, flat_targets: torch.Tensor,
                        positive_index: torch.Tensor,
-                       definition: Callable[[PositiveStats], RankingUpdate]) -> torch.Tensor:
-    """The ranking part for ``delta == 0``, where negatives tied with a positive count 1."""
+                       definition: Callable[[PositiveStats], RankingUpdate],
+                       partition: Optional[PositivePartition] = None) -> torch.Tensor:
+    """The ranking part for ``delta == 0``, where negatives tied with a positive count 1;
+    with ``partition``, this process's negatives against every process's positives."""
     elementwise = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
     wide = torch.float64 if flat_logits.device.type != "mps" else elementwise
     with torch.no_grad():
         scores = flat_logits.detach().to(elementwise)
         positive_scores = scores[positive_index].to(wide)
+        if partition is not None:
+            positive_scores = partition.gather(positive_scores)
         negatives = _UnitStepNegatives(scores, flat_targets == 0, positive_scores, wide)
+        num_fp = negatives.num_fp if partition is None else partition.sum(negatives.num_fp)
         sorted_scores, order = positive_scores.sort(stable=True)
         # Only ``scores`` and ``num_fp`` are read by the definition; rank+ is recomputed
         # with the authors' step there.
-        stats = PositiveStats(positive_scores, sorted_scores, order, None, negatives.num_fp,
-                              None, 0.0)
+        stats = PositiveStats(positive_scores, sorted_scores, order, None, num_fp, None, 0.0,
+                              partition)
     update = definition(stats)
 
     def gradient() -> torch.Tensor:
         grad = negatives.distribute(update.negative_weight.to(wide))
-        grad[positive_index] = update.positive_grad.to(grad.dtype)
+        positive_grad = update.positive_grad
+        if partition is not None:
+            positive_grad = partition.local_slice(positive_grad)
+        grad[positive_index] = positive_grad.to(grad.dtype)
         return grad.to(elementwise)
 
     return _GivenGradient.apply(flat_logits, update.loss.to(elementwise), gradient)
@@ -267,10 +294,13 @@ def _unit_step_ranking(flat_logits: torch.Tensor, flat_targets: torch.Tensor,
 class RankSortLoss(nn.Module):
     """Module form of :func:`rank_sort_loss`."""
 
-    def __init__(self, delta: float = 0.5, eps: float = 1e-10, validate: bool = True):
+    def __init__(self, delta: float = 0.5, eps: float = 1e-10, validate: bool = True,
+                 process_group=None):
         super().__init__()
         self.delta, self.eps, self.validate = delta, eps, validate
+        self.process_group = process_group
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return rank_sort_loss(logits, targets, self.delta, self.eps, validate=self.validate)
+        return rank_sort_loss(logits, targets, self.delta, self.eps, validate=self.validate,
+                              process_group=self.process_group)

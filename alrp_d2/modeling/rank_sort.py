@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import (
@@ -39,6 +40,7 @@ from detectron2.utils.events import get_event_storage
 from torchvision.ops import generalized_box_iou_loss
 
 from ..losses import matched_box_iou, rank_sort_loss
+from .alrp_terms import ranking_group, scale_gradient
 from .backbone import LastLevelP6P7NoReLU
 from .rcnn import ALRPROIHeads, MaxIoURPN
 from .retinanet import _RankingRetinaNet, classwise_targets
@@ -82,24 +84,33 @@ class RankSortTerms:
         L_box = sum_i w_i GIoU_loss(i) / sum_i w_i,  w_i = max_c sigmoid(s_ic) (detached)
         loss_box = L_box * (L_rank + L_sort) / L_box          (values detached)
 
+    With ``ranking_scope="global"`` the ranking and sorting terms are those of one ranking
+    over every process's batch (their gradients scaled for DDP's averaging); the box loss
+    stays this process's weighted mean, scaled to the global ranking terms.
+
     Args:
         prefix: ``"rs"`` gives ``loss_rs_rank``, ``loss_rs_sort``, ``loss_rs_box`` and the
             scalars ``rs/...``.
         weight: multiplies all three terms (the RPN's 0.2).
+        ranking_scope: ``"process"`` or ``"global"`` (``MODEL.ALRP.RANKING_SCOPE``).
     """
 
     def __init__(self, *, prefix: str = "rs", delta: float = 0.5, eps: float = 1e-10,
-                 weight: float = 1.0, validate: bool = False):
+                 weight: float = 1.0, validate: bool = False, ranking_scope: str = "process"):
         self.prefix = prefix
         self.delta, self.eps = delta, eps
         self.weight = weight
         self.validate = validate
+        ranking_group(ranking_scope)  # checks the name
+        self.ranking_scope = ranking_scope
 
     @staticmethod
     def config_kwargs(cfg, **overrides) -> dict:
-        """The constructor's keyword arguments from ``MODEL.RANK_SORT``."""
+        """The constructor's keyword arguments from ``MODEL.RANK_SORT`` (and the ranking
+        scope, ``MODEL.ALRP.RANKING_SCOPE``, shared by every ranking head)."""
         r = cfg.MODEL.RANK_SORT
-        kwargs = dict(delta=r.DELTA, eps=r.EPS, validate=r.VALIDATE_INPUTS)
+        kwargs = dict(delta=r.DELTA, eps=r.EPS, validate=r.VALIDATE_INPUTS,
+                      ranking_scope=cfg.MODEL.ALRP.RANKING_SCOPE)
         kwargs.update(overrides)
         return kwargs
 
@@ -119,21 +130,26 @@ class RankSortTerms:
             # Each positive's continuous label: the IoU of its prediction (the authors').
             labels = targets.to(torch.float32)
             labels[targets == 1] = matched_box_iou(pred_boxes.detach(), target_boxes)
+        group = ranking_group(self.ranking_scope)
         ranking, sorting = rank_sort_loss(logits, labels, self.delta, self.eps,
-                                          validate=self.validate)
+                                          validate=self.validate, process_group=group)
         box = score_weighted_mean(
             generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none"), box_weights)
         box = balanced(box, ranking + sorting)
-        self._log(logits, targets, len(pred_boxes), ranking, sorting, num_images)
-        p = self.prefix
-        return {f"loss_{p}_rank": ranking * self.weight, f"loss_{p}_sort": sorting * self.weight,
-                f"loss_{p}_box": box * self.weight}
+        processes = dist.get_world_size(group) if group is not None else 1
+        self._log(len(pred_boxes), ranking, sorting, num_images, num_images * processes)
+        p, w = self.prefix, self.weight
+        return {f"loss_{p}_rank": scale_gradient(ranking * w, processes),
+                f"loss_{p}_sort": scale_gradient(sorting * w, processes),
+                f"loss_{p}_box": box * w}
 
     @torch.no_grad()
-    def _log(self, logits, targets, num_pos, ranking, sorting, num_images):
+    def _log(self, num_pos, ranking, sorting, num_images, ranked_images):
         storage = get_event_storage()
         p = self.prefix
         storage.put_scalar(f"{p}/num_pos", num_pos / num_images)
+        # Images whose anchors were ranked together: this process's, or every process's.
+        storage.put_scalar(f"{p}/ranked_images", ranked_images)
         storage.put_scalar(f"{p}/rank", float(ranking))
         storage.put_scalar(f"{p}/sort", float(sorting))
 
