@@ -2,7 +2,8 @@
 
 1. Every training- and test-affecting value of every COCO config, pinned in a table: the
    values audited against the authors' mmdetection configs (kemaloksuz/aLRPLoss,
-   configs/alrp_loss/ and the _base_ files they inherit).
+   configs/alrp_loss/, and kemaloksuz/RankSortLoss, configs/ranksort_loss/, with the _base_
+   files they inherit).
 2. ``ALRPRetinaNet``'s losses and gradients on fixed anchors, head outputs and ground truth
    equal the authors' head computation, transcribed below from their code's description:
    max-IoU or ATSS assignment, deltas normalised by the target stds (0.1, 0.1, 0.2, 0.2),
@@ -237,6 +238,75 @@ EXPECTED = {
     },
 }
 
+# Rank & Sort Loss (kemaloksuz/RankSortLoss, configs/ranksort_loss/ and the _base_ files
+# they inherit: schedule_1x.py, coco_detection.py / coco_instance.py).
+SOLVER_1X = {
+    **SOLVER,
+    "SOLVER.WEIGHT_DECAY_NORM": 0.0001,  # mmdetection decays every parameter
+    "SOLVER.MAX_EPOCHS": 12,
+    "SOLVER.STEPS_EPOCHS": [8, 11],
+    "SOLVER.IMS_PER_BATCH": 16,  # 4 GPUs x samples_per_gpu=4
+}
+PIPELINE_1X = {  # Resize (1333, 800) keep_ratio, RandomFlip 0.5
+    "INPUT.ALRP_AUG.ENABLED": False,
+    "INPUT.MIN_SIZE_TRAIN": [800],
+    "INPUT.MAX_SIZE_TRAIN": 1333,
+    "INPUT.RANDOM_FLIP": "horizontal",
+    "INPUT.MIN_SIZE_TEST": 800,
+    "INPUT.MAX_SIZE_TEST": 1333,
+    "TEST.DETECTIONS_PER_IMAGE": 100,
+}
+RANK_SORT = {"MODEL.RANK_SORT.DELTA": 0.5, "MODEL.RANK_SORT.EPS": 1e-10,
+             "MODEL.ALRP.RANKING_SCOPE": "process"}
+RS_RCNN = {  # ranksort_faster_rcnn_r50_fpn_1x_coco.py
+    **FASTER_RCNN, **SOLVER_1X, **PIPELINE_1X, **RANK_SORT,
+    "MODEL.PROPOSAL_GENERATOR.NAME": "RankSortRPN",  # RankBasedRPNHead, PseudoSampler
+    "MODEL.RPN.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+    "MODEL.RANK_SORT.RPN_LOSS_WEIGHT": 0.2,  # head_weight
+    "MODEL.ROI_HEADS.NAME": "RankSortROIHeads",  # RandomSampler(num=1e10): every proposal
+    "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT": True,  # add_gt_as_proposals=True
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.4,  # rcnn score_thr=0.40
+    "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": True,  # 80 sigmoid classifiers
+    "SOLVER.BASE_LR": 0.012,
+}
+EXPECTED.update({
+    "rs_atss_R_50_FPN_1x.yaml": {  # ranksort_atss_r50_fpn_1x_coco.py
+        **R50, **SOLVER_1X, **PIPELINE_1X, **RANK_SORT,
+        "MODEL.META_ARCHITECTURE": "RankSortRetinaNet",
+        "MODEL.BACKBONE.NAME": "build_rs_atss_resnet_fpn_backbone",  # add_extra_convs on_output
+        "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
+        "MODEL.FPN.IN_FEATURES": ["res3", "res4", "res5"],
+        "MODEL.RETINANET.IN_FEATURES": ["p3", "p4", "p5", "p6", "p7"],
+        "MODEL.ANCHOR_GENERATOR.SIZES": SCALES_3,  # octave_base_scale=4, scales_per_octave=3
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0]],
+        "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
+        "MODEL.RETINANET.NUM_CONVS": 4,  # stacked_convs=4
+        "MODEL.RETINANET.NORM": "GN",  # norm_cfg GN(32)
+        "MODEL.RETINANET.PRIOR_PROB": 0.01,
+        "MODEL.RETINANET.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+        "MODEL.ALRP.ASSIGNER": "atss",  # ATSSAssigner(topk=9)
+        "MODEL.ALRP.ATSS_TOPK": 9,
+        "MODEL.ALRP.TEST_CANDIDATES": "anchors",
+        "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,  # nms_pre
+        "MODEL.RETINANET.NMS_THRESH_TEST": 0.6,  # nms iou_threshold=0.6
+        "SOLVER.BASE_LR": 0.008,
+    },
+    "rs_faster_rcnn_R_50_FPN_1x.yaml": RS_RCNN,
+    "rs_mask_rcnn_R_50_FPN_1x.yaml": {  # ranksort_mask_rcnn_r50_fpn_1x_coco.py
+        **RS_RCNN,
+        "MODEL.MASK_ON": True,
+        "MODEL.ROI_MASK_HEAD.NAME": "RankSortMaskHead",  # RankBasedFCNMaskHead: Dice loss
+        "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,  # mask_roi_extractor output_size=14
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
+        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
+        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,  # 80 class-wise masks
+        "INPUT.MASK_FORMAT": "bitmask",
+    },
+})
+
 
 def _plain(value):
     """Tuples as lists, recursively (YAML tuples load as tuples, lists as lists)."""
@@ -279,10 +349,11 @@ def test_config_has_the_audited_values(name):
 
 
 def test_batch_is_divisible_by_the_authors_gpus():
-    # 4 GPUs: the aLRP ranking of the authors spans the images of one GPU (8, or 4 at 800).
+    # 4 GPUs: the authors' ranking spans the images of one GPU (8, or 4 at 800 and for the
+    # Rank & Sort 1x setups).
     for name in EXPECTED:
         cfg = load(name)
-        per_gpu = 4 if "800" in name else 8
+        per_gpu = 4 if "800" in name or name.startswith("rs_") else 8
         assert cfg.SOLVER.IMS_PER_BATCH == 4 * per_gpu, name
 
 

@@ -1,4 +1,5 @@
-"""Detectron2 models trained by aLRP: every config trains a step and infers (CPU, tiny)."""
+"""Detectron2 models trained by aLRP and Rank & Sort: every config trains a step and infers
+(CPU, tiny)."""
 
 import glob
 import os
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.detectron2
 if HAS_DETECTRON2:
     from detectron2.layers import cat
     from detectron2.modeling import build_model
-    from detectron2.structures import Boxes, Instances
+    from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
 
     from alrp_d2.config import get_cfg
@@ -57,6 +58,13 @@ def batch(with_boxes=(True, True), size=96, seed=0):
         else:
             inst.gt_boxes = Boxes(torch.zeros(0, 4))
             inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+        # An ellipse inside each box (Mask R-CNN's targets; the other models ignore them).
+        ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+        masks = []
+        for x0, y0, x1, y1 in inst.gt_boxes.tensor.tolist():
+            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1)
+        inst.gt_masks = BitMasks(torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool))
         out.append({"image": image, "instances": inst, "height": size, "width": size})
     return out
 
@@ -67,11 +75,15 @@ def branch_parameters(model):
         return [(model.head.cls_score.weight, model.head.bbox_pred.weight)]
     rpn = model.proposal_generator.rpn_head
     box = model.roi_heads.box_predictor
-    return [(rpn.objectness_logits.weight, rpn.anchor_deltas.weight), (box.cls_score.weight, box.bbox_pred.weight)]
+    pairs = [(rpn.objectness_logits.weight, rpn.anchor_deltas.weight), (box.cls_score.weight, box.bbox_pred.weight)]
+    if getattr(model.roi_heads, "mask_on", False):
+        mask = model.roi_heads.mask_head.predictor.weight
+        pairs.append((mask, mask))
+    return pairs
 
 
 def test_every_yaml_under_configs_builds():
-    assert len(MODEL_CONFIGS) >= 12
+    assert len(MODEL_CONFIGS) >= 15
     for path in CONFIGS:
         cfg = tiny_cfg(path)
         build_model(cfg)
