@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -90,10 +91,10 @@ def random_case(seed, n_images=4, n_cats=3, crowd=True):
     return list(range(1, n_images + 1)), list(range(1, n_cats + 1)), gts, dets
 
 
-def brute_force(gt, dt, tau=0.5, area="all", grid=False):
+def brute_force(gt, dt, tau=0.5, area="all", grid=False, iou_type="bbox"):
     """Per class: for every candidate threshold, pycocotools' own matching of the
     detections scored at least that threshold, then LRP; keep the minimum."""
-    ev = COCOeval(gt, dt, "bbox")
+    ev = COCOeval(gt, dt, iou_type)
     ev.params.iouThrs = np.array([tau])
     area_index = ev.params.areaRngLbl.index(area)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -234,11 +235,11 @@ def test_command_line(tmp_path):
     assert bad.returncode == 2 and "nope.json" in bad.stderr
 
 
-def official_cut_anywhere(gt, dt, tau=0.5):
+def official_cut_anywhere(gt, dt, tau=0.5, iou_type="bbox"):
     """The official LRP-Error code's procedure, independently: per class, COCOeval's
     non-ignored detections of every image in image order, sorted by score with a stable
     sort, LRP after every detection (ties split), the minimum."""
-    ev = COCOeval(gt, dt, "bbox")
+    ev = COCOeval(gt, dt, iou_type)
     ev.params.iouThrs = np.array([tau])
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
@@ -317,3 +318,221 @@ def test_ties_threshold_is_the_default_and_agrees_without_ties():
     assert disagree  # the tied cases do tell the two apart
     with pytest.raises(ValueError, match="ties"):
         lrp_from_coco(gt, dt, ties="anywhere")
+
+
+# -- masks (iou_type="segm") ---------------------------------------------------------------
+HEIGHT, WIDTH = 480, 640  # the images of make_coco
+
+
+def ellipse(cx, cy, rx, ry):
+    y, x = np.mgrid[:HEIGHT, :WIDTH]
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+
+
+def rle(mask):
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": r["size"], "counts": r["counts"].decode()}  # as Detectron2's results
+
+
+def uncompressed_rle(mask):
+    """COCO's crowd format: run lengths of the column-major mask, zeros first."""
+    flat = mask.flatten(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return {"size": [HEIGHT, WIDTH], "counts": ([0] if flat[0] else []) + runs}
+
+
+def polygon(rng, cx, cy, r):
+    """A star-shaped polygon around (cx, cy), in COCO's format (a list of polygons)."""
+    n = rng.randint(3, 9)
+    angles = sorted(rng.uniform(0, 2 * math.pi) for _ in range(n))
+    points = []
+    for a in angles:
+        radius = r * rng.uniform(0.5, 1.0)
+        points += [float(np.clip(cx + radius * math.cos(a), 0, WIDTH - 1)),
+                   float(np.clip(cy + radius * math.sin(a), 0, HEIGHT - 1))]
+    return [points]
+
+
+def to_rle(segm):
+    """Compressed RLE of any of COCO's segmentation formats."""
+    if isinstance(segm, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segm, HEIGHT, WIDTH))
+    return mask_utils.frPyObjects(segm, HEIGHT, WIDTH) if isinstance(segm["counts"], list) else segm
+
+
+def decode(segm):
+    return mask_utils.decode(to_rle(segm)) > 0
+
+
+def with_box(ann):
+    """``ann`` with the area and box of its mask (COCO's ground truth carries both)."""
+    r = to_rle(ann["segmentation"])
+    return {**ann, "area": float(mask_utils.area(r)), "bbox": mask_utils.toBbox(r).tolist()}
+
+
+def random_mask_case(seed, n_images=3, n_cats=2, crowd=True):
+    """Ground truths as polygons, RLE and (crowd) uncompressed RLE of every size range;
+    detections are RLE masks: shifted, grown, shrunk or noisy copies, and stray blobs."""
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    gts, dets = [], []
+    for img in range(1, n_images + 1):
+        for _ in range(rng.randint(0, 5)):
+            size = rng.choice([rng.uniform(4, 15), rng.uniform(20, 50), rng.uniform(60, 150)])
+            cx, cy = rng.uniform(size, WIDTH - size), rng.uniform(size, HEIGHT - size)
+            kind = rng.random()
+            is_crowd = int(crowd and rng.random() < 0.15)
+            if is_crowd:
+                segm = uncompressed_rle(ellipse(cx, cy, size * 1.5, size))
+            elif kind < 0.5:
+                segm = polygon(rng, cx, cy, size)
+            else:
+                segm = rle(ellipse(cx, cy, size, size * rng.uniform(0.5, 1.5)))
+            gts.append(with_box({"image_id": img, "category_id": rng.randint(1, n_cats),
+                                 "segmentation": segm, "iscrowd": is_crowd}))
+        for _ in range(rng.randint(0, 8)):
+            if gts and rng.random() < 0.75:
+                g = rng.choice(gts)
+                mask = decode(g["segmentation"])
+                change = rng.random()
+                if change < 0.3:
+                    mask = np.roll(mask, (rng.randint(-4, 4), rng.randint(-4, 4)), axis=(0, 1))
+                elif change < 0.5:
+                    mask = mask | np.roll(mask, rng.randint(1, 5), axis=1)
+                elif change < 0.7:
+                    mask = mask & np.roll(mask, rng.randint(1, 5), axis=0)
+                elif change < 0.9:
+                    mask = mask ^ (np_rng.random(mask.shape) < 0.002)
+                cat = g["category_id"] if rng.random() < 0.8 else rng.randint(1, n_cats)
+                img_id = g["image_id"]
+            else:
+                r = rng.uniform(4, 80)
+                cx, cy = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
+                mask = ellipse(cx, cy, r, r * rng.uniform(0.5, 2))
+                cat, img_id = rng.randint(1, n_cats), img
+            if not mask.any():
+                continue
+            dets.append({"image_id": img_id, "category_id": cat, "segmentation": rle(mask),
+                         "score": round(rng.random(), 1 if rng.random() < 0.3 else 4)})
+    return list(range(1, n_images + 1)), list(range(1, n_cats + 1)), gts, dets
+
+
+def make_mask_coco(images, cats, gts, dets):
+    """Fresh COCO objects each time: COCOeval turns the ground truths' polygons into RLE
+    in place, which would hide a failure to convert them."""
+    return make_coco(images, cats, copy.deepcopy(gts), dets)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_masks_equal_brute_force_over_thresholds(seed):
+    images, cats, gts, dets = random_mask_case(seed)
+    for grid in (False, True):
+        thresholds = "grid" if grid else "exact"
+        gt, dt = make_mask_coco(images, cats, gts, dets)
+        fast = lrp_from_coco(gt, dt, "segm", thresholds=thresholds)
+        # The ground truths are left as they were (polygons, uncompressed RLE).
+        assert [a["segmentation"] for a in gt.dataset["annotations"]] == \
+            [g["segmentation"] for g in gts]
+        slow = brute_force(*make_mask_coco(images, cats, gts, dets), grid=grid, iou_type="segm")
+        assert set(fast["per_class"]) == set(slow)
+        for cat, ref in slow.items():
+            for key, value in ref.items():
+                assert same(fast["per_class"][cat][key], value), (seed, grid, cat, key)
+        for area in ("small", "medium", "large"):
+            ref = brute_force(*make_mask_coco(images, cats, gts, dets), area=area, grid=grid,
+                              iou_type="segm")
+            expected = float(np.mean([r["oLRP"] for r in ref.values()])) if ref else math.nan
+            assert same(fast[f"oLRP_{area}"], expected), (seed, grid, area)
+
+
+def test_mask_cases_cover_what_they_should():
+    """The random mask cases exercise every format, crowds, size ranges and matches."""
+    cases = [random_mask_case(seed) for seed in range(12)]
+    gts = [g for case in cases for g in case[2]]
+    assert any(isinstance(g["segmentation"], list) for g in gts)
+    assert any(isinstance(g["segmentation"], dict) and isinstance(g["segmentation"]["counts"], str)
+               for g in gts)
+    assert any(g["iscrowd"] and isinstance(g["segmentation"]["counts"], list) for g in gts)
+    areas = [g["area"] for g in gts if not g["iscrowd"]]
+    assert min(areas) < 32**2 and max(areas) > 96**2 and any(32**2 < a < 96**2 for a in areas)
+    tp = fp = 0
+    for images, cats, case_gts, dets in cases:
+        result = lrp_from_coco(*make_mask_coco(images, cats, case_gts, dets), "segm")
+        for r in result["per_class"].values():
+            tp += r["oLRP_FN"] < 1
+            fp += (r["oLRP_FP"] or 0) > 0
+    assert tp and fp
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_ties_official_equals_the_official_procedure(seed):
+    images, cats, gts, dets = random_mask_case(seed)
+    for case in (dets, tied(dets)):
+        fast = lrp_from_coco(*make_mask_coco(images, cats, gts, case), "segm", ties="official")
+        ref = official_cut_anywhere(*make_mask_coco(images, cats, gts, case), iou_type="segm")
+        assert set(fast["per_class"]) == set(ref)
+        for cat, r in ref.items():
+            for key, value in r.items():
+                assert same(fast["per_class"][cat][key], value), (seed, cat, key)
+
+
+def test_perfect_masks_give_zero():
+    images, cats, gts, _ = random_mask_case(4, crowd=False)
+    assert gts
+    perfect = [{"image_id": g["image_id"], "category_id": g["category_id"],
+                "segmentation": rle(decode(g["segmentation"])), "score": 0.9} for g in gts]
+    r = lrp_from_coco(*make_mask_coco(images, cats, gts, perfect), "segm")
+    assert r["oLRP"] == pytest.approx(0, abs=1e-12) and r["oLRP_FN"] == 0 and r["oLRP_FP"] == 0
+    assert r["oLRP_loc"] == pytest.approx(0, abs=1e-12)
+
+
+def square(x, y, side):
+    mask = np.zeros((HEIGHT, WIDTH), bool)
+    mask[y:y + side, x:x + side] = True
+    return mask
+
+
+def test_perfect_boxes_with_bad_masks():
+    """Boxes exactly on the ground truth, masks covering 80% or 40% of it: box oLRP 0,
+    mask oLRP worse."""
+    gts, dets = [], []
+    for i, fraction in enumerate([0.8, 0.8, 0.4]):
+        x, y, side = 40 + 150 * i, 50, 100
+        part = square(x, y, side)
+        part[y + int(side * fraction):, :] = False
+        gts.append(with_box({"image_id": 1, "category_id": 1, "iscrowd": 0,
+                             "segmentation": rle(square(x, y, side))}))
+        dets.append({"image_id": 1, "category_id": 1, "bbox": [x, y, side, side],
+                     "segmentation": rle(part), "score": 0.9 - 0.1 * i})
+    assert gts[0]["bbox"] == [40, 50, 100, 100] and gts[0]["area"] == 10000
+    box = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "bbox")
+    mask = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "segm")
+    assert box["oLRP"] == 0 and box["oLRP_loc"] == 0
+    # The two masks of IoU 0.8 are kept (loc 0.2 each), the third (IoU 0.4) is left out.
+    assert mask["oLRP"] == pytest.approx((2 * 0.2 / 0.5 + 1) / 3) and mask["oLRP"] > box["oLRP"]
+    assert mask["oLRP_loc"] == pytest.approx(0.2) and mask["oLRP_FP"] == 0
+    assert mask["oLRP_FN"] == pytest.approx(1 / 3)
+    assert mask["per_class"][1]["threshold"] == pytest.approx(0.8)
+    # Area ranges go by the ground truths' areas (10000 px: large).
+    assert mask["oLRP_large"] == pytest.approx(mask["oLRP"]) and math.isnan(mask["oLRP_medium"])
+
+
+def test_mask_area_of_results_loaded_without_boxes():
+    """An unmatched detection counts in the area range of its own area: loaded without
+    ``bbox`` (as Detectron2 loads mask results) that is the mask's area, with ``bbox``
+    pycocotools takes the box's."""
+    gts = [with_box({"image_id": 1, "category_id": 1, "iscrowd": 0,
+                     "segmentation": rle(square(10, 10, 100))})]
+    stray = square(300, 200, 100) & ~square(310, 210, 80)  # a frame: 100 x 100 box, 3600 px
+    dets = [{"image_id": 1, "category_id": 1, "segmentation": rle(square(10, 10, 100)),
+             "bbox": [10, 10, 100, 100], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "segmentation": rle(stray),
+             "bbox": [300, 200, 100, 100], "score": 0.95}]
+    assert dets[1]["bbox"][2] * dets[1]["bbox"][3] > 96**2 > stray.sum()
+    with_boxes = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "segm")
+    masks_only = [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
+    without = lrp_from_coco(*make_mask_coco([1], [1], gts, masks_only), "segm")
+    assert with_boxes["oLRP"] == without["oLRP"] == pytest.approx(0.5)  # the stray mask is a FP
+    assert without["oLRP_large"] == 0  # the stray mask is medium: ignored among the large
+    assert with_boxes["oLRP_large"] == pytest.approx(0.5)

@@ -92,11 +92,20 @@ class DetectionModule(pl.LightningModule):
         return total
 
     # -- evaluation ----------------------------------------------------------------
+    @staticmethod
+    def evaluation_tasks(cfg) -> tuple:
+        """The COCO tasks that validation evaluates: boxes, and masks with ``MODEL.MASK_ON``."""
+        return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+
     def build_evaluator(self, dataset_name: str) -> DatasetEvaluators:
+        """COCO AP and, with ``TEST.LRP_EVALUATOR``, optimal LRP of boxes and, with
+        ``MODEL.MASK_ON``, masks (``segm/AP``, ``lrp_segm/oLRP``)."""
         output_dir = os.path.join(self.cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_dir)]
+        tasks = self.evaluation_tasks(self.cfg)
+        evaluators = [COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)]
         if self.cfg.TEST.LRP_EVALUATOR:
-            evaluators.append(LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True))
+            evaluators.append(LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True,
+                                           tasks=tasks))
         return DatasetEvaluators(evaluators)
 
     def on_validation_epoch_start(self):

@@ -25,8 +25,11 @@ Matching follows COCO's evaluation exactly: detections in score order, at most
 IoU >= tau, preferring ground truths that are not ignored; crowd ground truths are
 ignored and matchable many times (IoU over the detection's area); ground truths
 outside an area range are ignored for that range, and so are unmatched detections
-outside it.  The matching is vectorised over all (image, class) pairs: one step per
-detection rank instead of a Python loop per detection and ground truth.
+outside it.  Masks (``iou_type="segm"``) are compared as RLE, polygons and
+uncompressed RLE converted at the image's size as COCOeval does; the area ranges use the
+annotations' ``area`` (a mask's own area for results loaded without ``bbox``, as
+Detectron2 loads them for mask AP).  The matching is vectorised over all (image, class)
+pairs: one step per detection rank instead of a Python loop per detection and ground truth.
 
 Command line: ``python -m alrp_d2.evaluation.lrp GT.json DETS.json``.
 """
@@ -73,6 +76,8 @@ def _box_iou_padded(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.nda
 
 
 def _segm_iou(dt_anns, gt_anns) -> np.ndarray:
+    """Mask IoU of annotations with compressed RLE segmentations (crowd: intersection
+    over the detection's area)."""
     from pycocotools import mask as mask_utils
 
     d = [a["segmentation"] for a in dt_anns]
@@ -104,7 +109,21 @@ class _Groups:
             d = dts.get(k, [])
             order = np.argsort([-a["score"] for a in d], kind="mergesort")
             self.dt.append([d[i] for i in order[:max_dets]])
+        if iou_type == "segm":
+            # Polygons and uncompressed RLE to compressed RLE, as COCOeval does (on copies).
+            self.gt = [[_with_rle(coco_gt, coco_gt, a) for a in g] for g in self.gt]
+            self.dt = [[_with_rle(coco_dt, coco_gt, a) for a in d] for d in self.dt]
         self.iou_type = iou_type
+
+
+def _with_rle(coco, fallback, ann):
+    """``ann`` if its segmentation is compressed RLE, else a copy with it converted
+    (polygons, uncompressed RLE) at the image's size in ``coco``, else ``fallback``."""
+    segm = ann["segmentation"]
+    if isinstance(segm, dict) and not isinstance(segm["counts"], list):
+        return ann
+    source = coco if ann["image_id"] in getattr(coco, "imgs", {}) else fallback
+    return {**ann, "segmentation": source.annToRLE(ann)}
 
 
 def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):

@@ -20,24 +20,42 @@ from .lrp import empty_results, format_summary, lrp_from_coco
 __all__ = ["LRPEvaluator"]
 
 _REPORTED = ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large")
+TASKS = ("bbox", "segm")
+RESULT_KEYS = {"bbox": "lrp", "segm": "lrp_segm"}  # the results' key of each task
+THRESHOLD_FILES = {"bbox": "lrp_thresholds.json", "segm": "lrp_thresholds_segm.json"}
 
 
 class LRPEvaluator(COCOEvaluator):
-    """Optimal LRP of box detections, reported under ``"lrp"`` in percent.
+    """Optimal LRP of box and mask detections, reported in percent under ``"lrp"``
+    (boxes) and ``"lrp_segm"`` (masks).
 
     It reads the dataset and collects predictions exactly as Detectron2's
     ``COCOEvaluator`` (any dataset that one accepts works here: COCO json files or
     datasets converted from Detectron2's format), gathers them across ranks and,
     on the main process, prints COCO-style summary lines and writes the per-class
-    optimal score thresholds to ``output_dir/lrp_thresholds.json``. ``thresholds`` and
+    optimal score thresholds to ``output_dir/lrp_thresholds.json`` (boxes) and
+    ``output_dir/lrp_thresholds_segm.json`` (masks). ``tasks``, as Detectron2's:
+    ``"bbox"`` and/or ``"segm"``, by default ``"bbox"`` plus ``"segm"`` when the
+    predictions have masks (``pred_masks``). As for mask AP, mask detections are loaded
+    without their boxes, so that the area ranges use the masks' areas. ``thresholds`` and
     ``ties`` are those of :func:`alrp_d2.evaluation.lrp.lrp_from_coco`.
     """
 
-    def __init__(self, dataset_name, output_dir=None, distributed=True, *,
-                 tau: float = 0.5, max_dets: int = 100, thresholds: str = "exact", ties: str = "threshold"):
-        super().__init__(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir)
+    def __init__(self, dataset_name, output_dir=None, distributed=True, *, tasks=None,
+                 tau: float = 0.5, max_dets: int = 100, thresholds: str = "exact",
+                 ties: str = "threshold"):
+        if tasks is not None:
+            tasks = tuple(tasks)
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown or not tasks:
+                raise ValueError(f"LRPEvaluator tasks must be among {TASKS}, got {tasks}")
+        super().__init__(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir)
         self._tau, self._max_dets, self._thresholds, self._ties = tau, max_dets, thresholds, ties
         self._logger = logging.getLogger(__name__)
+
+    def _tasks_from_predictions(self, predictions):
+        """``bbox``, plus ``segm`` when the detections have masks (keypoints: no LRP)."""
+        return [t for t in super()._tasks_from_predictions(predictions) if t in TASKS]
 
     def evaluate(self, img_ids=None):
         if self._distributed:
@@ -48,25 +66,46 @@ class LRPEvaluator(COCOEvaluator):
         else:
             predictions = self._predictions
         if not self._do_evaluation:
-            self._logger.warning("[LRPEvaluator] The dataset has no annotations to evaluate against.")
+            self._logger.warning("[LRPEvaluator] The dataset has no annotations to evaluate "
+                                 "against.")
             return {}
         detections = list(itertools.chain(*[p.get("instances", []) for p in predictions]))
+        tasks = self._tasks or self._tasks_from_predictions(detections)
         mapping = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
-        if mapping:
-            reverse = {v: k for k, v in mapping.items()}
-            detections = [{**d, "category_id": reverse[d["category_id"]]} for d in detections]
+        reverse = {v: k for k, v in mapping.items()} if mapping else None
+        results = OrderedDict()
+        for task in sorted(set(tasks), key=TASKS.index):
+            result = self._evaluate_task(task, detections, reverse, img_ids)
+            results[RESULT_KEYS[task]] = {key: 100.0 * result[key] for key in _REPORTED}
+        return results
+
+    def _evaluate_task(self, task, detections, reverse, img_ids):
+        """``lrp_from_coco`` of one task on copies of the detections (``loadRes`` edits
+        what it loads)."""
+        if task == "segm":
+            missing = sum("segmentation" not in d for d in detections)
+            if missing:
+                raise ValueError(f"[LRPEvaluator] task 'segm' but {missing} of {len(detections)} "
+                                 "detections have no mask (pred_masks)")
+            # As Detectron2 for mask AP: without the box, loadRes takes the mask's area.
+            detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+        else:
+            detections = [dict(d) for d in detections]
+        if reverse:
+            for d in detections:
+                d["category_id"] = reverse[d["category_id"]]
         coco_gt = self._coco_api
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(detections) if detections else empty_results(coco_gt)
-        result = lrp_from_coco(coco_gt, coco_dt, "bbox", self._tau, self._max_dets, self._thresholds, img_ids,
-                               ties=self._ties)
-        self._logger.info("Optimal LRP (thresholds: %s):\n%s", self._thresholds,
+        result = lrp_from_coco(coco_gt, coco_dt, task, self._tau, self._max_dets, self._thresholds,
+                               img_ids, ties=self._ties)
+        self._logger.info("Optimal LRP of %s (thresholds: %s):\n%s", task, self._thresholds,
                           format_summary(result, self._tau, self._max_dets))
         if self._output_dir:
-            self._write_thresholds(result)
-        return OrderedDict(lrp={key: 100.0 * result[key] for key in _REPORTED})
+            self._write_thresholds(result, THRESHOLD_FILES[task])
+        return result
 
-    def _write_thresholds(self, result):
+    def _write_thresholds(self, result, file_name="lrp_thresholds.json"):
         names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self._coco_api.getCatIds())}
         table = {
             str(cid): {"name": names.get(cid, str(cid)),
@@ -74,7 +113,7 @@ class LRPEvaluator(COCOEvaluator):
             for cid, r in result["per_class"].items()
         }
         PathManager.mkdirs(self._output_dir)
-        path = os.path.join(self._output_dir, "lrp_thresholds.json")
+        path = os.path.join(self._output_dir, file_name)
         with PathManager.open(path, "w") as f:
             json.dump(table, f, indent=2)
         self._logger.info("Per-class oLRP thresholds written to %s", path)
