@@ -13,7 +13,8 @@ writes one PNG (default ``OUTPUT_DIR/training.png``) with four panels:
    ``LearningRateMonitor``);
 3. the self-balance weight of every ``*/sb_weight`` against epoch (logged at the end of an
    epoch, used from the next one);
-4. ``bbox/AP``, ``bbox/AP50``, ``lrp/oLRP`` and ``segm/AP`` per evaluation, against epoch.
+4. ``bbox/AP``, ``bbox/AP50``, ``lrp/oLRP``, ``segm/AP`` and ``lrp_segm/oLRP`` per evaluation,
+   against epoch.
 
 The scalars come from Lightning's CSV logs, ``OUTPUT_DIR/csv/version_N/metrics.csv``, or,
 where those hold nothing, from the TensorBoard logs, ``OUTPUT_DIR/tensorboard/version_N``.
@@ -57,8 +58,8 @@ Scalars = Dict[str, List[Tuple[int, float]]]  # tag: [(step, value), ...] by ste
 DEFAULT_NAME = "training.png"
 FIGSIZE = (12.0, 8.0)  # inches; at DPI, a 1200 x 800 picture
 DPI = 100
-EVAL_KEYS = ("bbox/AP", "bbox/AP50", "lrp/oLRP", "segm/AP")
-LOWER_IS_BETTER = ("lrp/oLRP",)
+EVAL_KEYS = ("bbox/AP", "bbox/AP50", "lrp/oLRP", "segm/AP", "lrp_segm/oLRP")
+LOWER_IS_BETTER = ("lrp/oLRP", "lrp_segm/oLRP")
 _COMPONENT = re.compile(r"[^/]+/(cls|loc)")  # alrp/cls, rpn_alrp/loc: unweighted
 _VERSION = re.compile(r"version_(\d+)")
 
