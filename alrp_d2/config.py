@@ -57,6 +57,10 @@ def add_rank_sort_config(cfg: CN) -> None:
     cfg.MODEL.RANK_SORT.DELTA = 0.5  # smoothing of the step function
     cfg.MODEL.RANK_SORT.EPS = 1e-10  # positives with N_FP (or D) <= EPS get no update
     cfg.MODEL.RANK_SORT.RPN_LOSS_WEIGHT = 0.2  # Faster/Mask R-CNN: weight of the RPN's losses
+    # RankSortRetinaNet: box deltas times a learnable scale per level (the authors' ATSS head)
+    cfg.MODEL.RANK_SORT.LEARNED_BOX_SCALES = False
+    # RankSortMaskHead: at most this many random positives per process train the masks (0: all)
+    cfg.MODEL.RANK_SORT.MAX_MASKS = 0
     cfg.MODEL.RANK_SORT.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
 
 

@@ -284,6 +284,7 @@ EXPECTED.update({
         "MODEL.RETINANET.NORM": "GN",  # norm_cfg GN(32)
         "MODEL.RETINANET.PRIOR_PROB": 0.01,
         "MODEL.RETINANET.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+        "MODEL.RANK_SORT.LEARNED_BOX_SCALES": True,  # Scale(1.0) per level
         "MODEL.ALRP.ASSIGNER": "atss",  # ATSSAssigner(topk=9)
         "MODEL.ALRP.ATSS_TOPK": 9,
         "MODEL.ALRP.TEST_CANDIDATES": "anchors",
@@ -303,6 +304,7 @@ EXPECTED.update({
         "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
         "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
         "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,  # 80 class-wise masks
+        "MODEL.RANK_SORT.MAX_MASKS": 200,  # resample_for_mask_head(max_mask=200)
         "INPUT.MASK_FORMAT": "bitmask",
     },
 })

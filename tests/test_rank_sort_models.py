@@ -17,6 +17,7 @@ pytestmark = pytest.mark.detectron2
 if HAS_DETECTRON2:
     from detectron2.layers import cat
     from detectron2.modeling import build_model
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
     from torchvision.ops import box_iou, generalized_box_iou_loss
@@ -25,6 +26,7 @@ if HAS_DETECTRON2:
     from alrp_d2.modeling import (
         RankSortMaskHead,
         RankSortRetinaNet,
+        ScaledBoxRetinaNetHead,
         classwise_targets,
         rank_sort_mask_loss,
     )
@@ -255,3 +257,45 @@ def test_mask_rcnn_trains_its_mask_head():
     # Scaled to the box head's ranking terms.
     rank_sort = (losses["loss_roi_rs_rank"] + losses["loss_roi_rs_sort"]).item()
     assert losses["loss_mask"].item() == pytest.approx(rank_sort, rel=1e-5)
+
+
+def test_rs_atss_head_has_a_learnable_box_scale_per_level():
+    model = rs_atss()
+    head = model.head
+    assert isinstance(head, ScaledBoxRetinaNetHead)
+    assert torch.equal(head.box_scales.detach(), torch.ones(5))  # Scale(1.0) on P3-P7
+    assert "head.box_scales" in model.state_dict()
+    features = [torch.randn(1, 256, 8 // 2 ** i + 1, 8 // 2 ** i + 1) for i in range(5)]
+    _, unscaled = RetinaNetHead.forward(head, features)
+    with torch.no_grad():
+        head.box_scales[2] = 2.0
+    _, scaled = head(features)
+    assert torch.allclose(scaled[2], 2 * unscaled[2]) and torch.equal(scaled[0], unscaled[0])
+    with EventStorage():
+        losses = model(batch())
+    losses["loss_rs_box"].backward()
+    assert head.box_scales.grad is not None and head.box_scales.grad.abs().sum() > 0
+    plain = rs_atss(**{"MODEL.RANK_SORT.LEARNED_BOX_SCALES": False})
+    assert type(plain.head) is RetinaNetHead
+
+
+def test_mask_head_trains_on_at_most_max_masks_positives():
+    model = rs_rcnn("rs_mask_rcnn_R_50_FPN_1x.yaml")
+    head = model.roi_heads.mask_head
+    assert head.max_masks == 200
+    head.max_masks = 3
+    g = torch.Generator().manual_seed(0)
+    images = [Instances((48, 48), proposal_boxes=Boxes(torch.rand(n, 4, generator=g)),
+                        index=torch.arange(n) + 100 * i) for i, n in enumerate((4, 0, 3))]
+    x = torch.arange(7.0)[:, None]  # row r: proposal r of the images in order
+    kept_x, kept = head._subsample(x, images)
+    assert len(kept_x) == 3 and sum(len(i) for i in kept) == 3
+    rows = [int(r) for r in kept_x[:, 0]]
+    expected = [[r for r in rows if r < 4], [], [r - 4 for r in rows if r >= 4]]
+    assert [i.index.tolist() for i in kept] == [[100 * k + r for r in e] for k, e in enumerate(expected)]
+    head.max_masks = 0
+    assert head._subsample(x, images)[0] is x
+    with EventStorage():  # a training step still works with the cap
+        head.max_masks = 1
+        losses = model(batch())
+    assert torch.isfinite(losses["loss_mask"])

@@ -19,6 +19,7 @@ from .rank_sort import (
     RankSortRPN,
     RankSortRetinaNet,
     RankSortTerms,
+    ScaledBoxRetinaNetHead,
     build_rs_atss_resnet_fpn_backbone,
     rank_sort_mask_loss,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "RankSortRPN",
     "RankSortRetinaNet",
     "RankSortTerms",
+    "ScaledBoxRetinaNetHead",
     "SelfBalance",
     "atss_match",
     "build_alrp_retinanet_resnet_fpn_backbone",

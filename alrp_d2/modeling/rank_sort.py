@@ -6,7 +6,8 @@ its positives' boxes with a GIoU loss weighted by their scores and balanced agai
 ranking loss each iteration (:class:`RankSortTerms`):
 
 - ``RankSortRetinaNet`` (META_ARCH_REGISTRY): RetinaNet's head with IoU or ATSS anchor
-  labelling (``MODEL.ALRP.ASSIGNER``); with ATSS, RS-ATSS.
+  labelling (``MODEL.ALRP.ASSIGNER``), optionally with a learnable box scale per level
+  (``ScaledBoxRetinaNetHead``); with ATSS and the scales, RS-ATSS.
 - ``RankSortRPN`` (PROPOSAL_GENERATOR_REGISTRY): the RPN on all its anchors, no sampling.
 - ``RankSortROIHeads`` (ROI_HEADS_REGISTRY): class-wise sigmoid box classifiers on all
   proposals, no sampling; with ``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY), the masks'
@@ -20,6 +21,7 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import (
@@ -29,6 +31,7 @@ from detectron2.modeling import (
     ROI_HEADS_REGISTRY,
 )
 from detectron2.modeling.backbone.fpn import FPN
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 from detectron2.modeling.roi_heads.mask_head import (
@@ -52,6 +55,7 @@ __all__ = [
     "RankSortRPN",
     "RankSortRetinaNet",
     "RankSortTerms",
+    "ScaledBoxRetinaNetHead",
     "build_rs_atss_resnet_fpn_backbone",
     "rank_sort_mask_loss",
     "score_weighted_mean",
@@ -154,12 +158,27 @@ class RankSortTerms:
         storage.put_scalar(f"{p}/sort", float(sorting))
 
 
+class ScaledBoxRetinaNetHead(RetinaNetHead):
+    """Detectron2's RetinaNet head whose box deltas are multiplied by one learnable scale
+    per pyramid level, initialised at 1 (the ``Scale`` layers of the authors' ATSS head)."""
+
+    @configurable
+    def __init__(self, *, input_shape: List[ShapeSpec], **kwargs):
+        super().__init__(input_shape=input_shape, **kwargs)
+        self.box_scales = nn.Parameter(torch.ones(len(input_shape)))
+
+    def forward(self, features):
+        logits, bbox_reg = super().forward(features)
+        return logits, [deltas * scale for deltas, scale in zip(bbox_reg, self.box_scales)]
+
+
 @META_ARCH_REGISTRY.register()
 class RankSortRetinaNet(_RankingRetinaNet):
     """RetinaNet trained by Rank & Sort Loss; with ``MODEL.ALRP.ASSIGNER: atss``, RS-ATSS.
 
     Losses ``loss_rs_rank``, ``loss_rs_sort``, ``loss_rs_box``; inference, evaluation and
-    checkpoints are Detectron2's RetinaNet's.
+    checkpoints are Detectron2's RetinaNet's. With ``MODEL.RANK_SORT.LEARNED_BOX_SCALES``
+    the head is :class:`ScaledBoxRetinaNetHead` (the authors' RS-ATSS).
     """
 
     @configurable
@@ -171,6 +190,9 @@ class RankSortRetinaNet(_RankingRetinaNet):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["rank_sort_terms"] = RankSortTerms.config_kwargs(cfg)
+        if cfg.MODEL.RANK_SORT.LEARNED_BOX_SCALES:
+            shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+            ret["head"] = ScaledBoxRetinaNetHead(cfg, shapes)
         return ret
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
@@ -310,12 +332,44 @@ def rank_sort_mask_loss(mask_logits: torch.Tensor, instances: List[Instances]) -
 @ROI_MASK_HEAD_REGISTRY.register()
 class RankSortMaskHead(MaskRCNNConvUpsampleHead):
     """Detectron2's mask head trained by :func:`rank_sort_mask_loss` (its layers and
-    inference unchanged)."""
+    inference unchanged).
+
+    ``max_masks`` (``MODEL.RANK_SORT.MAX_MASKS``; 0: no limit): in training, at most this
+    many positive proposals of the process's batch, drawn at random, train the masks
+    (the authors' 200), each with its own box-score weight.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, max_masks: int = 0, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        if max_masks < 0:
+            raise ValueError(f"MODEL.RANK_SORT.MAX_MASKS must be >= 0, got {max_masks}")
+        self.max_masks = max_masks
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["max_masks"] = cfg.MODEL.RANK_SORT.MAX_MASKS
+        return ret
 
     def forward(self, x, instances: List[Instances]):
         if not self.training:
             return super().forward(x, instances)
+        x, instances = self._subsample(x, instances)
         return {"loss_mask": rank_sort_mask_loss(self.layers(x), instances) * self.loss_weight}
+
+    def _subsample(self, x, instances: List[Instances]):
+        """At most ``max_masks`` of the rows of ``x`` (the images' proposals, in order)
+        and the matching instances."""
+        if not self.max_masks or len(x) <= self.max_masks:
+            return x, instances
+        keep = torch.randperm(len(x), device=x.device)[: self.max_masks].sort().values
+        kept, start = [], 0
+        for image in instances:
+            end = start + len(image)
+            kept.append(image[keep[(keep >= start) & (keep < end)] - start])
+            start = end
+        return x[keep], kept
 
 
 @BACKBONE_REGISTRY.register()
