@@ -75,7 +75,8 @@ def test_resume_continues_at_epoch_two_with_the_saved_weight(ddp_runs):
 
 def test_outputs(ddp_runs):
     out = ddp_runs["out"]
-    for name in ("config.yaml", "last.ckpt", "model_final.pth", "final_metrics.json", "log.txt"):
+    for name in ("config.yaml", "last.ckpt", "model_final.pth", "final_metrics.json", "log.txt",
+                 "model_best.pth"):
         assert (out / name).is_file(), name
     assert any((out / "csv").rglob("metrics.csv")) and any((out / "tensorboard").rglob("events.*"))
     metrics = json.loads((out / "final_metrics.json").read_text())
@@ -95,6 +96,8 @@ def test_eval_only_reproduces_the_metrics(ddp_runs):
     again = json.loads((evaluated / "final_metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "lrp/oLRP", "lrp/oLRP_FP", "alrp/sb_weight"):
         assert again[key] == pytest.approx(trained[key], abs=1e-6), key
+    # Only a training's evaluations choose the best model.
+    assert not (evaluated / "model_best.pth").exists()
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,7 @@ def test_eval_only_reproduces_the_metrics(ddp_runs):
         (["--config-file", TINY, "DATASETS.TRAIN", "('no_such_dataset',)"], "unknown dataset name 'no_such_dataset'"),
         (["--config-file", TINY, "MODEL.WEIGHTS", "missing/weights.pth"], "weights file not found: missing/weights.pth"),
         (["--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", "missing.pth"], "weights file not found: missing.pth"),
+        (["--config-file", TINY, "SOLVER.LOG_PERIOD", "0"], "SOLVER.LOG_PERIOD must be at least 1 iteration"),
     ],
 )
 def test_bad_input_exits_with_a_message_and_touches_nothing(tmp_path, args, message):

@@ -17,7 +17,10 @@ Spec = Tuple[str, str, str]  # (name, json file, image root)
 def datasets_from_env(environ=os.environ) -> List[Spec]:
     """The ``(name, json, image_root)`` triples of ``$ALRP_DATASETS``: words separated by
     spaces (shell quoting allowed), three per dataset, as after ``--dataset``."""
-    words = shlex.split(environ.get(ENV_VAR, ""))
+    try:
+        words = shlex.split(environ.get(ENV_VAR, ""))
+    except ValueError as err:  # unbalanced quotes
+        raise ValueError(f"${ENV_VAR} cannot be split into words: {err}") from None
     if len(words) % 3:
         raise ValueError(f"${ENV_VAR} must hold NAME JSON IMAGE_ROOT triples, got {len(words)} words: {words}")
     return [tuple(words[i:i + 3]) for i in range(0, len(words), 3)]
@@ -32,24 +35,30 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    names = []
+    checked = []  # every dataset checked before any is registered
     for spec in specs:
         if len(spec) != 3:
             raise ValueError(f"a dataset is NAME JSON IMAGE_ROOT, got {list(spec)}")
         name, json_file, image_root = spec
-        if name in names:
+        if not name or name.startswith("-"):
+            raise ValueError(f"bad dataset name {name!r} (NAME JSON IMAGE_ROOT)")
+        if name in [c[0] for c in checked]:
             raise ValueError(f"dataset {name!r} given twice")
         if not os.path.isfile(json_file):
             raise ValueError(f"dataset {name!r}: annotation file not found: {json_file}")
         if not os.path.isdir(image_root):
             raise ValueError(f"dataset {name!r}: image folder not found: {image_root}")
         json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
-        if name in DatasetCatalog.list():
+        registered = name in DatasetCatalog.list()
+        if registered:
             meta = MetadataCatalog.get(name)
-            if (getattr(meta, "json_file", None), getattr(meta, "image_root", None)) != (json_file, image_root):
-                raise ValueError(f"dataset name {name!r} is already registered (a built-in or earlier dataset);"
-                                 " choose another name")
-        else:
+            known = tuple(os.path.abspath(p) if isinstance(p, str) else p
+                          for p in (meta.get("json_file", None), meta.get("image_root", None)))
+            if known != (json_file, image_root):
+                raise ValueError(f"dataset name {name!r} is already registered (a built-in or earlier dataset)"
+                                 f" with other files ({known[0]}, {known[1]}); choose another name")
+        checked.append((name, json_file, image_root, registered))
+    for name, json_file, image_root, registered in checked:
+        if not registered:
             register_coco_instances(name, {}, json_file, image_root)
-        names.append(name)
-    return names
+    return [c[0] for c in checked]

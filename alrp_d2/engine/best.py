@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import operator
-from typing import Optional
+import os
+from typing import Dict, Optional
 
 import pytorch_lightning as pl
+import torch
 
-from .checkpoint import WeightsCheckpointer
+from ..io import atomic_write
 
 __all__ = ["BestCheckpoint", "metric_mode"]
 
@@ -18,22 +21,28 @@ logger = logging.getLogger("alrp_d2")
 
 def metric_mode(metric: str, mode: str = "auto") -> str:
     """``"max"`` or ``"min"``: ``"auto"`` is ``"min"`` for LRP figures (``lrp/...``,
-    lower is better) and ``"max"`` otherwise (AP)."""
-    if mode == "auto":
+    lower is better) and ``"max"`` otherwise (AP). Raises ``ValueError`` for another mode."""
+    normalised = mode.lower() if isinstance(mode, str) else mode
+    if normalised == "auto":
         return "min" if metric.startswith("lrp/") or "LRP" in metric else "max"
-    if mode not in ("max", "min"):
-        raise ValueError(f"best-checkpoint mode must be 'auto', 'max' or 'min', got {mode!r}")
-    return mode
+    if normalised not in ("max", "min"):
+        raise ValueError(f"TEST.BEST_CHECKPOINT.MODE must be 'auto', 'max' or 'min', got {mode!r}")
+    return normalised
 
 
 class BestCheckpoint(pl.Callback):
-    """After each evaluation, saves the model as ``<dirpath>/model_best.pth`` (Detectron2's
-    format, with ``metric``, ``value``, ``epoch`` and ``iteration``) when ``metric`` beats
-    every earlier evaluation of the run, as Detectron2's ``BestCheckpointer``.
+    """After each evaluation of a training, saves the model as ``<dirpath>/model_best.pth``
+    when ``metric`` beats every earlier evaluation of the run, as Detectron2's
+    ``BestCheckpointer``: Detectron2's format (``model``, loadable by its
+    ``DetectionCheckpointer``) with ``metric``, ``value``, ``mode``, ``epoch`` (the last
+    epoch trained, from 0), ``iteration`` and ``lrp_thresholds`` (``{dataset: the
+    lrp_thresholds.json of that evaluation}``, which ``alrp_d2.predict`` uses), written
+    atomically.
 
     The best value so far is saved in the training checkpoints, so a resumed run does not
     replace a better model by a worse one. A metric the evaluation does not report is
-    named in a warning with those it does.
+    named in a warning with those it does. An evaluation without training (``--eval-only``)
+    saves nothing.
     """
 
     def __init__(self, dirpath: str, metric: str = "bbox/AP", mode: str = "auto", filename: str = "model_best"):
@@ -45,9 +54,13 @@ class BestCheckpoint(pl.Callback):
         self.best_epoch: Optional[int] = None
         self._warned = False
 
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.filename}.pth")
+
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
+        if trainer.sanity_checking or trainer.global_step == 0:
+            return  # nothing trained: --eval-only, or an evaluation before the first step
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
             if not self._warned and trainer.is_global_zero:
@@ -58,18 +71,46 @@ class BestCheckpoint(pl.Callback):
         value = float(value)
         if math.isnan(value) or (self.best is not None and not self._better(value, self.best)):
             return
-        self.best, self.best_epoch = value, trainer.current_epoch
-        # Detectron2's checkpointer writes on the main process only.
-        WeightsCheckpointer(pl_module.model, save_dir=self.dirpath).save(
-            self.filename, metric=self.metric, value=value, epoch=trainer.current_epoch,
-            iteration=trainer.global_step)
-        if trainer.is_global_zero:
-            logger.info("model_best: %s = %.4g (epoch %d), saved to %s/%s.pth", self.metric, value,
-                        trainer.current_epoch, self.dirpath, self.filename)
+        # In the fit loop the evaluation follows epoch current_epoch; after fit (the final
+        # evaluation of train_net.py) current_epoch counts the epochs trained.
+        fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        epoch = trainer.current_epoch if fitting else max(trainer.current_epoch - 1, 0)
+        self.best, self.best_epoch = value, epoch
+        if trainer.is_global_zero:  # every process holds the same model
+            self._save(pl_module, value, epoch, trainer.global_step)
+            logger.info("model_best: %s = %.4g (epoch %d, iteration %d), saved to %s", self.metric, value,
+                        epoch, trainer.global_step, self.path)
+
+    def _save(self, pl_module, value: float, epoch: int, iteration: int) -> None:
+        model = pl_module.model
+        data = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "metric": self.metric, "value": value, "mode": self.mode, "epoch": epoch, "iteration": iteration}
+        thresholds = self._lrp_thresholds(pl_module)
+        if thresholds:
+            data["lrp_thresholds"] = thresholds
+        with atomic_write(self.path, "wb") as f:
+            torch.save(data, f)
+
+    @staticmethod
+    def _lrp_thresholds(pl_module) -> Dict[str, Dict]:
+        """The ``lrp_thresholds.json`` the evaluation just wrote, per test dataset."""
+        cfg = getattr(pl_module, "cfg", None)
+        if cfg is None or not cfg.TEST.LRP_EVALUATOR:
+            return {}
+        out = {}
+        for name in cfg.DATASETS.TEST:
+            path = os.path.join(cfg.OUTPUT_DIR, "inference", name, "lrp_thresholds.json")
+            try:
+                with open(path) as f:
+                    out[name] = json.load(f)
+            except (OSError, ValueError):
+                continue
+        return out
 
     def state_dict(self):
-        return {"metric": self.metric, "best": self.best, "best_epoch": self.best_epoch}
+        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state_dict):
-        if state_dict.get("metric") == self.metric:
+        # A run resumed with another metric or direction starts its own record.
+        if state_dict.get("metric") == self.metric and state_dict.get("mode", self.mode) == self.mode:
             self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")

@@ -245,6 +245,8 @@ def run(args) -> int:
     try:
         check_loggers(args.logger)
         metric_mode(cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE)
+        if cfg.SOLVER.LOG_PERIOD < 1:
+            raise ValueError(f"SOLVER.LOG_PERIOD must be at least 1 iteration, got {cfg.SOLVER.LOG_PERIOD}")
     except (ImportError, ValueError) as err:
         raise UsageError(str(err)) from None
     cfg.defrost()
@@ -269,7 +271,8 @@ def run(args) -> int:
         _HELD_LOCKS.append(_lock_output_dir(cfg.OUTPUT_DIR))  # released when main() returns
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
-    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger)
+    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger,
+                            training=not args.eval_only)
     rank = trainer.global_rank
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",

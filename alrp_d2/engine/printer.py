@@ -27,8 +27,9 @@ class MetricPrinter(pl.Callback):
     Losses are the medians over the last ``period`` iterations of what the module logged
     (every logged key containing ``loss``); ``time`` and ``data_time`` are means over the
     same window, ``data_time`` the wait for the batch; ``eta`` the remaining iterations of
-    the run at that pace; ``max_mem`` the peak GPU memory (on GPU only). Iterations count
-    from 1, as ``trainer.global_step`` after the step.
+    the run at that pace; ``lr`` the learning rate of the iteration; ``max_mem`` the peak
+    GPU memory (on GPU only). Iterations count from 1, as ``trainer.global_step`` after
+    the step.
     """
 
     def __init__(self, period: int = 20):
@@ -65,7 +66,8 @@ class MetricPrinter(pl.Callback):
             logger.info(self.format_line(trainer, step, total))
 
     def format_line(self, trainer, step: int, total: float) -> str:
-        losses = "  ".join(f"{k}: {float(torch.stack(list(v)).float().median()):.4g}"
+        # np.median, as Detectron2's HistoryBuffer (torch's median of an even window is the lower value)
+        losses = "  ".join(f"{k}: {float(np.median(torch.stack(list(v)).float().cpu().numpy())):.4g}"
                            for k, v in self._losses.items())
         parts = []
         if self._times:
@@ -79,9 +81,18 @@ class MetricPrinter(pl.Callback):
         if self._data_times:
             parts.append(f"data_time: {np.mean(self._data_times):.4f}  "
                          f"last_data_time: {self._data_times[-1]:.4f}  ")
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        lr = self._lr(trainer)
         parts.append(f"lr: {lr:.5g}  ")
         device = trainer.strategy.root_device
         if device.type == "cuda":
             parts.append(f"max_mem: {torch.cuda.max_memory_allocated(device) / 1024 ** 2:.0f}M")
         return " " + "".join(parts).rstrip()
+
+    @staticmethod
+    def _lr(trainer) -> float:
+        """The learning rate of the iteration: what the module logged in its step (the
+        optimizer's has been stepped by the schedule since), else the optimizer's."""
+        logged = trainer.callback_metrics.get("lr")
+        if logged is not None:
+            return float(logged)
+        return trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")

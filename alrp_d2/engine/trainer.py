@@ -66,9 +66,12 @@ def _precision(cfg, accelerator: str) -> str:
 
 
 def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: int, seed: int,
-                  loggers: Sequence[str] = ("tensorboard", "csv")) -> pl.Trainer:
+                  loggers: Sequence[str] = ("tensorboard", "csv"),
+                  training: bool = True) -> pl.Trainer:
     """A Trainer for ``cfg`` on ``topology``; ``seed`` seeds each training step
-    (:class:`StepSeedCallback`); ``loggers`` names its loggers (:func:`build_loggers`)."""
+    (:class:`StepSeedCallback`); ``loggers`` names its loggers (:func:`build_loggers`).
+    ``training=False`` (``--eval-only``): no ``model_best.pth``, which only a training's
+    evaluations may replace."""
     if topology.world_size > 1:
         backend = "nccl" if accelerator == "gpu" else "gloo"
         strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
@@ -88,7 +91,7 @@ def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: in
         TQDMProgressBar(refresh_rate=max(1, min(20, iters_per_epoch // 5))),
         MetricPrinter(cfg.SOLVER.LOG_PERIOD),
     ]
-    if cfg.TEST.BEST_CHECKPOINT.METRIC:
+    if training and cfg.TEST.BEST_CHECKPOINT.METRIC:
         callbacks.append(BestCheckpoint(out, cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE))
     clip = cfg.SOLVER.CLIP_GRADIENTS
     period = cfg.TEST.EVAL_PERIOD
