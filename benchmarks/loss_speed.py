@@ -43,17 +43,8 @@ def make_batch(p: int, m: int, device: str, seed: int = 0):
 
 
 def timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median time of ``fn`` after a warm-up."""
+    return timed_interleaved([fn], device, repeats)[0]
 
 
 def timed_interleaved(fns, device: str, repeats: int):
