@@ -15,8 +15,8 @@ threshold, from (first found) ``--lrp-thresholds FILE``; the thresholds saved in
 weights file (``model_best.pth`` holds those of the evaluation that made it the best);
 the ``lrp_thresholds.json`` beside the weights; the one that training writes under
 ``<weights' folder>/inference/<dataset>/`` (that of the config's first test dataset; several
-others: an error asking to choose). A class whose optimal LRP keeps no detection (threshold ``null``)
-shows none. With ``--score-threshold S``, or without any thresholds, one threshold for
+others: an error asking to choose). A class whose optimal LRP keeps no detection (threshold
+``null``) shows none. With ``--score-threshold S``, or without any thresholds, one threshold for
 every class (default 0.5).
 
 Nothing is written over an existing file without ``--overwrite``; bad input (a missing or
@@ -40,8 +40,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["PredictError", "Predictor", "find_lrp_thresholds", "keep_above_thresholds", "load_lrp_thresholds",
-           "main"]
+__all__ = [
+    "PredictError",
+    "Predictor",
+    "find_lrp_thresholds",
+    "keep_above_thresholds",
+    "load_lrp_thresholds",
+    "main",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 THRESHOLDS_FILE = "lrp_thresholds.json"
@@ -56,7 +62,11 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     paths: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                p
+                for p in glob.glob(os.path.join(item, "*"))
+                if p.lower().endswith(IMAGE_EXTENSIONS)
+            )
             if not found:
                 raise PredictError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
             paths += found
@@ -83,8 +93,10 @@ def find_lrp_thresholds(weights: str, dataset: Optional[str] = None) -> Optional
             return own
     found = sorted(glob.glob(os.path.join(folder, "inference", "*", THRESHOLDS_FILE)))
     if len(found) > 1:
-        raise PredictError(f"several LRP thresholds files beside the weights ({', '.join(found)}):"
-                           " choose one with --lrp-thresholds, or give --score-threshold")
+        raise PredictError(
+            f"several LRP thresholds files beside the weights ({', '.join(found)}):"
+            " choose one with --lrp-thresholds, or give --score-threshold"
+        )
     return found[0] if found else None
 
 
@@ -94,8 +106,10 @@ def check_lrp_thresholds(table, source: str) -> Dict[int, Dict]:
     ``source`` and the problem otherwise."""
     try:
         if not isinstance(table, dict) or not table:
-            raise ValueError(f"expected an object of classes, got {type(table).__name__}"
-                             f"{' (empty)' if isinstance(table, dict) else ''}")
+            raise ValueError(
+                f"expected an object of classes, got {type(table).__name__}"
+                f"{' (empty)' if isinstance(table, dict) else ''}"
+            )
         out = {}
         for key, row in table.items():
             try:
@@ -103,16 +117,22 @@ def check_lrp_thresholds(table, source: str) -> Dict[int, Dict]:
             except ValueError:
                 raise ValueError(f"class id {key!r} is not an integer") from None
             if not isinstance(row, dict):
-                raise ValueError(f"class {key}: expected an object with name and threshold, got {row!r}")
+                raise ValueError(
+                    f"class {key}: expected an object with name and threshold, got {row!r}"
+                )
             for field in ("name", "threshold"):
                 if field not in row:
                     raise ValueError(f"class {key}: no {field!r}")
             t = row["threshold"]
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t)):
+            if t is not None and (
+                isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t)
+            ):
                 raise ValueError(f"class {key}: threshold {t!r} is not a number")
             out[cid] = dict(row)
     except ValueError as err:
-        raise PredictError(f"{source} is not an lrp_thresholds.json (per class id: name, threshold): {err}") from None
+        raise PredictError(
+            f"{source} is not an lrp_thresholds.json (per class id: name, threshold): {err}"
+        ) from None
     return out
 
 
@@ -124,9 +144,13 @@ def load_lrp_thresholds(path: str) -> Dict[int, Dict]:
         with open(path) as f:
             table = json.load(f)
     except OSError as err:
-        raise PredictError(f"cannot read the LRP thresholds {path}: {err.strerror or err}") from None
+        raise PredictError(
+            f"cannot read the LRP thresholds {path}: {err.strerror or err}"
+        ) from None
     except ValueError as err:  # not json, not UTF-8
-        raise PredictError(f"{path} is not an lrp_thresholds.json (not valid json: {err})") from None
+        raise PredictError(
+            f"{path} is not an lrp_thresholds.json (not valid json: {err})"
+        ) from None
     return check_lrp_thresholds(table, path)
 
 
@@ -167,22 +191,31 @@ class Predictor:
         except Exception as err:
             raise PredictError(f"cannot read the weights {weights}: {err}") from None
         bad = checkpointer.incompatible
-        problems = ([f"{k} (missing)" for k in bad.missing_keys] +
-                    [f"{k} (shape {tuple(c)} in the file, {tuple(m)} in the model)"
-                     for k, c, m in bad.incorrect_shapes] +
-                    [f"{k} (not in the model)" for k in bad.unexpected_keys])
+        problems = (
+            [f"{k} (missing)" for k in bad.missing_keys]
+            + [
+                f"{k} (shape {tuple(c)} in the file, {tuple(m)} in the model)"
+                for k, c, m in bad.incorrect_shapes
+            ]
+            + [f"{k} (not in the model)" for k in bad.unexpected_keys]
+        )
         if problems:
-            raise PredictError(f"{weights} holds the weights of another model than the config's"
-                               f" ({cfg.MODEL.META_ARCHITECTURE}): {len(bad.missing_keys)} parameters missing,"
-                               f" {len(bad.incorrect_shapes)} of another shape, {len(bad.unexpected_keys)} unknown;"
-                               f" e.g. {', '.join(problems[:3])}")
+            raise PredictError(
+                f"{weights} holds the weights of another model than the config's"
+                f" ({cfg.MODEL.META_ARCHITECTURE}): {len(bad.missing_keys)} parameters missing,"
+                f" {len(bad.incorrect_shapes)} of another shape,"
+                f" {len(bad.unexpected_keys)} unknown;"
+                f" e.g. {', '.join(problems[:3])}"
+            )
 
     def __call__(self, image_bgr: np.ndarray):
         """The model's ``Instances`` for one BGR image, on the CPU."""
         return self._predictor(image_bgr)["instances"].to("cpu")
 
 
-def keep_above_thresholds(instances, thresholds: Optional[Dict[int, Optional[float]]], default: float):
+def keep_above_thresholds(
+    instances, thresholds: Optional[Dict[int, Optional[float]]], default: float
+):
     """The detections scored at least their class's threshold (``thresholds``: contiguous
     class index -> threshold, None: keep none of the class; classes not in it and every
     class when ``thresholds`` is None: ``default``)."""
@@ -222,22 +255,48 @@ def _visualizer():
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m alrp_d2.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="the config the model was trained with"
-                                                            " (e.g. OUTPUT_DIR/config.yaml)")
-    parser.add_argument("--weights", required=True, help="model_final.pth, model_best.pth or a .ckpt")
-    parser.add_argument("--input", nargs="+", required=True, help="images, folders or glob patterns")
-    parser.add_argument("--output", required=True, help="folder for the pictures and predictions.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m alrp_d2.predict", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        help="the config the model was trained with (e.g. OUTPUT_DIR/config.yaml)",
+    )
+    parser.add_argument(
+        "--weights", required=True, help="model_final.pth, model_best.pth or a .ckpt"
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="images, folders or glob patterns"
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder for the pictures and predictions.json"
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--lrp-thresholds", default=None,
-                       help="per-class LRP-optimal thresholds (default: those of the weights' run, if any)")
-    which.add_argument("--score-threshold", type=float, default=None,
-                       help="one score threshold for every class instead (default 0.5 without LRP thresholds)")
+    which.add_argument(
+        "--lrp-thresholds",
+        default=None,
+        help="per-class LRP-optimal thresholds (default: those of the weights' run, if any)",
+    )
+    which.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="one score threshold for every class instead (default 0.5 without LRP thresholds)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--scale", type=float, default=1.0, help="size of the pictures relative to the images")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="size of the pictures relative to the images"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-                        help="register a COCO-format dataset the config names (as train_net.py --dataset)")
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset the config names (as train_net.py --dataset)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
     return parser
 
@@ -256,7 +315,9 @@ def _setup_cfg(args):
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
     except Exception as err:
-        raise PredictError(f"bad config: {err.args[0] if isinstance(err, KeyError) and err.args else err}") from None
+        raise PredictError(
+            f"bad config: {err.args[0] if isinstance(err, KeyError) and err.args else err}"
+        ) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PredictError("--device cuda, but no CUDA device is available")
@@ -266,8 +327,11 @@ def _setup_cfg(args):
 
 
 def _num_classes(cfg) -> int:
-    return cfg.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE \
+    return (
+        cfg.MODEL.RETINANET.NUM_CLASSES
+        if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
         else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    )
 
 
 def _class_names(cfg, table: Optional[Dict[int, Dict]], num_classes: int) -> List[str]:
@@ -279,7 +343,9 @@ def _class_names(cfg, table: Optional[Dict[int, Dict]], num_classes: int) -> Lis
 
     for name in cfg.DATASETS.TEST:
         meta = MetadataCatalog.get(name)
-        classes = meta.get("thing_classes", None) or (CLASSES if meta.get("synthetic_split", None) else None)
+        classes = meta.get("thing_classes", None) or (
+            CLASSES if meta.get("synthetic_split", None) else None
+        )
         if classes and len(classes) == num_classes:
             return list(classes)
     return [f"class {i + 1}" for i in range(num_classes)]
@@ -292,7 +358,11 @@ def _dataset_ids(cfg, num_classes: int) -> List[int]:
 
     for name in cfg.DATASETS.TEST:
         mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id", None)
-        if mapping and len(mapping) == num_classes and sorted(mapping.values()) == list(range(num_classes)):
+        if (
+            mapping
+            and len(mapping) == num_classes
+            and sorted(mapping.values()) == list(range(num_classes))
+        ):
             return [d for d, _ in sorted(mapping.items(), key=lambda item: item[1])]
     return list(range(1, num_classes + 1))
 
@@ -337,8 +407,10 @@ def run(args) -> int:
         raise PredictError(f"--score-threshold must be a number, got {args.score_threshold}")
     cfg = _setup_cfg(args)
     if cfg.MODEL.MASK_ON and importlib.util.find_spec("cv2") is None:
-        raise PredictError("drawing the masks of a MODEL.MASK_ON model needs OpenCV, which is not installed:"
-                           " pip install opencv-python-headless")
+        raise PredictError(
+            "drawing the masks of a MODEL.MASK_ON model needs OpenCV, which is not installed:"
+            " pip install opencv-python-headless"
+        )
     if not os.path.isfile(args.weights):
         raise PredictError(f"weights file not found: {args.weights}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -347,14 +419,23 @@ def run(args) -> int:
     outputs = []
     for path in images:
         stem, ext = os.path.splitext(os.path.basename(path))
-        outputs.append(os.path.join(args.output, stem + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ".png")))
+        outputs.append(
+            os.path.join(
+                args.output, stem + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ".png")
+            )
+        )
     if len(set(outputs)) < len(outputs):
-        raise PredictError("two input images have the same name; their pictures would overwrite each other")
+        raise PredictError(
+            "two input images have the same name; their pictures would overwrite each other"
+        )
     json_path = os.path.join(args.output, "predictions.json")
     existing = [p for p in outputs + [json_path] if os.path.exists(p)]
     if existing and not args.overwrite:
-        raise PredictError(f"{len(existing)} output files exist already (e.g. {existing[0]}); add --overwrite"
-                           " to replace them")
+        raise PredictError(
+            f"{len(existing)} output files exist already (e.g. {existing[0]}); add --overwrite"
+            " to replace them"
+        )
+
     def read(path):
         try:
             return read_image(path, format="BGR")
@@ -374,7 +455,9 @@ def run(args) -> int:
     if table is None and args.score_threshold is None:
         table, source = _saved_thresholds(args, cfg, predictor.extra)
     if table is not None and len(table) != num_classes:
-        raise PredictError(f"{source} has thresholds of {len(table)} classes, the model has {num_classes}")
+        raise PredictError(
+            f"{source} has thresholds of {len(table)} classes, the model has {num_classes}"
+        )
     # Detectron2 numbers a COCO json's classes by their sorted ids.
     dataset_ids = sorted(table) if table else _dataset_ids(cfg, num_classes)
     thresholds = {i: table[c]["threshold"] for i, c in enumerate(dataset_ids)} if table else None
@@ -397,7 +480,11 @@ def run(args) -> int:
         print(f"{path}: {len(instances)} detections -> {out}")
     with atomic_write(json_path) as f:
         json.dump(results, f)
-    how = f"LRP-optimal thresholds of {source}" if thresholds is not None else f"score threshold {default}"
+    how = (
+        f"LRP-optimal thresholds of {source}"
+        if thresholds is not None
+        else f"score threshold {default}"
+    )
     print(f"{len(results)} detections in {len(images)} images ({how}) -> {json_path}")
     return 0
 

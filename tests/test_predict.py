@@ -28,16 +28,36 @@ EPOCH = 4  # iterations per epoch of the tiny config (32 images, batch 8)
 # model_best.pth), an iteration line every 3 iterations, a learning rate still warming up
 # (so that each line's lr is its own). A barely trained model scores every anchor about
 # 0.01: SCORE_THRESH_TEST 0 keeps its 20 best detections per image.
-TRAINING = ["SOLVER.MAX_EPOCHS", 2, "TEST.EVAL_PERIOD", 2, "SOLVER.LOG_PERIOD", 3, "SOLVER.BASE_LR", 0.002,
-            "SOLVER.WARMUP_ITERS", 8, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 20]
+TRAINING = [
+    "SOLVER.MAX_EPOCHS",
+    2,
+    "TEST.EVAL_PERIOD",
+    2,
+    "SOLVER.LOG_PERIOD",
+    3,
+    "SOLVER.BASE_LR",
+    0.002,
+    "SOLVER.WARMUP_ITERS",
+    8,
+    "MODEL.RETINANET.SCORE_THRESH_TEST",
+    0.0,
+    "TEST.DETECTIONS_PER_IMAGE",
+    20,
+]
 
 _SHARED = {}
 
 
 def train_net(*args, env_root, timeout=300):
     env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def trained_run(tmp_path_factory):
@@ -50,10 +70,21 @@ def trained_run(tmp_path_factory):
         for split in ("tiny_train", "tiny_val"):
             generate_split(os.path.join(base / "data", "alrp_synthetic"), split)
         out = base / "out"
-        done = train_net("--config-file", TINY, "--accelerator", "cpu", "--logger", "csv", *TRAINING,
-                         "OUTPUT_DIR", out, env_root=base / "data")
-        _SHARED["run"] = types.SimpleNamespace(base=base, data=base / "data", out=out, done=done,
-                                               console=done.stdout + done.stderr)
+        done = train_net(
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            "--logger",
+            "csv",
+            *TRAINING,
+            "OUTPUT_DIR",
+            out,
+            env_root=base / "data",
+        )
+        _SHARED["run"] = types.SimpleNamespace(
+            base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr
+        )
     run = _SHARED["run"]
     assert run.done.returncode == 0, run.done.stderr[-3000:]
     return run
@@ -102,8 +133,12 @@ def model_outputs(run, inputs):
         instances = predictor(bgr(path))["instances"].to("cpu")
         boxes = instances.pred_boxes.tensor.numpy().astype(float)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-        outputs.append([(int(c), float(s), [float(v) for v in b])
-                        for c, s, b in zip(instances.pred_classes.tolist(), instances.scores.tolist(), xywh)])
+        outputs.append(
+            [
+                (int(c), float(s), [float(v) for v in b])
+                for c, s, b in zip(instances.pred_classes.tolist(), instances.scores.tolist(), xywh)
+            ]
+        )
     assert sum(len(o) for o in outputs) > 0, "the model detects nothing: no test of the thresholds"
     return outputs
 
@@ -114,8 +149,15 @@ def expected_rows(outputs, inputs, keep):
     for image_id, (dets, path) in enumerate(zip(outputs, inputs), start=1):
         for cls, score, box in dets:
             if keep(cls + 1, score):  # the synthetic categories are 1..4
-                rows.append({"image_id": image_id, "category_id": cls + 1, "score": score, "bbox": box,
-                             "file_name": path.name})
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cls + 1,
+                        "score": score,
+                        "bbox": box,
+                        "file_name": path.name,
+                    }
+                )
     return rows
 
 
@@ -123,17 +165,27 @@ def by_threshold(table):
     def keep(category, score):
         t = table[str(category)]["threshold"]
         return t is not None and score >= t
+
     return keep
 
 
 def assert_same_rows(actual, expected):
     def key(r):
-        return r["image_id"], r["category_id"], round(r["score"], 7), [round(v, 3) for v in r["bbox"]]
+        return (
+            r["image_id"],
+            r["category_id"],
+            round(r["score"], 7),
+            [round(v, 3) for v in r["bbox"]],
+        )
 
     actual, expected = sorted(actual, key=key), sorted(expected, key=key)
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
-        assert (a["image_id"], a["category_id"], a["file_name"]) == (e["image_id"], e["category_id"], e["file_name"])
+        assert (a["image_id"], a["category_id"], a["file_name"]) == (
+            e["image_id"],
+            e["category_id"],
+            e["file_name"],
+        )
         assert a["score"] == pytest.approx(e["score"], abs=1e-6)
         assert a["bbox"] == pytest.approx(e["bbox"], abs=1e-3)
 
@@ -152,8 +204,18 @@ def predict(argv):
 
 
 def base_args(run, inputs, output, weights=None):
-    return ["--config-file", run.out / "config.yaml", "--weights", weights or run.out / "model_final.pth",
-            "--input", *inputs, "--output", output, "--device", "cpu"]
+    return [
+        "--config-file",
+        run.out / "config.yaml",
+        "--weights",
+        weights or run.out / "model_final.pth",
+        "--input",
+        *inputs,
+        "--output",
+        output,
+        "--device",
+        "cpu",
+    ]
 
 
 def read_predictions(folder):
@@ -173,7 +235,9 @@ def crafted(run, model_outputs, tmp_path_factory):
     table = run_thresholds(run)
     for cid in table:
         scores = sorted(s for dets in model_outputs for c, s, _ in dets if c + 1 == int(cid))
-        table[cid]["threshold"] = None if cid == "1" else (scores[len(scores) // 2] if scores else 0.0)
+        table[cid]["threshold"] = (
+            None if cid == "1" else (scores[len(scores) // 2] if scores else 0.0)
+        )
     path = tmp_path_factory.mktemp("crafted") / "thresholds.json"
     path.write_text(json.dumps(table))
     return path, table
@@ -181,16 +245,30 @@ def crafted(run, model_outputs, tmp_path_factory):
 
 # -- what a user gets -------------------------------------------------------------------
 
-def test_command_line_pictures_and_coco_json_with_the_runs_thresholds(run, inputs, model_outputs, tmp_path):
+
+def test_command_line_pictures_and_coco_json_with_the_runs_thresholds(
+    run, inputs, model_outputs, tmp_path
+):
     """The real command, its thresholds found beside the weights (inference/<dataset>/)."""
     output = tmp_path / "pictures"
     env = dict(os.environ, DETECTRON2_DATASETS=str(run.data), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", "alrp_d2.predict", *map(str, base_args(run, inputs, output))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "alrp_d2.predict", *map(str, base_args(run, inputs, output))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     thresholds_file = run.out / "inference" / VAL / "lrp_thresholds.json"
     assert f"LRP-optimal thresholds of {thresholds_file}" in done.stdout
-    assert sorted(p.name for p in output.iterdir()) == ["00000.png", "00001.png", "00002.jpg", "predictions.json"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "00000.png",
+        "00001.png",
+        "00002.jpg",
+        "predictions.json",
+    ]
     for path in inputs:
         picture = output / path.name
         assert picture.stat().st_size > 0
@@ -209,7 +287,9 @@ def test_command_line_pictures_and_coco_json_with_the_runs_thresholds(run, input
     assert_same_rows(rows, expected_rows(model_outputs, inputs, by_threshold(run_thresholds(run))))
 
 
-def test_lrp_thresholds_keep_exactly_the_detections_above_them(run, inputs, model_outputs, crafted, tmp_path):
+def test_lrp_thresholds_keep_exactly_the_detections_above_them(
+    run, inputs, model_outputs, crafted, tmp_path
+):
     path, table = crafted
     code, out, err = predict(base_args(run, inputs, tmp_path / "p") + ["--lrp-thresholds", path])
     assert code == 0, err
@@ -223,7 +303,10 @@ def test_lrp_thresholds_keep_exactly_the_detections_above_them(run, inputs, mode
     for image_id, path_in in enumerate(inputs, start=1):
         if any(r["image_id"] == image_id for r in rows):
             drawn = np.asarray(Image.open(tmp_path / "p" / path_in.name).convert("RGB")).astype(int)
-            assert np.abs(drawn - np.asarray(Image.open(path_in).convert("RGB")).astype(int)).max() > 60
+            assert (
+                np.abs(drawn - np.asarray(Image.open(path_in).convert("RGB")).astype(int)).max()
+                > 60
+            )
 
 
 def test_score_threshold_for_every_class(run, inputs, model_outputs, tmp_path):
@@ -237,7 +320,9 @@ def test_score_threshold_for_every_class(run, inputs, model_outputs, tmp_path):
     assert 0 < len(rows) < len(scores)
 
 
-def test_thresholds_file_beside_the_weights_is_the_default(run, inputs, model_outputs, crafted, tmp_path):
+def test_thresholds_file_beside_the_weights_is_the_default(
+    run, inputs, model_outputs, crafted, tmp_path
+):
     weights = tmp_path / "model" / "model.pth"
     weights.parent.mkdir()
     shutil.copy(run.out / "model_final.pth", weights)
@@ -245,7 +330,10 @@ def test_thresholds_file_beside_the_weights_is_the_default(run, inputs, model_ou
     code, out, err = predict(base_args(run, inputs, tmp_path / "p", weights))
     assert code == 0, err
     assert f"LRP-optimal thresholds of {weights.parent / 'lrp_thresholds.json'}" in out
-    assert_same_rows(read_predictions(tmp_path / "p"), expected_rows(model_outputs, inputs, by_threshold(crafted[1])))
+    assert_same_rows(
+        read_predictions(tmp_path / "p"),
+        expected_rows(model_outputs, inputs, by_threshold(crafted[1])),
+    )
     # Without any thresholds: one score threshold, 0.5.
     os.remove(weights.parent / "lrp_thresholds.json")
     code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights))
@@ -261,10 +349,15 @@ def test_several_thresholds_files_of_the_run(run, inputs, model_outputs, crafted
     for name in ("other_a", VAL):
         (tmp_path / "inference" / name).mkdir(parents=True)
     shutil.copy(crafted[0], tmp_path / "inference" / VAL / "lrp_thresholds.json")
-    shutil.copy(run.out / "inference" / VAL / "lrp_thresholds.json", tmp_path / "inference" / "other_a")
+    shutil.copy(
+        run.out / "inference" / VAL / "lrp_thresholds.json", tmp_path / "inference" / "other_a"
+    )
     code, out, err = predict(base_args(run, inputs, tmp_path / "p", weights))
     assert code == 0, err
-    assert_same_rows(read_predictions(tmp_path / "p"), expected_rows(model_outputs, inputs, by_threshold(crafted[1])))
+    assert_same_rows(
+        read_predictions(tmp_path / "p"),
+        expected_rows(model_outputs, inputs, by_threshold(crafted[1])),
+    )
     shutil.move(tmp_path / "inference" / VAL, tmp_path / "inference" / "other_b")
     code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights))
     assert code == 2 and "several LRP thresholds files" in err and "--lrp-thresholds" in err
@@ -275,30 +368,43 @@ def test_lightning_checkpoint_as_weights(run, inputs, model_outputs, tmp_path):
     code, out, err = predict(base_args(run, inputs, tmp_path / "p", run.out / "last.ckpt"))
     assert code == 0, err
     assert f"LRP-optimal thresholds of {run.out / 'inference' / VAL / 'lrp_thresholds.json'}" in out
-    assert_same_rows(read_predictions(tmp_path / "p"),
-                     expected_rows(model_outputs, inputs, by_threshold(run_thresholds(run))))
+    assert_same_rows(
+        read_predictions(tmp_path / "p"),
+        expected_rows(model_outputs, inputs, by_threshold(run_thresholds(run))),
+    )
 
 
-def test_model_best_brings_the_thresholds_of_its_own_evaluation(run, inputs, model_outputs, crafted, tmp_path):
+def test_model_best_brings_the_thresholds_of_its_own_evaluation(
+    run, inputs, model_outputs, crafted, tmp_path
+):
     best = torch.load(run.out / "model_best.pth", map_location="cpu", weights_only=False)
     assert best["lrp_thresholds"] == {VAL: run_thresholds(run)}
     best["lrp_thresholds"] = {VAL: crafted[1]}  # as if another evaluation had made it the best
     weights = tmp_path / "model_best.pth"
     torch.save(best, weights)
-    shutil.copy(run.out / "inference" / VAL / "lrp_thresholds.json", tmp_path / "lrp_thresholds.json")  # not used
+    shutil.copy(
+        run.out / "inference" / VAL / "lrp_thresholds.json", tmp_path / "lrp_thresholds.json"
+    )  # not used
     code, out, err = predict(base_args(run, inputs, tmp_path / "p", weights))
     assert code == 0, err
     assert f"LRP-optimal thresholds of {weights} (its evaluation on {VAL})" in out
-    assert_same_rows(read_predictions(tmp_path / "p"), expected_rows(model_outputs, inputs, by_threshold(crafted[1])))
+    assert_same_rows(
+        read_predictions(tmp_path / "p"),
+        expected_rows(model_outputs, inputs, by_threshold(crafted[1])),
+    )
 
 
 def test_scale_resizes_the_pictures(run, inputs, tmp_path):
-    code, _, err = predict(base_args(run, inputs[:1], tmp_path / "p") + ["--scale", 2, "--score-threshold", 0])
+    code, _, err = predict(
+        base_args(run, inputs[:1], tmp_path / "p") + ["--scale", 2, "--score-threshold", 0]
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "p" / "00000.png").size == (256, 256)
 
 
-def test_output_is_kept_without_overwrite_and_replaced_with_it(run, inputs, model_outputs, tmp_path):
+def test_output_is_kept_without_overwrite_and_replaced_with_it(
+    run, inputs, model_outputs, tmp_path
+):
     output = tmp_path / "p"
     code, _, err = predict(base_args(run, inputs, output))
     assert code == 0, err
@@ -310,7 +416,9 @@ def test_output_is_kept_without_overwrite_and_replaced_with_it(run, inputs, mode
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in output.iterdir()} == before
     code, _, err = predict(base_args(run, inputs, output) + ["--score-threshold", 0, "--overwrite"])
     assert code == 0, err
-    assert_same_rows(read_predictions(output), expected_rows(model_outputs, inputs, lambda c, s: True))
+    assert_same_rows(
+        read_predictions(output), expected_rows(model_outputs, inputs, lambda c, s: True)
+    )
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in output.iterdir()}
     assert after["notes.txt"] == before["notes.txt"]
     for name in ("00000.png", "00001.png", "00002.jpg", "predictions.json"):
@@ -323,14 +431,19 @@ def test_masks_without_opencv_exit_2_before_writing(run, inputs, tmp_path, monke
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "cv2" else real(n, *a))
-    code, _, err = predict(base_args(run, inputs, tmp_path / "p") + ["MODEL.MASK_ON", "True"])  # an override
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "cv2" else real(n, *a)
+    )
+    code, _, err = predict(
+        base_args(run, inputs, tmp_path / "p") + ["MODEL.MASK_ON", "True"]
+    )  # an override
     assert code == 2
     assert "needs OpenCV, which is not installed: pip install opencv-python-headless" in err
     assert not (tmp_path / "p").exists()
 
 
 # -- bad input: exit status 2, a message naming the problem, nothing written -----------------
+
 
 @pytest.fixture(scope="module")
 def bad_files(run, tmp_path_factory):
@@ -346,7 +459,9 @@ def bad_files(run, tmp_path_factory):
     files["garbage"], files["truncated"] = folder / "garbage.png", folder / "truncated.png"
     # The focal-loss quickstart's model (Detectron2's RetinaNet, another network).
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "quickstart", "focal_retinanet_synthetic.yaml"))
+    cfg.merge_from_file(
+        os.path.join(ROOT, "configs", "quickstart", "focal_retinanet_synthetic.yaml")
+    )
     cfg.MODEL.DEVICE = "cpu"
     torch.save({"model": build_model(cfg).state_dict()}, folder / "focal.pth")
     files["focal"] = folder / "focal.pth"
@@ -376,37 +491,92 @@ def bad_files(run, tmp_path_factory):
 
 
 BAD = [
-    ("missing image", lambda f, i: {"input": [i[0], "no/such/image.png"]}, "input image not found: no/such/image.png"),
+    (
+        "missing image",
+        lambda f, i: {"input": [i[0], "no/such/image.png"]},
+        "input image not found: no/such/image.png",
+    ),
     ("not an image", lambda f, i: {"input": [i[0], f["garbage"]]}, "cannot read image {garbage}"),
     ("truncated image", lambda f, i: {"input": [f["truncated"]]}, "cannot read image {truncated}"),
     ("another network", lambda f, i: {"weights": f["focal"]}, "holds the weights of another model"),
-    ("other shapes", lambda f, i: {"weights": f["shapes"]}, "head.cls_score.weight (shape (10, 32, 3, 3) in the file"),
-    ("unknown parameters", lambda f, i: {"weights": f["extra"]}, "mask_head.weight (not in the model)"),
+    (
+        "other shapes",
+        lambda f, i: {"weights": f["shapes"]},
+        "head.cls_score.weight (shape (10, 32, 3, 3) in the file",
+    ),
+    (
+        "unknown parameters",
+        lambda f, i: {"weights": f["extra"]},
+        "mask_head.weight (not in the model)",
+    ),
     ("not a checkpoint", lambda f, i: {"weights": f["text"]}, "cannot read the weights {text}"),
-    ("missing weights", lambda f, i: {"weights": "no/such/model.pth"}, "weights file not found: no/such/model.pth"),
-    ("missing thresholds", lambda f, i: {"extra": ["--lrp-thresholds", "no/such.json"]},
-     "LRP thresholds file not found: no/such.json"),
-    ("thresholds not json", lambda f, i: {"extra": ["--lrp-thresholds", f["not_json"]]}, "not valid json"),
-    ("thresholds a list", lambda f, i: {"extra": ["--lrp-thresholds", f["list"]]}, "expected an object of classes"),
-    ("no threshold", lambda f, i: {"extra": ["--lrp-thresholds", f["no_threshold"]]}, "class 1: no 'threshold'"),
-    ("threshold a string", lambda f, i: {"extra": ["--lrp-thresholds", f["string_threshold"]]},
-     "threshold 'high' is not a number"),
-    ("other classes", lambda f, i: {"extra": ["--lrp-thresholds", f["three_classes"]]},
-     "has thresholds of 3 classes, the model has 4"),
-    ("missing config", lambda f, i: {"config": "no/such.yaml"}, "config file not found: no/such.yaml"),
-    ("both thresholds", lambda f, i: {"extra": ["--lrp-thresholds", f["list"], "--score-threshold", "0.1"]},
-     "not allowed with argument"),
+    (
+        "missing weights",
+        lambda f, i: {"weights": "no/such/model.pth"},
+        "weights file not found: no/such/model.pth",
+    ),
+    (
+        "missing thresholds",
+        lambda f, i: {"extra": ["--lrp-thresholds", "no/such.json"]},
+        "LRP thresholds file not found: no/such.json",
+    ),
+    (
+        "thresholds not json",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["not_json"]]},
+        "not valid json",
+    ),
+    (
+        "thresholds a list",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["list"]]},
+        "expected an object of classes",
+    ),
+    (
+        "no threshold",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["no_threshold"]]},
+        "class 1: no 'threshold'",
+    ),
+    (
+        "threshold a string",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["string_threshold"]]},
+        "threshold 'high' is not a number",
+    ),
+    (
+        "other classes",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["three_classes"]]},
+        "has thresholds of 3 classes, the model has 4",
+    ),
+    (
+        "missing config",
+        lambda f, i: {"config": "no/such.yaml"},
+        "config file not found: no/such.yaml",
+    ),
+    (
+        "both thresholds",
+        lambda f, i: {"extra": ["--lrp-thresholds", f["list"], "--score-threshold", "0.1"]},
+        "not allowed with argument",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case,change,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_exits_2_with_a_message_and_writes_nothing(run, inputs, bad_files, tmp_path, case, change,
-                                                             message):
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(
+    run, inputs, bad_files, tmp_path, case, change, message
+):
     c = change(bad_files, inputs)
     output = tmp_path / "p"
-    argv = ["--config-file", c.get("config", run.out / "config.yaml"),
-            "--weights", c.get("weights", run.out / "model_final.pth"),
-            "--input", *c.get("input", inputs), "--output", output, "--device", "cpu", *c.get("extra", [])]
+    argv = [
+        "--config-file",
+        c.get("config", run.out / "config.yaml"),
+        "--weights",
+        c.get("weights", run.out / "model_final.pth"),
+        "--input",
+        *c.get("input", inputs),
+        "--output",
+        output,
+        "--device",
+        "cpu",
+        *c.get("extra", []),
+    ]
     code, out, err = predict(argv)
     assert code == 2
     assert message.format(**bad_files) in err, err

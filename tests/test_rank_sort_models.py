@@ -74,8 +74,12 @@ def test_retinanet_losses_equal_a_direct_computation():
     pred = model.box2box_transform.apply_deltas(cat(deltas, dim=1)[positive], anchor_boxes)
     weights = flat_logits.detach()[positive].sigmoid().amax(-1)
     ranking, sorting, box = expected_terms(
-        flat_logits.reshape(-1), classwise_targets(stacked, 3).reshape(-1), pred,
-        torch.stack(boxes)[positive], weights)
+        flat_logits.reshape(-1),
+        classwise_targets(stacked, 3).reshape(-1),
+        pred,
+        torch.stack(boxes)[positive],
+        weights,
+    )
     assert torch.allclose(losses["loss_rs_rank"], ranking)
     assert torch.allclose(losses["loss_rs_sort"], sorting)
     assert torch.allclose(losses["loss_rs_box"], box)
@@ -98,9 +102,13 @@ def test_box_gradient_equals_the_direct_computation():
     anchor_boxes = Boxes.cat(anchors).tensor.expand(len(inputs), -1, -1)[positive]
     pred = model.box2box_transform.apply_deltas(cat(direct, dim=1)[positive], anchor_boxes)
     weights = cat(logits, dim=1).detach()[positive].sigmoid().amax(-1)
-    _, _, box = expected_terms(cat(logits, dim=1).reshape(-1).detach(),
-                               classwise_targets(stacked, 3).reshape(-1), pred,
-                               torch.stack(boxes)[positive], weights)
+    _, _, box = expected_terms(
+        cat(logits, dim=1).reshape(-1).detach(),
+        classwise_targets(stacked, 3).reshape(-1),
+        pred,
+        torch.stack(boxes)[positive],
+        weights,
+    )
     box.backward()
     for got, want in zip(leaves, direct):
         assert torch.allclose(got.grad, want.grad, atol=1e-7)
@@ -138,8 +146,10 @@ def roi_case(model, seed=0):
     """Proposals of two images labelled as the RoI heads label them (every proposal)."""
     g = torch.Generator().manual_seed(seed)
     proposals = []
-    for gt_boxes, gt_classes in ((torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]),
-                                  torch.tensor([0, 2])), (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))):
+    for gt_boxes, gt_classes in (
+        (torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]), torch.tensor([0, 2])),
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)),
+    ):
         boxes = torch.rand(12, 2, generator=g) * 60
         boxes = torch.cat([boxes, boxes + 10 + torch.rand(12, 2, generator=g) * 30], 1)
         if len(gt_boxes):
@@ -171,8 +181,9 @@ def test_roi_box_losses_equal_a_direct_computation():
     pred = cat(predictor.predict_boxes_for_gt_classes(predictions, proposals))[positive]
     gt = cat([p.gt_boxes.tensor for p in proposals if p.has("gt_boxes")])[positive[:12]]
     weights = scores.detach().sigmoid().amax(-1)[positive]
-    ranking, sorting, box = expected_terms(scores.reshape(-1), classwise_targets(gt_classes, 3).reshape(-1),
-                                           pred, gt, weights)
+    ranking, sorting, box = expected_terms(
+        scores.reshape(-1), classwise_targets(gt_classes, 3).reshape(-1), pred, gt, weights
+    )
     assert torch.allclose(losses["loss_roi_rs_rank"], ranking)
     assert torch.allclose(losses["loss_roi_rs_sort"], sorting)
     assert torch.allclose(losses["loss_roi_rs_box"], box)
@@ -194,17 +205,28 @@ def test_rpn_losses_are_weighted_by_the_rpn_weight():
         anchors = rpn.anchor_generator(feats)
         logits, deltas = rpn.rpn_head(feats)
         logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-        deltas = [x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-                  for x in deltas]
-        gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, [x["instances"] for x in inputs])
+        deltas = [
+            x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1])
+            .permute(0, 3, 4, 1, 2)
+            .flatten(1, -2)
+            for x in deltas
+        ]
+        gt_labels, gt_boxes = rpn.label_and_sample_anchors(
+            anchors, [x["instances"] for x in inputs]
+        )
         losses = rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
     labels = torch.stack(gt_labels)
     positive = labels == 1
     assert (labels == -1).any() and positive.any()  # every anchor, none sampled away
     proposals = cat(rpn._decode_proposals(anchors, deltas), dim=1)[positive]
     flat = cat(logits, dim=1)
-    ranking, sorting, box = expected_terms(flat.reshape(-1), labels.reshape(-1), proposals,
-                                           torch.stack(gt_boxes)[positive], flat.detach()[positive].sigmoid())
+    ranking, sorting, box = expected_terms(
+        flat.reshape(-1),
+        labels.reshape(-1),
+        proposals,
+        torch.stack(gt_boxes)[positive],
+        flat.detach()[positive].sigmoid(),
+    )
     assert torch.allclose(losses["loss_rpn_rs_rank"], 0.2 * ranking)
     assert torch.allclose(losses["loss_rpn_rs_sort"], 0.2 * sorting)
     assert torch.allclose(losses["loss_rpn_rs_box"], 0.2 * box)
@@ -214,10 +236,17 @@ def test_mask_loss_is_the_weighted_dice_scaled_to_the_ranking_terms():
     g = torch.Generator().manual_seed(3)
     images = []
     for n in (3, 2):
-        boxes = torch.tensor([[4.0, 4.0, 40.0, 44.0]]).repeat(n, 1) + torch.rand(n, 4, generator=g) * 4
+        boxes = (
+            torch.tensor([[4.0, 4.0, 40.0, 44.0]]).repeat(n, 1) + torch.rand(n, 4, generator=g) * 4
+        )
         masks = torch.rand(n, 48, 48, generator=g) > 0.5
-        inst = Instances((48, 48), proposal_boxes=Boxes(boxes), gt_boxes=Boxes(boxes),
-                         gt_classes=torch.randint(0, 3, (n,), generator=g), gt_masks=BitMasks(masks))
+        inst = Instances(
+            (48, 48),
+            proposal_boxes=Boxes(boxes),
+            gt_boxes=Boxes(boxes),
+            gt_classes=torch.randint(0, 3, (n,), generator=g),
+            gt_masks=BitMasks(masks),
+        )
         inst.rs_weight = torch.rand(n, generator=g)
         inst.rs_balance = torch.full((n,), 0.7)
         images.append(inst)
@@ -226,10 +255,14 @@ def test_mask_loss_is_the_weighted_dice_scaled_to_the_ranking_terms():
     assert loss.item() == pytest.approx(0.7, rel=1e-6)
 
     classes = cat([i.gt_classes for i in images])
-    target = cat([i.gt_masks.crop_and_resize(i.proposal_boxes.tensor, 14) for i in images]).float().flatten(1)
+    target = (
+        cat([i.gt_masks.crop_and_resize(i.proposal_boxes.tensor, 14) for i in images])
+        .float()
+        .flatten(1)
+    )
     direct_logits = logits.detach().clone().requires_grad_()
     p = direct_logits[torch.arange(5), classes].sigmoid().flatten(1)
-    dice = 2 * (p * target).sum(1) / ((p ** 2).sum(1) + (target ** 2).sum(1) + 1e-5)
+    dice = 2 * (p * target).sum(1) / ((p**2).sum(1) + (target**2).sum(1) + 1e-5)
     w = cat([i.rs_weight for i in images])
     direct = (w * (1 - dice)).sum() / w.sum()
     (direct * (0.7 / direct).detach()).backward()
@@ -242,8 +275,12 @@ def test_mask_loss_is_the_weighted_dice_scaled_to_the_ranking_terms():
 
 
 def test_mask_head_without_rank_sort_roi_heads_fails_clearly():
-    inst = Instances((48, 48), proposal_boxes=Boxes(torch.tensor([[1.0, 1.0, 20.0, 20.0]])),
-                     gt_classes=torch.tensor([0]), gt_masks=BitMasks(torch.ones(1, 48, 48, dtype=torch.bool)))
+    inst = Instances(
+        (48, 48),
+        proposal_boxes=Boxes(torch.tensor([[1.0, 1.0, 20.0, 20.0]])),
+        gt_classes=torch.tensor([0]),
+        gt_masks=BitMasks(torch.ones(1, 48, 48, dtype=torch.bool)),
+    )
     with pytest.raises(ValueError, match="RankSortROIHeads"):
         rank_sort_mask_loss(torch.randn(1, 3, 14, 14), [inst])
 
@@ -265,7 +302,7 @@ def test_rs_atss_head_has_a_learnable_box_scale_per_level():
     assert isinstance(head, ScaledBoxRetinaNetHead)
     assert torch.equal(head.box_scales.detach(), torch.ones(5))  # Scale(1.0) on P3-P7
     assert "head.box_scales" in model.state_dict()
-    features = [torch.randn(1, 256, 8 // 2 ** i + 1, 8 // 2 ** i + 1) for i in range(5)]
+    features = [torch.randn(1, 256, 8 // 2**i + 1, 8 // 2**i + 1) for i in range(5)]
     _, unscaled = RetinaNetHead.forward(head, features)
     with torch.no_grad():
         head.box_scales[2] = 2.0
@@ -285,14 +322,22 @@ def test_mask_head_trains_on_at_most_max_masks_positives():
     assert head.max_masks == 200
     head.max_masks = 3
     g = torch.Generator().manual_seed(0)
-    images = [Instances((48, 48), proposal_boxes=Boxes(torch.rand(n, 4, generator=g)),
-                        index=torch.arange(n) + 100 * i) for i, n in enumerate((4, 0, 3))]
+    images = [
+        Instances(
+            (48, 48),
+            proposal_boxes=Boxes(torch.rand(n, 4, generator=g)),
+            index=torch.arange(n) + 100 * i,
+        )
+        for i, n in enumerate((4, 0, 3))
+    ]
     x = torch.arange(7.0)[:, None]  # row r: proposal r of the images in order
     kept_x, kept = head._subsample(x, images)
     assert len(kept_x) == 3 and sum(len(i) for i in kept) == 3
     rows = [int(r) for r in kept_x[:, 0]]
     expected = [[r for r in rows if r < 4], [], [r - 4 for r in rows if r >= 4]]
-    assert [i.index.tolist() for i in kept] == [[100 * k + r for r in e] for k, e in enumerate(expected)]
+    assert [i.index.tolist() for i in kept] == [
+        [100 * k + r for r in e] for k, e in enumerate(expected)
+    ]
     head.max_masks = 0
     assert head._subsample(x, images)[0] is x
     with EventStorage():  # a training step still works with the cap

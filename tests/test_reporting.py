@@ -50,10 +50,12 @@ def train_net_main(argv):
 # -- iteration lines (alrp_d2.engine.printer) ---------------------------------------------
 
 LINE = re.compile(
-    r"^\[\d\d/\d\d \d\d:\d\d:\d\d\] alrp_d2 INFO:  eta: \d+:\d\d:\d\d  iter: (?P<iter>\d+)  epoch: (?P<epoch>\d+)"
+    r"^\[\d\d/\d\d \d\d:\d\d:\d\d\] alrp_d2 INFO:  eta: \d+:\d\d:\d\d"
+    r"  iter: (?P<iter>\d+)  epoch: (?P<epoch>\d+)"
     r"  total_loss: (?P<total>\S+)  loss_alrp_cls: \S+  loss_alrp_loc: \S+  (?:\S+: \S+  )*"
     r"time: \d+\.\d{4}  last_time: \d+\.\d{4}  data_time: \d+\.\d{4}  last_data_time: \d+\.\d{4}"
-    r"  lr: (?P<lr>\S+)$")
+    r"  lr: (?P<lr>\S+)$"
+)
 
 
 def schedule_lrs(run, iterations):
@@ -82,7 +84,11 @@ def test_log_has_a_line_every_log_period_in_detectron2s_format(run):
     matches = [LINE.match(line) for line in lines]
     assert all(matches), "\n".join(line for line, m in zip(lines, matches) if not m)
     iters = [int(m["iter"]) for m in matches]
-    assert iters == list(range(period, total + 1, period)) + ([total] if total % period else []) == [3, 6, 8]
+    assert (
+        iters
+        == list(range(period, total + 1, period)) + ([total] if total % period else [])
+        == [3, 6, 8]
+    )
     assert [int(m["epoch"]) for m in matches] == [(i - 1) // EPOCH for i in iters] == [0, 1, 1]
     assert all(math.isfinite(float(m["total"])) for m in matches)
     assert "eta: 0:00:00" in lines[-1]
@@ -101,9 +107,16 @@ class FakeTrainer(types.SimpleNamespace):
 
 def fake_trainer(max_steps, device="cpu"):
     optimizer = types.SimpleNamespace(param_groups=[{"lr": 0.5}])
-    return FakeTrainer(global_step=0, max_steps=max_steps, estimated_stepping_batches=max_steps, current_epoch=0,
-                       is_global_zero=True, callback_metrics={}, optimizers=[optimizer],
-                       strategy=types.SimpleNamespace(root_device=torch.device(device)))
+    return FakeTrainer(
+        global_step=0,
+        max_steps=max_steps,
+        estimated_stepping_batches=max_steps,
+        current_epoch=0,
+        is_global_zero=True,
+        callback_metrics={},
+        optimizers=[optimizer],
+        strategy=types.SimpleNamespace(root_device=torch.device(device)),
+    )
 
 
 @contextlib.contextmanager
@@ -128,16 +141,22 @@ def drive(printer, trainer, steps, monkeypatch, data=2.0, compute=10.0, losses=N
     from alrp_d2.engine import printer as printer_module
 
     clock = [100.0]
-    monkeypatch.setattr(printer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(
+        printer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
+    )
     printer.on_train_epoch_start(trainer, None)
     for step in range(1, steps + 1):
         clock[0] += data
         printer.on_train_batch_start(trainer, None, None, step - 1)
         clock[0] += compute
         trainer.global_step = step
-        trainer.callback_metrics = {"total_loss": torch.tensor(float(step if losses is None else losses[step - 1])),
-                                    "loss_cls": torch.tensor(0.25), "alrp/num_pos": torch.tensor(7.0),
-                                    "lr": torch.tensor(0.001 * step), "bbox/AP": torch.tensor(3.0)}
+        trainer.callback_metrics = {
+            "total_loss": torch.tensor(float(step if losses is None else losses[step - 1])),
+            "loss_cls": torch.tensor(0.25),
+            "alrp/num_pos": torch.tensor(7.0),
+            "lr": torch.tensor(0.001 * step),
+            "bbox/AP": torch.tensor(3.0),
+        }
         printer.on_train_batch_end(trainer, None, None, None, step - 1)
 
 
@@ -149,19 +168,19 @@ def test_printer_lines_unit(monkeypatch):
         drive(MetricPrinter(period=2), trainer, 5, monkeypatch)
     # iterations 2 and 4 (the period) and 5 (the last); medians and means over the last 2
     assert lines == [
-        " eta: 0:00:36  iter: 2  epoch: 0  total_loss: 1.5  loss_cls: 0.25  time: 12.0000  last_time: 12.0000"
-        "  data_time: 2.0000  last_data_time: 2.0000  lr: 0.002",
-        " eta: 0:00:12  iter: 4  epoch: 0  total_loss: 3.5  loss_cls: 0.25  time: 12.0000  last_time: 12.0000"
-        "  data_time: 2.0000  last_data_time: 2.0000  lr: 0.004",
-        " eta: 0:00:00  iter: 5  epoch: 0  total_loss: 4.5  loss_cls: 0.25  time: 12.0000  last_time: 12.0000"
-        "  data_time: 2.0000  last_data_time: 2.0000  lr: 0.005",
+        " eta: 0:00:36  iter: 2  epoch: 0  total_loss: 1.5  loss_cls: 0.25  time: 12.0000"
+        "  last_time: 12.0000  data_time: 2.0000  last_data_time: 2.0000  lr: 0.002",
+        " eta: 0:00:12  iter: 4  epoch: 0  total_loss: 3.5  loss_cls: 0.25  time: 12.0000"
+        "  last_time: 12.0000  data_time: 2.0000  last_data_time: 2.0000  lr: 0.004",
+        " eta: 0:00:00  iter: 5  epoch: 0  total_loss: 4.5  loss_cls: 0.25  time: 12.0000"
+        "  last_time: 12.0000  data_time: 2.0000  last_data_time: 2.0000  lr: 0.005",
     ]
 
 
 def test_printer_format_line_memory_and_other_ranks(monkeypatch):
     from alrp_d2.engine.printer import MetricPrinter
 
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 812 * 1024 ** 2)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 812 * 1024**2)
     trainer = fake_trainer(max_steps=3, device="cuda")
     printer = MetricPrinter(period=3)
     with alrp_d2_lines() as lines:
@@ -180,6 +199,7 @@ def test_printer_format_line_memory_and_other_ranks(monkeypatch):
 
 
 # -- model_best.pth (alrp_d2.engine.best) --------------------------------------------------
+
 
 def test_model_best_after_the_evaluation(run):
     from detectron2.checkpoint import DetectionCheckpointer
@@ -227,9 +247,13 @@ def evaluate(callback, module, value, step, epoch=0, fn="fit", metric=None):
     from pytorch_lightning.trainer.states import TrainerFn
 
     trainer = types.SimpleNamespace(
-        sanity_checking=False, global_step=step, current_epoch=epoch, is_global_zero=True,
+        sanity_checking=False,
+        global_step=step,
+        current_epoch=epoch,
+        is_global_zero=True,
         state=types.SimpleNamespace(fn=TrainerFn.FITTING if fn == "fit" else TrainerFn.VALIDATING),
-        callback_metrics={} if value is None else {metric or callback.metric: torch.tensor(value)})
+        callback_metrics={} if value is None else {metric or callback.metric: torch.tensor(value)},
+    )
     with torch.no_grad():
         module.model.weight.fill_(step)  # which evaluation's weights were saved
     callback.on_validation_end(trainer, module)
@@ -239,12 +263,20 @@ def saved(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("metric,mode,values,best", [
-    ("bbox/AP", "auto", [10.0, 30.0, 20.0, float("nan")], (30.0, 2)),
-    ("lrp/oLRP", "auto", [90.0, 80.0, 85.0, 80.0], (80.0, 2)),  # lower is better; a tie does not replace
-    ("bbox/AP50", "min", [5.0, 7.0, 4.0, 6.0], (4.0, 3)),
-    ("lrp/oLRP", "MAX", [1.0, 2.0, 3.0, 2.5], (3.0, 3)),
-])
+@pytest.mark.parametrize(
+    "metric,mode,values,best",
+    [
+        ("bbox/AP", "auto", [10.0, 30.0, 20.0, float("nan")], (30.0, 2)),
+        (
+            "lrp/oLRP",
+            "auto",
+            [90.0, 80.0, 85.0, 80.0],
+            (80.0, 2),
+        ),  # lower is better; a tie does not replace
+        ("bbox/AP50", "min", [5.0, 7.0, 4.0, 6.0], (4.0, 3)),
+        ("lrp/oLRP", "MAX", [1.0, 2.0, 3.0, 2.5], (3.0, 3)),
+    ],
+)
 def test_best_checkpoint_keeps_the_best_evaluation(tmp_path, metric, mode, values, best):
     from detectron2.checkpoint import DetectionCheckpointer
 
@@ -257,14 +289,23 @@ def test_best_checkpoint_keeps_the_best_evaluation(tmp_path, metric, mode, value
     for i, value in enumerate(values, start=1):
         before = path.read_bytes() if path.exists() else None
         evaluate(callback, module, value, step=10 * i, epoch=i - 1)
-        better = not math.isnan(value) and (record is None or (value > record if callback.mode == "max"
-                                                                 else value < record))
+        better = not math.isnan(value) and (
+            record is None or (value > record if callback.mode == "max" else value < record)
+        )
         assert (path.read_bytes() != before) == better, f"evaluation {i} ({value})"
         record = value if better else record
     data = saved(path)
-    assert (data["metric"], data["value"], data["iteration"], data["epoch"]) == (metric, best[0], 10 * best[1],
-                                                                                   best[1] - 1)
-    assert data["mode"] == callback.mode == mode.lower().replace("auto", "min" if metric.startswith("lrp/") else "max")
+    assert (data["metric"], data["value"], data["iteration"], data["epoch"]) == (
+        metric,
+        best[0],
+        10 * best[1],
+        best[1] - 1,
+    )
+    assert (
+        data["mode"]
+        == callback.mode
+        == mode.lower().replace("auto", "min" if metric.startswith("lrp/") else "max")
+    )
     assert callback.best == best[0]
     fresh = FakeModule()
     extra = DetectionCheckpointer(fresh.model).load(str(path))
@@ -285,8 +326,10 @@ def test_best_checkpoint_state_survives_a_resume(tmp_path):
     evaluate(resumed, FakeModule(), 65.0, step=15)
     assert saved(tmp_path / "b" / "model_best.pth")["value"] == 65.0
     # Another metric or direction: the saved record is not theirs.
-    for other in (BestCheckpoint(str(tmp_path / "c"), "bbox/AP"),
-                  BestCheckpoint(str(tmp_path / "c"), "lrp/oLRP", "max")):
+    for other in (
+        BestCheckpoint(str(tmp_path / "c"), "bbox/AP"),
+        BestCheckpoint(str(tmp_path / "c"), "lrp/oLRP", "max"),
+    ):
         other.load_state_dict(state)
         assert other.best is None
 
@@ -307,22 +350,38 @@ def test_best_checkpoint_other_cases(tmp_path, monkeypatch):
     # The final evaluation after fit counts the epochs trained: epoch = the last one.
     module = FakeModule(out_dir=tmp_path)
     (tmp_path / "inference" / VAL).mkdir(parents=True)
-    (tmp_path / "inference" / VAL / "lrp_thresholds.json").write_text('{"1": {"name": "a", "threshold": 0.3}}')
+    (tmp_path / "inference" / VAL / "lrp_thresholds.json").write_text(
+        '{"1": {"name": "a", "threshold": 0.3}}'
+    )
     evaluate(callback, module, 5.0, step=40, epoch=4, fn="validate")
     data = saved(tmp_path / "model_best.pth")
     assert (data["epoch"], data["iteration"]) == (3, 40)
     assert data["lrp_thresholds"] == {VAL: {"1": {"name": "a", "threshold": 0.3}}}
     # Bad modes.
     for mode in ("largest", "", None):
-        with pytest.raises(ValueError, match="TEST.BEST_CHECKPOINT.MODE must be 'auto', 'max' or 'min'"):
+        with pytest.raises(
+            ValueError, match="TEST.BEST_CHECKPOINT.MODE must be 'auto', 'max' or 'min'"
+        ):
             metric_mode("bbox/AP", mode)
     assert metric_mode("lrp/oLRP") == "min" and metric_mode("bbox/AP") == "max"
 
 
 def test_train_net_refuses_an_unknown_mode(tmp_path):
     out = tmp_path / "out"
-    code, err = train_net_main(["--config-file", TINY, "--accelerator", "cpu", "DATASETS.TEST", "()",
-                                "TEST.BEST_CHECKPOINT.MODE", "largest", "OUTPUT_DIR", out])
+    code, err = train_net_main(
+        [
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            "DATASETS.TEST",
+            "()",
+            "TEST.BEST_CHECKPOINT.MODE",
+            "largest",
+            "OUTPUT_DIR",
+            out,
+        ]
+    )
     assert code == 2
     assert "TEST.BEST_CHECKPOINT.MODE must be 'auto', 'max' or 'min', got 'largest'" in err
     assert not out.exists()
@@ -330,13 +389,16 @@ def test_train_net_refuses_an_unknown_mode(tmp_path):
 
 # -- --logger ---------------------------------------------------------------------------------
 
+
 def test_csv_logger_only(run):
     assert any((run.out / "csv").rglob("metrics.csv"))
     assert not (run.out / "tensorboard").exists()
 
 
 def test_unknown_logger_is_a_usage_error(tmp_path):
-    code, err = train_net_main(["--config-file", TINY, "--logger", "csv,nope", "OUTPUT_DIR", tmp_path / "out"])
+    code, err = train_net_main(
+        ["--config-file", TINY, "--logger", "csv,nope", "OUTPUT_DIR", tmp_path / "out"]
+    )
     assert code == 2
     assert "unknown logger(s) nope" in err and "tensorboard, csv, wandb, mlflow" in err
     assert not (tmp_path / "out").exists()
@@ -346,16 +408,34 @@ def test_unknown_logger_is_a_usage_error(tmp_path):
 def test_logger_without_its_package(tmp_path, monkeypatch, name):
     real = importlib.util.find_spec
     if real(name) is not None:  # installed here: as if it were not
-        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a)
+        )
     out = tmp_path / "out"
-    code, err = train_net_main(["--config-file", TINY, "--accelerator", "cpu", "--logger", f"csv,{name}",
-                                "DATASETS.TEST", "()", "OUTPUT_DIR", out])
+    code, err = train_net_main(
+        [
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            "--logger",
+            f"csv,{name}",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            out,
+        ]
+    )
     assert code == 2
-    assert f"--logger {name} needs the package '{name}', which is not installed: pip install {name}" in err
+    assert (
+        f"--logger {name} needs the package '{name}', which is not installed: pip install {name}"
+        in err
+    )
     assert not out.exists()
 
 
 # -- own datasets: --dataset NAME JSON IMAGE_ROOT, $ALRP_DATASETS ------------------------------
+
 
 @pytest.fixture(scope="module")
 def own_data(run, tmp_path_factory):
@@ -374,9 +454,25 @@ def own_data(run, tmp_path_factory):
 
 
 def train_on(name, out, extra=()):
-    return train_net_main(["--config-file", TINY, "--accelerator", "cpu", "--logger", "csv", *extra,
-                           "DATASETS.TRAIN", f'("{name}",)', "DATASETS.TEST", "()", "SOLVER.MAX_EPOCHS", 1,
-                           "OUTPUT_DIR", out])
+    return train_net_main(
+        [
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            "--logger",
+            "csv",
+            *extra,
+            "DATASETS.TRAIN",
+            f'("{name}",)',
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.MAX_EPOCHS",
+            1,
+            "OUTPUT_DIR",
+            out,
+        ]
+    )
 
 
 def assert_trained_on(name, out, own_data):
@@ -386,14 +482,18 @@ def assert_trained_on(name, out, own_data):
     meta = MetadataCatalog.get(name)
     assert (meta.json_file, meta.image_root) == (str(own_data.json), str(own_data.images))
     assert f"TRAIN:\n  - {name}\n" in (out / "config.yaml").read_text()
-    rows = [json.loads(line) for line in (out / "self_balance_rank0.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (out / "self_balance_rank0.jsonl").read_text().splitlines()
+    ]
     # 8 images at batch 8: one iteration (the tiny split itself: 4)
     assert len([r for r in rows if "cls" in r]) == 1
 
 
 def test_dataset_flag_trains_on_own_data(own_data, tmp_path):
     out = tmp_path / "out"
-    code, err = train_on("own_train_flag", out, ["--dataset", "own_train_flag", own_data.json, own_data.images])
+    code, err = train_on(
+        "own_train_flag", out, ["--dataset", "own_train_flag", own_data.json, own_data.images]
+    )
     assert code == 0, err[-3000:]
     assert_trained_on("own_train_flag", out, own_data)
 
@@ -414,12 +514,18 @@ def test_compose_passes_own_datasets_to_train_net(own_data, monkeypatch):
     with open(os.path.join(ROOT, "docker", "docker-compose.yml")) as f:
         compose = yaml.safe_load(f)
     for service in compose["services"].values():
-        assert "ALRP_DATASETS" in service["environment"] and service["environment"]["ALRP_DATASETS"] is None
+        assert (
+            "ALRP_DATASETS" in service["environment"]
+            and service["environment"]["ALRP_DATASETS"] is None
+        )
     from alrp_d2.engine.launch import argument_parser, check_inputs, register_datasets, setup_cfg
 
-    env = {"CONFIG": TINY, "OPTS": 'DATASETS.TRAIN "(\'own_compose\',)" DATASETS.TEST ()'}
-    command = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1), m.group(2)),
-                     compose["services"]["train"]["command"])
+    env = {"CONFIG": TINY, "OPTS": "DATASETS.TRAIN \"('own_compose',)\" DATASETS.TEST ()"}
+    command = re.sub(
+        r"\$\{(\w+):-([^}]*)\}",
+        lambda m: env.get(m.group(1), m.group(2)),
+        compose["services"]["train"]["command"],
+    )
     monkeypatch.setenv("ALRP_DATASETS", f'own_compose "{own_data.json}" "{own_data.images}"')
     args = argument_parser().parse_args(shlex.split(command))
     register_datasets(args)
@@ -429,26 +535,61 @@ def test_compose_passes_own_datasets_to_train_net(own_data, monkeypatch):
 
 
 BAD_DATASETS = [
-    ("missing json", lambda d: ["--dataset", "own_a", "no/such.json", d.images], None,
-     "dataset 'own_a': annotation file not found: no/such.json"),
-    ("missing folder", lambda d: ["--dataset", "own_b", d.json, "no/such/folder"], None,
-     "dataset 'own_b': image folder not found: no/such/folder"),
-    ("built-in name", lambda d: ["--dataset", "coco_2017_val", d.json, d.images], None,
-     "dataset name 'coco_2017_val' is already registered"),
-    ("given twice", lambda d: ["--dataset", "own_c", d.json, d.images, "--dataset", "own_c", d.json, d.images], None,
-     "dataset 'own_c' given twice"),
-    ("two words", lambda d: ["--dataset", "own_d", d.json, "--logger", "csv"], None,
-     "argument --dataset: expected 3 arguments"),
-    ("env: four words", lambda d: [], lambda d: f'own_e "{d.json}" {d.images} extra', "$ALRP_DATASETS must hold NAME"
-     " JSON IMAGE_ROOT triples, got 4 words"),
-    ("env: missing json", lambda d: [], lambda d: f"own_f no/such.json {d.images}",
-     "dataset 'own_f': annotation file not found: no/such.json"),
-    ("env: open quote", lambda d: [], lambda d: f'own_g "{d.json} {d.images}', "$ALRP_DATASETS cannot be split"),
+    (
+        "missing json",
+        lambda d: ["--dataset", "own_a", "no/such.json", d.images],
+        None,
+        "dataset 'own_a': annotation file not found: no/such.json",
+    ),
+    (
+        "missing folder",
+        lambda d: ["--dataset", "own_b", d.json, "no/such/folder"],
+        None,
+        "dataset 'own_b': image folder not found: no/such/folder",
+    ),
+    (
+        "built-in name",
+        lambda d: ["--dataset", "coco_2017_val", d.json, d.images],
+        None,
+        "dataset name 'coco_2017_val' is already registered",
+    ),
+    (
+        "given twice",
+        lambda d: ["--dataset", "own_c", d.json, d.images, "--dataset", "own_c", d.json, d.images],
+        None,
+        "dataset 'own_c' given twice",
+    ),
+    (
+        "two words",
+        lambda d: ["--dataset", "own_d", d.json, "--logger", "csv"],
+        None,
+        "argument --dataset: expected 3 arguments",
+    ),
+    (
+        "env: four words",
+        lambda d: [],
+        lambda d: f'own_e "{d.json}" {d.images} extra',
+        "$ALRP_DATASETS must hold NAME JSON IMAGE_ROOT triples, got 4 words",
+    ),
+    (
+        "env: missing json",
+        lambda d: [],
+        lambda d: f"own_f no/such.json {d.images}",
+        "dataset 'own_f': annotation file not found: no/such.json",
+    ),
+    (
+        "env: open quote",
+        lambda d: [],
+        lambda d: f'own_g "{d.json} {d.images}',
+        "$ALRP_DATASETS cannot be split",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case,flags,env,message", BAD_DATASETS, ids=[b[0] for b in BAD_DATASETS])
-def test_bad_dataset_exits_2_and_writes_nothing(own_data, tmp_path, monkeypatch, case, flags, env, message):
+def test_bad_dataset_exits_2_and_writes_nothing(
+    own_data, tmp_path, monkeypatch, case, flags, env, message
+):
     if env is not None:
         monkeypatch.setenv("ALRP_DATASETS", env(own_data))
     out = tmp_path / "out"

@@ -22,8 +22,10 @@ def datasets_from_env(environ=os.environ) -> List[Spec]:
     except ValueError as err:  # unbalanced quotes
         raise ValueError(f"${ENV_VAR} cannot be split into words: {err}") from None
     if len(words) % 3:
-        raise ValueError(f"${ENV_VAR} must hold NAME JSON IMAGE_ROOT triples, got {len(words)} words: {words}")
-    return [tuple(words[i:i + 3]) for i in range(0, len(words), 3)]
+        raise ValueError(
+            f"${ENV_VAR} must hold NAME JSON IMAGE_ROOT triples, got {len(words)} words: {words}"
+        )
+    return [tuple(words[i : i + 3]) for i in range(0, len(words), 3)]
 
 
 def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
@@ -52,11 +54,15 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
         registered = name in DatasetCatalog.list()
         if registered:
             meta = MetadataCatalog.get(name)
-            known = tuple(os.path.abspath(p) if isinstance(p, str) else p
-                          for p in (meta.get("json_file", None), meta.get("image_root", None)))
+            known = tuple(
+                os.path.abspath(p) if isinstance(p, str) else p
+                for p in (meta.get("json_file", None), meta.get("image_root", None))
+            )
             if known != (json_file, image_root):
-                raise ValueError(f"dataset name {name!r} is already registered (a built-in or earlier dataset)"
-                                 f" with other files ({known[0]}, {known[1]}); choose another name")
+                raise ValueError(
+                    f"dataset name {name!r} is already registered (a built-in or earlier dataset)"
+                    f" with other files ({known[0]}, {known[1]}); choose another name"
+                )
         checked.append((name, json_file, image_root, registered))
     for name, json_file, image_root, registered in checked:
         if not registered:

@@ -45,7 +45,13 @@ class BestCheckpoint(pl.Callback):
     saves nothing.
     """
 
-    def __init__(self, dirpath: str, metric: str = "bbox/AP", mode: str = "auto", filename: str = "model_best"):
+    def __init__(
+        self,
+        dirpath: str,
+        metric: str = "bbox/AP",
+        mode: str = "auto",
+        filename: str = "model_best",
+    ):
         super().__init__()
         self.dirpath, self.metric, self.filename = dirpath, metric, filename
         self.mode = metric_mode(metric, mode)
@@ -65,7 +71,9 @@ class BestCheckpoint(pl.Callback):
         if value is None:
             if not self._warned and trainer.is_global_zero:
                 known = ", ".join(sorted(k for k in trainer.callback_metrics if "/" in k))
-                logger.warning("model_best: the evaluation reports no %r (it reports: %s)", self.metric, known)
+                logger.warning(
+                    "model_best: the evaluation reports no %r (it reports: %s)", self.metric, known
+                )
                 self._warned = True
             return
         value = float(value)
@@ -78,13 +86,25 @@ class BestCheckpoint(pl.Callback):
         self.best, self.best_epoch = value, epoch
         if trainer.is_global_zero:  # every process holds the same model
             self._save(pl_module, value, epoch, trainer.global_step)
-            logger.info("model_best: %s = %.4g (epoch %d, iteration %d), saved to %s", self.metric, value,
-                        epoch, trainer.global_step, self.path)
+            logger.info(
+                "model_best: %s = %.4g (epoch %d, iteration %d), saved to %s",
+                self.metric,
+                value,
+                epoch,
+                trainer.global_step,
+                self.path,
+            )
 
     def _save(self, pl_module, value: float, epoch: int, iteration: int) -> None:
         model = pl_module.model
-        data = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "metric": self.metric, "value": value, "mode": self.mode, "epoch": epoch, "iteration": iteration}
+        data = {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metric": self.metric,
+            "value": value,
+            "mode": self.mode,
+            "epoch": epoch,
+            "iteration": iteration,
+        }
         thresholds = self._lrp_thresholds(pl_module)
         if thresholds:
             data["lrp_thresholds"] = thresholds
@@ -108,9 +128,17 @@ class BestCheckpoint(pl.Callback):
         return out
 
     def state_dict(self):
-        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch}
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+        }
 
     def load_state_dict(self, state_dict):
         # A run resumed with another metric or direction starts its own record.
-        if state_dict.get("metric") == self.metric and state_dict.get("mode", self.mode) == self.mode:
+        if (
+            state_dict.get("metric") == self.metric
+            and state_dict.get("mode", self.mode) == self.mode
+        ):
             self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")

@@ -19,10 +19,10 @@ logger = logging.getLogger("alrp_d2")
 
 class MetricPrinter(pl.Callback):
     """Every ``period`` iterations (and at the last one) the main process logs a line as
-    Detectron2's ``CommonMetricPrinter`` does::
+    Detectron2's ``CommonMetricPrinter`` does (one line, shown here on two)::
 
         eta: 0:02:41  iter: 40  epoch: 0  total_loss: 1.52  loss_cls: 0.81  loss_box_reg: 0.014
-        time: 0.5311  last_time: 0.5203  data_time: 0.0021  last_data_time: 0.0018  lr: 0.0079  max_mem: 812M
+        time: 0.5311  last_time: 0.5203  data_time: 0.0021  last_data_time: 0.0018  lr: 0.0079
 
     Losses are the medians over the last ``period`` iterations of what the module logged
     (every logged key containing ``loss``); ``time`` and ``data_time`` are means over the
@@ -66,9 +66,12 @@ class MetricPrinter(pl.Callback):
             logger.info(self.format_line(trainer, step, total))
 
     def format_line(self, trainer, step: int, total: float) -> str:
-        # np.median, as Detectron2's HistoryBuffer (torch's median of an even window is the lower value)
-        losses = "  ".join(f"{k}: {float(np.median(torch.stack(list(v)).float().cpu().numpy())):.4g}"
-                           for k, v in self._losses.items())
+        # np.median, as Detectron2's HistoryBuffer (torch's median of an even window is the
+        # lower value)
+        losses = "  ".join(
+            f"{k}: {float(np.median(torch.stack(list(v)).float().cpu().numpy())):.4g}"
+            for k, v in self._losses.items()
+        )
         parts = []
         if self._times:
             avg = float(np.mean(self._times))
@@ -79,13 +82,15 @@ class MetricPrinter(pl.Callback):
         if self._times:
             parts.append(f"time: {np.mean(self._times):.4f}  last_time: {self._times[-1]:.4f}  ")
         if self._data_times:
-            parts.append(f"data_time: {np.mean(self._data_times):.4f}  "
-                         f"last_data_time: {self._data_times[-1]:.4f}  ")
+            parts.append(
+                f"data_time: {np.mean(self._data_times):.4f}  "
+                f"last_data_time: {self._data_times[-1]:.4f}  "
+            )
         lr = self._lr(trainer)
         parts.append(f"lr: {lr:.5g}  ")
         device = trainer.strategy.root_device
         if device.type == "cuda":
-            parts.append(f"max_mem: {torch.cuda.max_memory_allocated(device) / 1024 ** 2:.0f}M")
+            parts.append(f"max_mem: {torch.cuda.max_memory_allocated(device) / 1024**2:.0f}M")
         return " " + "".join(parts).rstrip()
 
     @staticmethod
