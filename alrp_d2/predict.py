@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import types
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -230,25 +229,8 @@ def keep_above_thresholds(
 
 
 def _visualizer():
-    """Detectron2's ``Visualizer``. Its module imports OpenCV, which it needs only to draw
-    masks: without OpenCV, boxes are drawn and a mask names the missing package."""
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        if "detectron2.utils.visualizer" not in sys.modules:
-            stub = types.ModuleType("cv2")
-
-            def missing(name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                raise ImportError("drawing masks needs OpenCV: pip install opencv-python-headless")
-
-            stub.__getattr__ = missing
-            sys.modules["cv2"] = stub
-            try:
-                import detectron2.utils.visualizer  # noqa: F401
-            finally:
-                del sys.modules["cv2"]  # only the visualizer holds the stub
+    """Detectron2's ``Visualizer`` (its module imports OpenCV, a dependency of this project;
+    :func:`run` checks it is there before anything is written)."""
     from detectron2.utils.visualizer import Visualizer
 
     return Visualizer
@@ -406,9 +388,9 @@ def run(args) -> int:
     if args.score_threshold is not None and not math.isfinite(args.score_threshold):
         raise PredictError(f"--score-threshold must be a number, got {args.score_threshold}")
     cfg = _setup_cfg(args)
-    if cfg.MODEL.MASK_ON and importlib.util.find_spec("cv2") is None:
+    if importlib.util.find_spec("cv2") is None:
         raise PredictError(
-            "drawing the masks of a MODEL.MASK_ON model needs OpenCV, which is not installed:"
+            "drawing the detections needs OpenCV, which is not installed:"
             " pip install opencv-python-headless"
         )
     if not os.path.isfile(args.weights):
