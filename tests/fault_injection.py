@@ -10,8 +10,9 @@
                         epoch's checkpoint
 --kill-in-save K        SIGKILL the writing rank in the middle of writing its K-th checkpoint
                         (a partial temporary file is left behind)
---signal-at-step N      send --signal (TERM, the default, or USR1) to rank 0 when step N is
-                        about to start (as `docker stop` or SLURM's `--signal` do)
+--signal-at-step N      send --signal (TERM, the default, or USR1) to rank --signal-rank
+                        (default 0) when step N is about to start (as `docker stop` or
+                        SLURM's `--signal` do)
 
 Lightning starts the other DDP processes by running this same command line, so they get
 the same faults.
@@ -45,7 +46,7 @@ class Faults(pl.Callback):
                                     "ids": [d["image_id"] for d in batch]}) + "\n")
         if self.opts.kill_at_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.opts.signal_at_step == step and trainer.global_rank == 0:
+        if self.opts.signal_at_step == step and trainer.global_rank == self.opts.signal_rank:
             os.kill(os.getpid(), getattr(signal, "SIG" + self.opts.signal))
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -61,6 +62,7 @@ def main():
     parser.add_argument("--kill-in-save", type=int)
     parser.add_argument("--signal-at-step", type=int)
     parser.add_argument("--signal", default="TERM", choices=["TERM", "USR1"])
+    parser.add_argument("--signal-rank", type=int, default=0)
     split = sys.argv.index("--")
     opts = parser.parse_args(sys.argv[1:split])
     if opts.trace:

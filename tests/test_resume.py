@@ -151,6 +151,21 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, reference, tmp_path,
     assert_same_training(out, reference[processes], processes)
 
 
+def test_sigterm_to_another_rank_than_the_first_stops_every_process_at_the_same_step(
+        data, reference, tmp_path):
+    out = tmp_path / "out"
+    code, log = run(data, out, "--signal-at-step", 3, "--signal-rank", 1, processes=2)
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log
+    assert "Training stopped by a signal at iteration 3" in log
+    saved = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
+    assert max(trace(out, 1)) == max(trace(out, 0)) == 3  # neither process went on alone
+    code, log = run(data, out, processes=2, resume=True)
+    assert code == 0, log[-3000:]
+    assert_same_training(out, reference[2], 2)
+
+
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(data, reference, tmp_path):
     out = tmp_path / "out"
     code, log = run(data, out, "--kill-at-step", 8)
