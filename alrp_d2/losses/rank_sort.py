@@ -145,10 +145,7 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, delta: float, eps: float
 
 def _validated_count(logits: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor) -> int:
     """Input checks and the number of positives, with one host-device synchronisation."""
-    # A sum is a cheap screen for NaN or Inf; only a non-finite sum (which finite values
-    # may also give, by overflow) makes the element-wise test decide.
-    total = logits.sum(dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    bad_logits = ~torch.isfinite(total) & ~torch.isfinite(logits).all()
+    bad_logits = ~torch.isfinite(logits).all()
     low, high = torch.aminmax(targets)
     bad_targets = (low.isnan() | high.isnan() | (low < -1) | (high > 1)
                    | ((targets < 0) & (targets != -1)).any())
@@ -205,12 +202,14 @@ def rank_sort_loss(
     else:
         num_positives = int(positive.sum())
     elementwise = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    partition = None  # the engine makes its own for delta > 0
-    if process_group is not None and dist.get_world_size(process_group) > 1 and delta == 0:
-        partition = PositivePartition(num_positives, process_group, logits.device)
+    grouped = process_group is not None and dist.get_world_size(process_group) > 1
     zero = flat_logits[:0].sum().to(elementwise)  # zero gradient, graph connected
-    if num_positives == 0 and (process_group is None or dist.get_world_size(process_group) == 1):
+    if num_positives == 0 and not grouped:
         return zero, zero.clone()
+    # For delta > 0 the engine makes its own partition (and returns no stats without any
+    # positive in the group).
+    partition = PositivePartition(num_positives, process_group, logits.device) \
+        if grouped and delta == 0 else None
     if partition is not None and partition.num_global == 0:
         return zero, zero.clone()
 
