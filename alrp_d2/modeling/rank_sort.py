@@ -38,15 +38,15 @@ from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
 )
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torchvision.ops import generalized_box_iou_loss
 
 from ..losses import matched_box_iou, rank_sort_loss
 from .alrp_terms import ranking_group, scale_gradient
 from .backbone import LastLevelP6P7NoReLU
-from .rcnn import ALRPROIHeads, MaxIoURPN
-from .retinanet import _RankingRetinaNet, classwise_targets
+from .rcnn import ALRPROIHeads, MaxIoURPN, classwise_proposal_targets
+from .retinanet import _RankingRetinaNet
 
 __all__ = [
     "RankSortFastRCNNOutputLayers",
@@ -198,13 +198,11 @@ class RankSortRetinaNet(_RankingRetinaNet):
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         num_images = len(gt_labels)
         gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        anchor_index = positive.nonzero()[:, 1]  # positives in (image, anchor) order
-        deltas = cat(pred_anchor_deltas, dim=1)[positive]
-        pred_boxes = self.box2box_transform.apply_deltas(
-            deltas, Boxes.cat(anchors).tensor[anchor_index])
+        pred_boxes, target_boxes = self._positive_boxes(anchors, pred_anchor_deltas, gt_boxes,
+                                                        positive)
         box_weights = logits.detach()[positive].sigmoid().amax(-1)
         return self.rank_sort_terms(logits.reshape(-1), targets.reshape(-1), pred_boxes,
-                                    torch.stack(gt_boxes)[positive], box_weights, num_images)
+                                    target_boxes, box_weights, num_images)
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -259,14 +257,9 @@ class RankSortFastRCNNOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def losses(self, predictions, proposals):
-        scores, _ = predictions
-        class_scores = scores[:, : self.num_classes]
-        gt_classes = cat([p.gt_classes for p in proposals], dim=0)
-        positive = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        targets = classwise_targets(gt_classes, self.num_classes)
-        pred_boxes = cat(self.predict_boxes_for_gt_classes(predictions, proposals), dim=0)
-        gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
-                        for p in proposals], dim=0)
+        class_scores = predictions[0][:, : self.num_classes]
+        targets, positive, pred_boxes, gt_boxes = classwise_proposal_targets(
+            self, predictions, proposals)
         weights = class_scores.detach().sigmoid().amax(-1)
         losses = self.rank_sort_terms(
             class_scores.reshape(-1), targets.reshape(-1), pred_boxes[positive],

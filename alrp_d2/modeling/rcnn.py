@@ -19,7 +19,23 @@ from .matcher import MaxIoUMatcher
 from .retinanet import classwise_targets
 from .self_balance import SelfBalance
 
-__all__ = ["ALRPRPN", "ALRPFastRCNNOutputLayers", "ALRPROIHeads", "MaxIoURPN"]
+__all__ = ["ALRPRPN", "ALRPFastRCNNOutputLayers", "ALRPROIHeads", "MaxIoURPN",
+           "classwise_proposal_targets"]
+
+
+def classwise_proposal_targets(predictor: FastRCNNOutputLayers, predictions, proposals):
+    """What a ranking-loss box predictor trains on, over every proposal of the batch:
+    ``(targets, positive, pred_boxes, gt_boxes)``: class-wise targets ``(R, K)`` (1 at the
+    proposal's class, 0 elsewhere, -1 on every class of an ignored proposal), the positive
+    proposals, each proposal's box decoded for its ground-truth class and its matched
+    ground-truth box (the proposal itself in an image without ground truth)."""
+    gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+    positive = (gt_classes >= 0) & (gt_classes < predictor.num_classes)
+    targets = classwise_targets(gt_classes, predictor.num_classes)
+    pred_boxes = cat(predictor.predict_boxes_for_gt_classes(predictions, proposals), dim=0)
+    gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
+                    for p in proposals], dim=0)
+    return targets, positive, pred_boxes, gt_boxes
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -93,11 +109,8 @@ class ALRPFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     def losses(self, predictions, proposals):
         scores, _ = predictions
-        gt_classes = cat([p.gt_classes for p in proposals], dim=0)
-        positive = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        targets = classwise_targets(gt_classes, self.num_classes)
-        pred_boxes = cat(self.predict_boxes_for_gt_classes(predictions, proposals), dim=0)
-        gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0)
+        targets, positive, pred_boxes, gt_boxes = classwise_proposal_targets(
+            self, predictions, proposals)
         return self.alrp_terms(
             scores[:, : self.num_classes].reshape(-1), targets.reshape(-1),
             pred_boxes[positive], gt_boxes[positive], len(proposals),

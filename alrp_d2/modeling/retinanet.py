@@ -110,6 +110,15 @@ class _RankingRetinaNet(RetinaNet):
         positive = (gt_labels >= 0) & (gt_labels < self.num_classes)
         return gt_labels, logits, targets, positive
 
+    def _positive_boxes(self, anchors, pred_anchor_deltas, gt_boxes, positive):
+        """``(pred_boxes, target_boxes)`` of the positives, in (image, anchor) order: the
+        predicted deltas decoded around their anchors, and the matched ground truths."""
+        anchor_index = positive.nonzero()[:, 1]
+        deltas = cat(pred_anchor_deltas, dim=1)[positive]
+        pred_boxes = self.box2box_transform.apply_deltas(
+            deltas, Boxes.cat(anchors).tensor[anchor_index])
+        return pred_boxes, torch.stack(gt_boxes)[positive]
+
 
 @META_ARCH_REGISTRY.register()
 class ALRPRetinaNet(_RankingRetinaNet):
@@ -136,11 +145,8 @@ class ALRPRetinaNet(_RankingRetinaNet):
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         num_images = len(gt_labels)
         gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        all_anchors = Boxes.cat(anchors).tensor
-        anchor_index = positive.nonzero()[:, 1]  # positives in (image, anchor) order
-        deltas = cat(pred_anchor_deltas, dim=1)[positive]
-        pred_boxes = self.box2box_transform.apply_deltas(deltas, all_anchors[anchor_index])
-        target_boxes = torch.stack(gt_boxes)[positive]
+        pred_boxes, target_boxes = self._positive_boxes(
+            anchors, pred_anchor_deltas, gt_boxes, positive)
         return self.alrp_terms(logits.reshape(-1), targets.reshape(-1), pred_boxes, target_boxes, num_images)
 
 
