@@ -284,22 +284,16 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def _setup_cfg(args):
+    """``train_net.py``'s config reading (file, then ``KEY VALUE`` overrides), on the
+    device of ``--device``."""
     import torch
 
-    from .config import get_cfg
+    from .engine.launch import UsageError, setup_cfg
 
-    if not os.path.isfile(args.config_file):
-        raise PredictError(f"config file not found: {args.config_file}")
-    if len(args.opts) % 2:
-        raise PredictError(f"overrides must come in KEY VALUE pairs, got {args.opts}")
-    cfg = get_cfg()
     try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except Exception as err:
-        raise PredictError(
-            f"bad config: {err.args[0] if isinstance(err, KeyError) and err.args else err}"
-        ) from None
+        cfg = setup_cfg(args)
+    except UsageError as err:
+        raise PredictError(str(err)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PredictError("--device cuda, but no CUDA device is available")

@@ -41,15 +41,13 @@ class MetricPrinter(pl.Callback):
         self._times: Deque[float] = deque(maxlen=period)
         self._data_times: Deque[float] = deque(maxlen=period)
         self._end: Optional[float] = None  # when the previous iteration ended
-        self._start: Optional[float] = None
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._end = time.perf_counter()  # data loading of the first batch counts as data time
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
         if self._end is not None:
-            self._data_times.append(self._start - self._end)
+            self._data_times.append(time.perf_counter() - self._end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
@@ -60,9 +58,8 @@ class MetricPrinter(pl.Callback):
             if "loss" in key and isinstance(value, torch.Tensor) and value.numel() == 1:
                 self._losses.setdefault(key, deque(maxlen=self.period)).append(value.detach())
         step = trainer.global_step
-        last = trainer.max_steps > 0 and step >= trainer.max_steps
-        total = trainer.estimated_stepping_batches
-        if trainer.is_global_zero and (step % self.period == 0 or step >= total or last):
+        total = trainer.estimated_stepping_batches  # max_steps included
+        if trainer.is_global_zero and (step % self.period == 0 or step >= total):
             logger.info(self.format_line(trainer, step, total))
 
     def format_line(self, trainer, step: int, total: float) -> str:

@@ -21,9 +21,8 @@ from .signals import StopOnSignal
 
 __all__ = ["LOGGERS", "build_loggers", "build_trainer", "check_loggers"]
 
-# --logger name: (Lightning logger class name, the package it needs)
-LOGGERS = {"tensorboard": ("TensorBoardLogger", "tensorboard"), "csv": ("CSVLogger", None),
-           "wandb": ("WandbLogger", "wandb"), "mlflow": ("MLFlowLogger", "mlflow")}  # name: (class, package)
+# --logger name: the package it needs beside Lightning (None: none)
+LOGGERS = {"tensorboard": "tensorboard", "csv": None, "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def check_loggers(names: Sequence[str]) -> None:
@@ -32,7 +31,7 @@ def check_loggers(names: Sequence[str]) -> None:
     for name in names:
         if name not in LOGGERS:
             raise ValueError(f"unknown logger {name!r}; choose among {', '.join(LOGGERS)}")
-        package = LOGGERS[name][1]
+        package = LOGGERS[name]
         if package and importlib.util.find_spec(package) is None:
             raise ImportError(f"--logger {name} needs the package {package!r}, which is not installed:"
                               f" pip install {package}")
