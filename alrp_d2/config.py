@@ -15,7 +15,14 @@ from detectron2.config import get_cfg as _detectron2_get_cfg
 
 from . import modeling  # noqa: F401  (registers the models)
 
-__all__ = ["add_alrp_config", "add_augmentation_config", "add_engine_config", "add_reporting_config", "get_cfg"]
+__all__ = [
+    "add_alrp_config",
+    "add_augmentation_config",
+    "add_engine_config",
+    "add_reporting_config",
+    "get_cfg",
+    "model_num_classes",
+]
 
 
 def add_alrp_config(cfg: CN) -> None:
@@ -127,3 +134,12 @@ def get_cfg() -> CN:
     add_engine_config(cfg)
     add_reporting_config(cfg)
     return cfg
+
+
+def model_num_classes(cfg: CN) -> int:
+    """How many classes the config's model predicts: ``MODEL.ROI_HEADS.NUM_CLASSES`` for
+    Detectron2's R-CNNs, ``MODEL.RETINANET.NUM_CLASSES`` for the one-stage detectors
+    (RetinaNet and the ranking-loss detectors built on it, Detectron2's FCOS)."""
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "ProposalNetwork"):
+        return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    return cfg.MODEL.RETINANET.NUM_CLASSES

@@ -1,12 +1,21 @@
-"""Files that are replaced whole or not at all."""
+"""Files that are replaced whole or not at all, and weights files read without running code."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 
-__all__ = ["atomic_write"]
+import torch
+
+__all__ = ["UnsafeFileError", "atomic_write", "safe_load"]
+
+
+class UnsafeFileError(ValueError):
+    """A file that could be read only by running code it names (a pickle of other objects
+    than tensors, numbers, strings and containers)."""
 
 
 @contextlib.contextmanager
@@ -31,3 +40,35 @@ def atomic_write(path, mode: str = "w"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def safe_load(file, map_location="cpu"):
+    """``torch.load`` of ``file`` (a path or a binary file) that never runs code from it.
+
+    Reads with ``weights_only=True``: tensors, numbers, strings, lists, tuples and dicts
+    only, which is all that this project's checkpoints (``.ckpt`` and ``.pth``) and
+    Detectron2's hold. A file whose pickle names any other Python object (a function that
+    would run, a class that would be built) raises :class:`UnsafeFileError` naming it;
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot lift this (torch obeys the explicit
+    argument). Other failures (truncated, not a torch file) raise as ``torch.load`` does.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        name = getattr(file, "name", file)
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle of torch's at all, e.g. a text file
+            reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+            raise pickle.UnpicklingError(
+                f"{name} is not a file that torch.save wrote"
+                f" ({reason.group(1).strip() if reason else 'unreadable pickle'})"
+            ) from None
+        raise UnsafeFileError(
+            f"{name} was refused: reading it would run code (it names the Python object"
+            f" {found.group(1)}). alrp_d2 reads weights and checkpoints only when they hold"
+            " nothing but tensors, numbers, strings and containers. If you trust the file's"
+            " origin, load it yourself and save its state_dict:"
+            " torch.save({'model': state_dict}, 'weights.pth')"
+        ) from None

@@ -5,10 +5,17 @@
 For every input image (files, folders of images, or glob patterns) ``DIR`` receives a
 picture of its detections drawn by Detectron2's ``Visualizer`` (``<name>.png``, or
 ``.jpg`` for a JPEG input; the image's size times ``--scale``) and ``DIR/predictions.json``
-lists every kept detection in COCO's results format (``image_id`` counts the inputs from
-1, ``file_name`` names the image, ``bbox`` is ``[x, y, width, height]``, ``category_id``
-the dataset's id when the thresholds or the test dataset's metadata give it, else the class
-index plus 1).
+lists every kept detection in COCO's results format, ready to score against the dataset's
+json (``python -m alrp_d2.evaluation.lrp``, pycocotools):
+
+- ``category_id``: the dataset's id of the class, from the thresholds (those of an
+  evaluation on the dataset), else from the datasets named by ``--dataset`` and
+  ``DATASETS.TEST``; where none of them maps the classes, an error, unless
+  ``--contiguous-ids`` asks for the class index plus 1. The pictures show the dataset's
+  class names.
+- ``image_id``: the image's id in those datasets (by its path, else by its file name);
+  images of no dataset are numbered from 1 in input order.
+- ``file_name`` names the image; ``bbox`` is ``[x, y, width, height]``.
 
 Which detections are kept: per class, those scored at least the class's LRP-optimal
 threshold, from (first found) ``--lrp-thresholds FILE``; the thresholds saved in the
@@ -157,26 +164,15 @@ class Predictor:
     """Detectron2's ``DefaultPredictor`` (resize, colour format, inference) with weights
     loaded strictly: a file of another model (parameters missing, of another shape, or
     unknown to the config's model) raises :class:`PredictError` instead of Detectron2's
-    warning. Takes ``.pth``/``.pkl`` and this project's Lightning ``.ckpt`` files.
+    warning. Takes ``.pth``/``.pkl`` and this project's Lightning ``.ckpt`` files, and
+    refuses a ``.pth`` or ``.ckpt`` that would run code (:mod:`alrp_d2.weights`).
 
     ``extra``: what the weights file holds beside the weights (e.g. ``lrp_thresholds``)."""
 
     def __init__(self, cfg, weights: str):
         from detectron2.engine import DefaultPredictor
 
-        from .engine.checkpoint import WeightsCheckpointer
-
-        class StrictCheckpointer(WeightsCheckpointer):
-            incompatible = None
-
-            def _load_model(self, checkpoint):
-                if not isinstance(checkpoint.get("model"), dict):
-                    raise ValueError("it holds no model weights")
-                self.incompatible = super()._load_model(checkpoint)
-                return self.incompatible
-
-            def _log_incompatible_keys(self, incompatible):
-                pass  # an error below, not a warning
+        from .weights import WeightsError, load_weights
 
         cfg = cfg.clone()
         cfg.defrost()
@@ -184,28 +180,15 @@ class Predictor:
         cfg.freeze()
         self._predictor = DefaultPredictor(cfg)  # builds the model; loads nothing
         self.model = self._predictor.model
-        checkpointer = StrictCheckpointer(self.model)
         try:
-            self.extra = checkpointer.load(weights)
-        except Exception as err:
-            raise PredictError(f"cannot read the weights {weights}: {err}") from None
-        bad = checkpointer.incompatible
-        problems = (
-            [f"{k} (missing)" for k in bad.missing_keys]
-            + [
-                f"{k} (shape {tuple(c)} in the file, {tuple(m)} in the model)"
-                for k, c, m in bad.incorrect_shapes
-            ]
-            + [f"{k} (not in the model)" for k in bad.unexpected_keys]
-        )
-        if problems:
-            raise PredictError(
-                f"{weights} holds the weights of another model than the config's"
-                f" ({cfg.MODEL.META_ARCHITECTURE}): {len(bad.missing_keys)} parameters missing,"
-                f" {len(bad.incorrect_shapes)} of another shape,"
-                f" {len(bad.unexpected_keys)} unknown;"
-                f" e.g. {', '.join(problems[:3])}"
+            self.extra = load_weights(
+                self.model,
+                weights,
+                strict=True,
+                model_name=f"the config's ({cfg.MODEL.META_ARCHITECTURE})",
             )
+        except WeightsError as err:
+            raise PredictError(str(err)) from None
 
     def __call__(self, image_bgr: np.ndarray):
         """The model's ``Instances`` for one BGR image, on the CPU."""
@@ -279,6 +262,12 @@ def argument_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset the config names (as train_net.py --dataset)",
     )
+    parser.add_argument(
+        "--contiguous-ids",
+        action="store_true",
+        help="write the class index plus 1 as category_id where no dataset or thresholds file"
+        " maps the classes to the dataset's category ids",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
     return parser
 
@@ -302,45 +291,109 @@ def _setup_cfg(args):
     return cfg
 
 
-def _num_classes(cfg) -> int:
-    return (
-        cfg.MODEL.RETINANET.NUM_CLASSES
-        if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-        else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    )
+class DatasetLink:
+    """What the datasets a prediction names (``--dataset``, then ``DATASETS.TEST``) say of
+    the model's classes and of the input images: each class's category id and name, and
+    each image's id, so that ``predictions.json`` scores against the dataset's json as is.
+
+    A dataset whose metadata lacks the class mapping (a COCO json not read yet) is read;
+    one that cannot be read (e.g. a built-in dataset not downloaded on this machine) only
+    gives what its metadata holds."""
+
+    def __init__(self, names: Sequence[str], num_classes: int):
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        self.num_classes = num_classes
+        self.tried: List[str] = []  # why each dataset could not map the classes
+        self.ids: Optional[List[int]] = None
+        self.names: Optional[List[str]] = None
+        self.dataset: Optional[str] = None
+        self._images: Dict[str, int] = {}  # real path -> image id
+        self._by_name: Dict[str, List[int]] = {}  # file name -> image ids
+        for name in names:
+            if name not in DatasetCatalog.list():
+                raise PredictError(
+                    f"unknown dataset name {name!r} (not registered; give it with --dataset"
+                    " NAME JSON IMAGE_ROOT)"
+                )
+            try:
+                dicts = DatasetCatalog.get(name)  # also completes the metadata of a COCO json
+            except Exception as err:
+                dicts = []
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                self.tried.append(f"{name} (cannot be read: {reason})")
+            for record in dicts:
+                if "file_name" in record and "image_id" in record:
+                    path = os.path.realpath(record["file_name"])
+                    self._images.setdefault(path, record["image_id"])
+                    self._by_name.setdefault(os.path.basename(path), []).append(record["image_id"])
+            if self.ids is None:
+                self._classes_of(name, MetadataCatalog.get(name))
+
+    def _classes_of(self, name: str, meta) -> None:
+        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+        if not mapping:
+            if not any(t.startswith(f"{name} ") for t in self.tried):
+                self.tried.append(f"{name} (no category ids in its metadata)")
+            return
+        if len(mapping) != self.num_classes or sorted(mapping.values()) != list(
+            range(self.num_classes)
+        ):
+            self.tried.append(f"{name} ({len(mapping)} classes, the model has {self.num_classes})")
+            return
+        self.ids = [d for d, _ in sorted(mapping.items(), key=lambda item: item[1])]
+        classes = meta.get("thing_classes", None)
+        self.names = list(classes) if classes and len(classes) == self.num_classes else None
+        self.dataset = name
+
+    def image_ids(self, paths: Sequence[str]) -> List[int]:
+        """The dataset's id of each image (by its path, else by a file name that only one
+        of the datasets' images has); images of no dataset are numbered from 1 in input
+        order. Some images of a dataset and some of none: :class:`PredictError`."""
+        found: List[Optional[int]] = []
+        for path in paths:
+            image_id = self._images.get(os.path.realpath(path))
+            if image_id is None:
+                same_name = self._by_name.get(os.path.basename(path), [])
+                image_id = same_name[0] if len(same_name) == 1 else None
+            found.append(image_id)
+        missing = [p for p, i in zip(paths, found) if i is None]
+        if not missing:
+            return [int(i) for i in found]
+        if len(missing) == len(paths):
+            return list(range(1, len(paths) + 1))
+        raise PredictError(
+            f"{len(paths) - len(missing)} input images belong to the dataset(s) named, but"
+            f" {len(missing)} do not (e.g. {missing[0]}): their image ids would mix the"
+            " dataset's with input positions; predict them separately"
+        )
 
 
-def _class_names(cfg, table: Optional[Dict[int, Dict]], num_classes: int) -> List[str]:
+def _class_names(table: Optional[Dict[int, Dict]], link: DatasetLink) -> List[str]:
     if table:
         return [str(table[c]["name"]) for c in sorted(table)]
-    from detectron2.data import MetadataCatalog
-
-    from .data.synthetic import CLASSES
-
-    for name in cfg.DATASETS.TEST:
-        meta = MetadataCatalog.get(name)
-        classes = meta.get("thing_classes", None) or (
-            CLASSES if meta.get("synthetic_split", None) else None
-        )
-        if classes and len(classes) == num_classes:
-            return list(classes)
-    return [f"class {i + 1}" for i in range(num_classes)]
+    if link.names:
+        return link.names
+    return [f"class {i}" for i in (link.ids or range(1, link.num_classes + 1))]
 
 
-def _dataset_ids(cfg, num_classes: int) -> List[int]:
-    """The dataset's category id of each class: from the config's test dataset's metadata
-    when known there (Detectron2's built-in COCO), else the class index plus 1."""
-    from detectron2.data import MetadataCatalog
-
-    for name in cfg.DATASETS.TEST:
-        mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id", None)
-        if (
-            mapping
-            and len(mapping) == num_classes
-            and sorted(mapping.values()) == list(range(num_classes))
-        ):
-            return [d for d, _ in sorted(mapping.items(), key=lambda item: item[1])]
-    return list(range(1, num_classes + 1))
+def _category_ids(args, table: Optional[Dict[int, Dict]], link: DatasetLink) -> List[int]:
+    """The category id of each class (by class index): the thresholds table's (the dataset
+    it was evaluated on), else the datasets', else, with ``--contiguous-ids``, the class
+    index plus 1."""
+    if table:
+        return sorted(table)  # Detectron2 numbers a COCO json's classes by their sorted ids
+    if link.ids is not None:
+        return link.ids
+    if args.contiguous_ids:
+        return list(range(1, link.num_classes + 1))
+    raise PredictError(
+        f"no dataset maps the model's {link.num_classes} classes to the dataset's category ids"
+        + (f" (tried: {'; '.join(link.tried)})" if link.tried else " (none named)")
+        + ": name the dataset with --dataset NAME JSON IMAGE_ROOT and DATASETS.TEST, give"
+        " --lrp-thresholds of its evaluation, or add --contiguous-ids to write the class index"
+        " plus 1"
+    )
 
 
 def _saved_thresholds(args, cfg, extra) -> Tuple[Optional[Dict[int, Dict]], Optional[str]]:
@@ -400,10 +453,14 @@ def run(args) -> int:
                 args.output, stem + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ".png")
             )
         )
-    if len(set(outputs)) < len(outputs):
-        raise PredictError(
-            "two input images have the same name; their pictures would overwrite each other"
-        )
+    first_of = {}
+    for path, out in zip(images, outputs):
+        if out in first_of:
+            raise PredictError(
+                f"two input images have the same name, {first_of[out]} and {path}: their"
+                f" pictures would both be {out}; predict them separately"
+            )
+        first_of[out] = path
     json_path = os.path.join(args.output, "predictions.json")
     existing = [p for p in outputs + [json_path] if os.path.exists(p)]
     if existing and not args.overwrite:
@@ -421,7 +478,9 @@ def run(args) -> int:
     for path in images:  # every image readable before anything is written (read again below)
         read(path)
 
-    num_classes = _num_classes(cfg)
+    from .config import model_num_classes
+
+    num_classes = model_num_classes(cfg)
     table = source = None
     if args.lrp_thresholds is not None:
         if not os.path.isfile(args.lrp_thresholds):
@@ -434,20 +493,22 @@ def run(args) -> int:
         raise PredictError(
             f"{source} has thresholds of {len(table)} classes, the model has {num_classes}"
         )
-    # Detectron2 numbers a COCO json's classes by their sorted ids.
-    dataset_ids = sorted(table) if table else _dataset_ids(cfg, num_classes)
+    names = list(dict.fromkeys([d[0] for d in args.dataset] + list(cfg.DATASETS.TEST)))
+    link = DatasetLink(names, num_classes)
+    dataset_ids = _category_ids(args, table, link)
+    image_ids = link.image_ids(images)
     thresholds = {i: table[c]["threshold"] for i, c in enumerate(dataset_ids)} if table else None
     default = 0.5 if args.score_threshold is None else args.score_threshold
     metadata = Metadata(name="alrp_d2.predict")
-    metadata.set(thing_classes=_class_names(cfg, table, num_classes))
+    metadata.set(thing_classes=_class_names(table, link))
     Visualizer = _visualizer()
 
     os.makedirs(args.output, exist_ok=True)
     results = []
-    for index, (path, out) in enumerate(zip(images, outputs), start=1):
+    for image_id, path, out in zip(image_ids, images, outputs):
         image = read(path)
         instances = keep_above_thresholds(predictor(image), thresholds, default)
-        for row in instances_to_coco_json(instances, index):
+        for row in instances_to_coco_json(instances, image_id):
             row["category_id"] = dataset_ids[row["category_id"]]
             row["file_name"] = os.path.basename(path)
             results.append(row)

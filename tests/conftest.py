@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from runs import tiny_training
+
 # The naive reference implementations live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -33,3 +35,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("!", line, red=True, bold=True)
     else:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The tiny training (tests/runs.py ``tiny_training``), once per session, shared by
+    every test that reads a trained run's folder; a test must not change its files."""
+    run = tiny_training(tmp_path_factory.mktemp("trained"))
+    assert run.done.returncode == 0, run.done.stderr[-3000:]
+    return run

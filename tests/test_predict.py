@@ -1,7 +1,7 @@
 """``python -m alrp_d2.predict`` on a model trained by train_net.py (the tiny config):
 pictures, COCO-format json, the run's LRP-optimal thresholds, and bad input.
 
-The tiny training (``trained_run``) is shared with tests/test_reporting.py.
+The tiny training is conftest.py's ``trained_run``.
 """
 
 import contextlib
@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,87 +19,21 @@ from PIL import Image
 
 pytestmark = pytest.mark.detectron2
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
-VAL = "alrp_synthetic_tiny_val"
-EPOCH = 4  # iterations per epoch of the tiny config (32 images, batch 8)
-# Two epochs, one evaluation (at the end: inference/<VAL>/lrp_thresholds.json and
-# model_best.pth), an iteration line every 3 iterations, a learning rate still warming up
-# (so that each line's lr is its own). A barely trained model scores every anchor about
-# 0.01: SCORE_THRESH_TEST 0 keeps its 20 best detections per image.
-TRAINING = [
-    "SOLVER.MAX_EPOCHS",
-    2,
-    "TEST.EVAL_PERIOD",
-    2,
-    "SOLVER.LOG_PERIOD",
-    3,
-    "SOLVER.BASE_LR",
-    0.002,
-    "SOLVER.WARMUP_ITERS",
-    8,
-    "MODEL.RETINANET.SCORE_THRESH_TEST",
-    0.0,
-    "TEST.DETECTIONS_PER_IMAGE",
-    20,
-]
-
-_SHARED = {}
-
-
-def train_net(*args, env_root, timeout=300):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def trained_run(tmp_path_factory):
-    """``train_net.py --logger csv`` of the tiny config (``TRAINING``), once per session;
-    a namespace of its folders (``data``, ``out``) and console output."""
-    if "run" not in _SHARED:
-        base = tmp_path_factory.mktemp("trained")
-        from alrp_d2.data.synthetic import generate_split
-
-        for split in ("tiny_train", "tiny_val"):
-            generate_split(os.path.join(base / "data", "alrp_synthetic"), split)
-        out = base / "out"
-        done = train_net(
-            "--config-file",
-            TINY,
-            "--accelerator",
-            "cpu",
-            "--logger",
-            "csv",
-            *TRAINING,
-            "OUTPUT_DIR",
-            out,
-            env_root=base / "data",
-        )
-        _SHARED["run"] = types.SimpleNamespace(
-            base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr
-        )
-    run = _SHARED["run"]
-    assert run.done.returncode == 0, run.done.stderr[-3000:]
-    return run
+from runs import ROOT, VAL
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
+def run(trained_run):
+    return trained_run
 
 
 @pytest.fixture(scope="module")
 def inputs(run, tmp_path_factory):
-    """Three validation images, the third as a JPEG."""
+    """Three validation images under names of no dataset (image ids 1, 2, 3: their order),
+    the third as a JPEG."""
     folder = tmp_path_factory.mktemp("inputs")
     val = run.data / "alrp_synthetic" / "tiny_val"
-    paths = [folder / "00000.png", folder / "00001.png", folder / "00002.jpg"]
+    paths = [folder / "street.png", folder / "yard.png", folder / "zoo.jpg"]
     shutil.copy(val / "00000.png", paths[0])
     shutil.copy(val / "00001.png", paths[1])
     Image.open(val / "00002.png").convert("RGB").save(paths[2], quality=95)
@@ -264,10 +197,10 @@ def test_command_line_pictures_and_coco_json_with_the_runs_thresholds(
     thresholds_file = run.out / "inference" / VAL / "lrp_thresholds.json"
     assert f"LRP-optimal thresholds of {thresholds_file}" in done.stdout
     assert sorted(p.name for p in output.iterdir()) == [
-        "00000.png",
-        "00001.png",
-        "00002.jpg",
         "predictions.json",
+        "street.png",
+        "yard.png",
+        "zoo.jpg",
     ]
     for path in inputs:
         picture = output / path.name
@@ -399,7 +332,7 @@ def test_scale_resizes_the_pictures(run, inputs, tmp_path):
         base_args(run, inputs[:1], tmp_path / "p") + ["--scale", 2, "--score-threshold", 0]
     )
     assert code == 0, err
-    assert Image.open(tmp_path / "p" / "00000.png").size == (256, 256)
+    assert Image.open(tmp_path / "p" / "street.png").size == (256, 256)
 
 
 def test_output_is_kept_without_overwrite_and_replaced_with_it(
@@ -421,7 +354,7 @@ def test_output_is_kept_without_overwrite_and_replaced_with_it(
     )
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in output.iterdir()}
     assert after["notes.txt"] == before["notes.txt"]
-    for name in ("00000.png", "00001.png", "00002.jpg", "predictions.json"):
+    for name in ("street.png", "yard.png", "zoo.jpg", "predictions.json"):
         assert after[name] != before[name], name
 
 

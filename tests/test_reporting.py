@@ -2,7 +2,7 @@
 (SOLVER.LOG_PERIOD), model_best.pth (TEST.BEST_CHECKPOINT), --logger, and own COCO-format
 datasets (--dataset, $ALRP_DATASETS).
 
-The tiny training of tests/test_predict.py (``trained_run``) serves the log and best
+conftest.py's tiny training (``trained_run``) serves the log and best
 checkpoint tests; --dataset trains in this process (1 iteration).
 """
 
@@ -20,14 +20,14 @@ import types
 import pytest
 import torch
 
-from test_predict import EPOCH, ROOT, TINY, TRAINING, VAL, trained_run
+from runs import EPOCH, ROOT, TINY, TRAINING, VAL
 
 pytestmark = pytest.mark.detectron2
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
+def run(trained_run):
+    return trained_run
 
 
 def training_value(key):

@@ -17,7 +17,7 @@ from typing import Iterable, List, Optional
 
 from PIL import Image
 
-__all__ = ["check_datasets", "image_problem", "record_problems"]
+__all__ = ["check_datasets", "image_problem", "record_problems", "unusable_annotations"]
 
 logger = logging.getLogger("alrp_d2")
 
@@ -45,19 +45,37 @@ def record_problems(record: dict, num_classes: Optional[int]) -> List[str]:
 
     problems = []
     for i, ann in enumerate(record.get("annotations", [])):
+        # COCO's id where the dataset keeps it (alrp_d2.data.register), else the position
+        label = f"annotation id {ann['id']}" if "id" in ann else f"annotation {i} of the image"
         box = ann.get("bbox")
         if box is None or len(box) != 4:
-            problems.append(f"annotation {i}: no box")
+            problems.append(f"{label}: no box")
             continue
         x0, y0, x1, y1 = BoxMode.convert(list(box), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            problems.append(f"annotation {i}: box {list(box)} is not finite")
+            problems.append(f"{label}: box {list(box)} is not finite")
         elif x1 <= x0 or y1 <= y0:
-            problems.append(f"annotation {i}: box {list(box)} has no area")
+            problems.append(f"{label}: box {list(box)} has no area")
         category = ann.get("category_id")
         if num_classes is not None and not (isinstance(category, int) and 0 <= category < num_classes):
-            problems.append(f"annotation {i}: category {category!r} outside 0..{num_classes - 1}")
+            problems.append(f"{label}: category {category!r} outside 0..{num_classes - 1}")
     return problems
+
+
+def unusable_annotations(name: str, records: List[dict], shown: int = 5) -> Optional[str]:
+    """One warning naming the annotations of dataset ``name`` that training cannot use
+    (no box, a box without area or not finite: Detectron2 drops them without a word), by
+    COCO id and image id; None when there is none."""
+    found = []
+    for record in records:
+        for problem in record_problems(record, None):
+            found.append(f"{problem} (image id {record.get('image_id')})")
+    if not found:
+        return None
+    more = f"; and {len(found) - shown} more" if len(found) > shown else ""
+    return (f"dataset {name!r}: {len(found)} annotations cannot be used and are left out of"
+            f" training: {'; '.join(found[:shown])}{more} (train_net.py --check-data lists every"
+            " problem)")
 
 
 def _num_classes(name: str) -> Optional[int]:

@@ -1,5 +1,6 @@
 """COCO-format datasets registered from the command line (``train_net.py --dataset``)
-or the environment (``ALRP_DATASETS``), with Detectron2's ``register_coco_instances``."""
+or the environment (``ALRP_DATASETS``), as Detectron2's ``register_coco_instances`` does,
+keeping each annotation's COCO ``id`` so that a problem can name it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import shlex
 from typing import Iterable, List, Sequence, Tuple
 
-__all__ = ["ENV_VAR", "datasets_from_env", "register_coco_datasets"]
+__all__ = ["ENV_VAR", "datasets_from_env", "register_coco_datasets", "register_coco_json"]
 
 ENV_VAR = "ALRP_DATASETS"
 
@@ -28,14 +29,27 @@ def datasets_from_env(environ=os.environ) -> List[Spec]:
     return [tuple(words[i : i + 3]) for i in range(0, len(words), 3)]
 
 
+def register_coco_json(name: str, json_file: str, image_root: str, **metadata) -> None:
+    """Detectron2's ``register_coco_instances`` whose records keep each annotation's COCO
+    ``id`` (``extra_annotation_keys``)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    DatasetCatalog.register(
+        name, lambda: load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
+
+
 def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
     """Registers each ``(name, json, image_root)`` as a COCO-format instances dataset
-    (Detectron2's ``register_coco_instances``); returns the names.
+    (:func:`register_coco_json`); returns the names.
 
     Raises ``ValueError`` naming the problem: a json file or image folder that does not
     exist, a name given twice or already registered with other files."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
 
     checked = []  # every dataset checked before any is registered
     for spec in specs:
@@ -66,5 +80,5 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
         checked.append((name, json_file, image_root, registered))
     for name, json_file, image_root, registered in checked:
         if not registered:
-            register_coco_instances(name, {}, json_file, image_root)
+            register_coco_json(name, json_file, image_root)
     return [c[0] for c in checked]

@@ -170,7 +170,7 @@ def register_synthetic(root: str | None = None) -> None:
 
         def load(split=split, json_path=json_path, image_dir=image_dir, name=name):
             generate_split(root, split)
-            return load_coco_json(json_path, image_dir, name)
+            return load_coco_json(json_path, image_dir, name, extra_annotation_keys=["id"])
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(json_file=json_path, image_root=image_dir, evaluator_type="coco",

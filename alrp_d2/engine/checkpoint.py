@@ -21,13 +21,13 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..data.sampling import DataError
-from ..io import atomic_write
+from ..io import atomic_write, safe_load
+from ..weights import WeightsCheckpointer
 
 __all__ = ["AtomicCheckpointIO", "LAST", "NUMBERED_DIR", "PREVIOUS", "RunCheckpoint", "WeightsCheckpointer"]
 
@@ -42,7 +42,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file beside its target, flushes it to disk,
     then renames it over the target: readers see the old file or the new one, never
     a partial one. (Lightning's own writer may stage the file on another filesystem,
-    where the final move is a copy.)"""
+    where the final move is a copy.)
+
+    Reads a checkpoint (``--resume``) without running code from it
+    (:func:`alrp_d2.io.safe_load`), whatever ``weights_only`` Lightning asks for: the
+    training state holds tensors, numbers, strings and containers only."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return safe_load(os.fspath(path))
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if storage_options is not None:
@@ -148,18 +155,3 @@ class RunCheckpoint(Checkpoint):
     def state_dict(self):
         return {"dirpath": self.dirpath}
 
-
-class WeightsCheckpointer(DetectionCheckpointer):
-    """Detectron2's checkpointer that also reads the model weights of this project's
-    Lightning checkpoints (``*.ckpt``), so ``MODEL.WEIGHTS`` and ``--eval-only`` take
-    ``last.ckpt`` or ``checkpoints/epochNNN.ckpt`` as well as ``model_final.pth``."""
-
-    def _load_file(self, filename):
-        if not filename.endswith(".ckpt"):
-            return super()._load_file(filename)
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"{filename} is not a Lightning checkpoint (no 'state_dict')")
-        prefix = "model."  # DetectionModule holds the Detectron2 model as .model
-        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        return {"model": weights, "matching_heuristics": False}

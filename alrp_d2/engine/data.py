@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import List
 
@@ -13,9 +14,12 @@ from detectron2.data.samplers import InferenceSampler
 from torch.utils.data import DataLoader
 
 from ..data import build_mapper
+from ..data.check import unusable_annotations
 from ..data.sampling import EpochShardSampler, SeededMapDataset
 
 __all__ = ["DetectionDataModule", "batches_per_epoch"]
+
+logger = logging.getLogger("alrp_d2")
 
 
 def _world() -> tuple:
@@ -54,6 +58,9 @@ class DetectionDataModule(pl.LightningDataModule):
             filter_empty = self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             for name in self.cfg.DATASETS.TRAIN:  # one by one, to name the dataset of a bad image
                 part = get_detection_dataset_dicts([name], filter_empty=filter_empty)
+                unusable = unusable_annotations(name, part)
+                if unusable:
+                    logger.warning("%s", unusable)
                 dicts.extend(part)
                 datasets.append((name, len(part)))
             self._train_dicts, self._train_datasets = dicts, datasets

@@ -7,6 +7,7 @@ import fcntl
 import glob
 import json
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -16,17 +17,18 @@ from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..config import get_cfg
+from ..config import get_cfg, model_num_classes
 from ..data.check import check_datasets
 from ..data.register import datasets_from_env, register_coco_datasets
 from ..data.sampling import DataError
 from ..data.synthetic import register_synthetic
-from ..io import atomic_write
+from ..io import UnsafeFileError, atomic_write
+from ..weights import WeightsError, load_weights
 from .best import metric_mode
 from .checkpoint import WeightsCheckpointer
 from .cluster import UsageError, install_requeue_handler, requeue_slurm_job, resolve_topology, slurm_restarted
@@ -35,7 +37,7 @@ from .module import DetectionModule
 from .resume import config_differences, find_resume_checkpoint, run_files
 from .trainer import LOGGERS, build_trainer, check_loggers
 
-__all__ = ["UsageError", "argument_parser", "main", "setup_cfg"]
+__all__ = ["UsageError", "argument_parser", "evaluation_dir", "main", "setup_cfg"]
 
 logger = logging.getLogger("alrp_d2")
 
@@ -91,6 +93,10 @@ def setup_cfg(args):
         raise UsageError(f"{args.config_file}: {err.args[0] if err.args else err}") from None
     except Exception as err:  # yaml syntax, wrong value types
         raise UsageError(f"{args.config_file}: {err}") from None
+    flags = [o for o in args.opts[::2] if o.startswith("--")]
+    if flags:
+        raise UsageError(f"{flags[0]} comes after the KEY VALUE overrides: flags go first, overrides last"
+                         f" (got the overrides {args.opts})")
     if len(args.opts) % 2:
         raise UsageError(f"overrides must come in KEY VALUE pairs, got {args.opts}")
     try:
@@ -110,6 +116,7 @@ def check_inputs(cfg, args) -> None:
             raise UsageError(f"unknown dataset name {name!r} (not registered in Detectron2's DatasetCatalog)")
     for name in cfg.DATASETS.TEST:  # the training sets are loaded (and checked) by the data module
         _load_dataset(lambda: DatasetCatalog.get(name), name)
+    check_num_classes(cfg, cfg.DATASETS.TEST, "test")
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise UsageError(f"weights file not found: {weights} (MODEL.WEIGHTS)")
@@ -120,6 +127,31 @@ def check_inputs(cfg, args) -> None:
     if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value" \
             and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0:
         raise UsageError("norm clipping supports SOLVER.CLIP_GRADIENTS.NORM_TYPE 2.0 only")
+
+
+def evaluation_dir(output_dir: str, weights: str) -> str:
+    """Where ``--eval-only`` of ``weights`` writes (config, metrics, evaluator files, logs):
+    ``OUTPUT_DIR/eval/<weights' file name without extension>/``, never over the records of
+    the training in ``OUTPUT_DIR``."""
+    name = os.path.splitext(os.path.basename(weights.rstrip("/")))[0] or "weights"
+    return os.path.join(output_dir, "eval", name)
+
+
+def check_num_classes(cfg, names, role: str) -> None:
+    """The model's classes (:func:`alrp_d2.config.model_num_classes`) are the datasets':
+    :class:`UsageError` with both numbers otherwise (datasets loaded: their metadata is
+    complete)."""
+    if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
+        return  # class-agnostic
+    num_classes = model_num_classes(cfg)
+    key = "MODEL.ROI_HEADS.NUM_CLASSES" if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" \
+        else "MODEL.RETINANET.NUM_CLASSES"
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != num_classes:
+            raise UsageError(f"{key} is {num_classes}, but the {role} dataset {name!r} has {len(classes)}"
+                             f" classes ({', '.join(map(str, classes[:10]))}{', ...' if len(classes) > 10 else ''}):"
+                             f" set {key} {len(classes)}")
 
 
 def _load_dataset(load, name):
@@ -204,10 +236,14 @@ def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
         return None
     try:
         found = find_resume_checkpoint(out)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
+    except (FileNotFoundError, UnsafeFileError) as err:
+        raise UsageError(f"--resume: {err}") from None
     if found is None:
-        logger.info("--resume: no checkpoint in %s yet, starting from MODEL.WEIGHTS", out)
+        # A first start with --resume is how requeued cluster jobs run: not an error; but a
+        # mistyped folder must not pass unseen.
+        state = "does not exist" if not os.path.isdir(out) else "holds no checkpoint"
+        logger.warning("--resume: OUTPUT_DIR %s %s; starting a new training%s", os.path.abspath(out), state,
+                       f" from MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "")
         return None
     path, saved = found
     changes = config_differences(saved["config"], cfg)
@@ -233,9 +269,58 @@ def _data_error_message(err: BaseException) -> str:
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
+class _EarlyLines(logging.handlers.MemoryHandler):
+    """What the run logs before its log.txt may be written (Detectron2's dataset summary,
+    resume decisions, data warnings), kept to be written there first."""
+
+    LOGGERS = ("detectron2", "alrp_d2")
+
+    def __init__(self):
+        super().__init__(capacity=1 << 30)
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def shouldFlush(self, record):
+        return False
+
+    def detach(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+    def write_into(self, handler: logging.Handler) -> None:
+        self.detach()
+        for record in self.buffer:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        self.buffer.clear()
+
+
+_EARLY: List[_EarlyLines] = []
+
+
+def _setup_run_logs(output_dir: str, rank: int) -> None:
+    """log.txt in ``output_dir`` for Detectron2's and this project's loggers, beginning
+    with what they logged before."""
+    alrp = logging.getLogger("alrp_d2")
+    before = list(alrp.handlers)
+    setup_logger(output=output_dir, distributed_rank=rank, name="detectron2", configure_stdout=False)
+    setup_logger(output=output_dir, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",
+                 configure_stdout=False)
+    added = [h for h in alrp.handlers if h not in before]
+    while _EARLY:
+        early = _EARLY.pop()
+        if added:  # both loggers write to the one log.txt: replay through one handler
+            early.write_into(added[0])
+        early.detach()
+
+
 def run(args) -> int:
-    # The console from the start (resume decisions, warnings); log.txt once writing is safe.
-    setup_logger(distributed_rank=0 if _is_first_process(args) else 1, name="alrp_d2", abbrev_name="alrp_d2")
+    # The console from the start (dataset summaries, resume decisions, warnings); log.txt
+    # once writing is safe, beginning with those lines.
+    console_rank = 0 if _is_first_process(args) else 1
+    setup_logger(distributed_rank=console_rank, name="alrp_d2", abbrev_name="alrp_d2")
+    setup_logger(distributed_rank=console_rank, name="detectron2")
+    _EARLY.append(_EarlyLines())
     register_synthetic()
     register_datasets(args)
     cfg = setup_cfg(args)
@@ -251,6 +336,8 @@ def run(args) -> int:
         raise UsageError(str(err)) from None
     cfg.defrost()
     cfg.MODEL.DEVICE = "cuda" if accelerator == "gpu" else "cpu"
+    if args.eval_only:
+        cfg.OUTPUT_DIR = evaluation_dir(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS)
     cfg.freeze()
     if args.check_data:
         return check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
@@ -264,29 +351,35 @@ def run(args) -> int:
         if ims % world:
             raise UsageError(f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes ({world})")
         train_dicts = _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, "training")
         iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
     ckpt_path = None if args.eval_only else _resume_checkpoint(cfg, args, world)
+    # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
+    seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
+    module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
+    # The weights before anything is written: a file that would run code, or (evaluation)
+    # another model's weights, stops the run with the folder as it was.
+    if args.eval_only or (ckpt_path is None and cfg.MODEL.WEIGHTS):
+        try:
+            load_weights(module.model, cfg.MODEL.WEIGHTS, strict=args.eval_only,
+                         model_name=f"the config's {cfg.MODEL.META_ARCHITECTURE}")
+        except WeightsError as err:
+            raise UsageError(f"MODEL.WEIGHTS: {err}") from None
     first = _is_first_process(args)
     if first and not args.eval_only:
         _HELD_LOCKS.append(_lock_output_dir(cfg.OUTPUT_DIR))  # released when main() returns
-    # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
-    seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
     trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger,
                             training=not args.eval_only)
     rank = trainer.global_rank
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",
-                 configure_stdout=False)
+    _setup_run_logs(cfg.OUTPUT_DIR, rank)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml")) as f:
             f.write(cfg.dump())
         logger.info("Full config saved to %s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
 
-    module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
     final_path = os.path.join(cfg.OUTPUT_DIR, "final_metrics.json")
     if args.eval_only:
-        WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
         metrics = _evaluate(trainer, module, datamodule)
         metrics.update(_self_balance_weights(module))
         if rank == 0:
@@ -294,8 +387,6 @@ def run(args) -> int:
             logger.info("Final metrics written to %s", final_path)
         return 0
 
-    if ckpt_path is None and cfg.MODEL.WEIGHTS:
-        WeightsCheckpointer(module.model).load(cfg.MODEL.WEIGHTS)
     install_requeue_handler()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -340,3 +431,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         while _HELD_LOCKS:
             _HELD_LOCKS.pop().close()
+        while _EARLY:
+            _EARLY.pop().detach()

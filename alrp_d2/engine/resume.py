@@ -17,8 +17,9 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from detectron2.config import CfgNode
+
+from ..io import UnsafeFileError, safe_load
 
 from .checkpoint import LAST, NUMBERED_DIR, PREVIOUS
 
@@ -50,7 +51,7 @@ def run_files(output_dir: str) -> List[str]:
 
 
 def _read(path: str) -> Dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = safe_load(path)
     missing = [k for k in ("state_dict", "loops", "optimizer_states", "alrp_d2") if k not in checkpoint]
     if missing:
         raise ValueError(f"not a complete training checkpoint of this project (no {', '.join(missing)})")
@@ -60,11 +61,13 @@ def _read(path: str) -> Dict[str, Any]:
 def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     """``(path, what the run saved about itself)`` of the newest readable checkpoint,
     or None when there is none. Raises ``FileNotFoundError`` when checkpoints exist but
-    none can be read."""
+    none can be read, :class:`~alrp_d2.io.UnsafeFileError` for one that would run code."""
     candidates = sorted(run_files(output_dir), key=os.path.getmtime, reverse=True)
     for path in candidates:
         try:
             checkpoint = _read(path)
+        except UnsafeFileError:
+            raise  # not damaged but dangerous: the user must know, not resume from an older one
         except Exception as err:  # truncated, corrupt, foreign: try the previous one
             logger.warning("Cannot resume from %s (%s: %s); trying the previous checkpoint",
                            path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")

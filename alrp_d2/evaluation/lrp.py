@@ -41,6 +41,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import sys
 from typing import Dict, List, Optional
 
@@ -374,17 +375,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                              " LRP-Error code's cut anywhere, in image order")
     parser.add_argument("--per-class", action="store_true", help="also print each class's figures")
     args = parser.parse_args(argv)
-    from pycocotools.coco import COCO
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(args.gt)
-            with open(args.dets) as f:
-                dets = json.load(f)
-            if not isinstance(dets, list):
-                raise ValueError("the results file must hold a json list of detections")
-            coco_dt = coco_gt.loadRes(dets) if dets else empty_results(coco_gt)
-    except (OSError, ValueError, KeyError, AssertionError) as err:
+        coco_gt, coco_dt = _read_coco_pair(args.gt, args.dets)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = lrp_from_coco(coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds,
@@ -396,6 +390,69 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  {names.get(cid, cid)!s:<20} oLRP={r['oLRP']:.3f} loc={r['oLRP_loc']:.3f} "
                   f"FP={r['oLRP_FP']:.3f} FN={r['oLRP_FN']:.3f} threshold={r['threshold']:.3f}")
     return 0
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    except ValueError as err:  # not json, not UTF-8
+        raise ValueError(f"the {what} {path} is not valid json: {err}") from None
+
+
+def _read_coco_pair(gt_path: str, dets_path: str):
+    """The ground truth and the detections as pycocotools objects; ``ValueError`` naming
+    the file and the problem: unreadable, not json, not COCO, or detections of other
+    images or classes (ids absent from the ground truth, or, where a detection names its
+    image file as ``alrp_d2.predict`` writes it, an id whose image is another file)."""
+    from pycocotools.coco import COCO
+
+    gt = _read_json(gt_path, "ground-truth json")
+    if not isinstance(gt, dict) or not isinstance(gt.get("images"), list):
+        raise ValueError(f"the ground-truth json {gt_path} is not in COCO format (no 'images' list)")
+    dets = _read_json(dets_path, "results file")
+    if not isinstance(dets, list):
+        raise ValueError(f"the results file {dets_path} must hold a json list of detections")
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt.createIndex()
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"the ground-truth json {gt_path} is not in COCO format ({err!r})") from None
+    images = {im["id"]: im for im in gt["images"]}
+    categories = set(coco_gt.getCatIds())
+    for i, det in enumerate(dets):
+        if not isinstance(det, dict) or "image_id" not in det or "category_id" not in det:
+            raise ValueError(f"{dets_path}: detection {i} has no image_id or category_id")
+    unknown_images = sorted({d["image_id"] for d in dets} - set(images), key=str)
+    unknown_classes = sorted({d["category_id"] for d in dets} - categories, key=str)
+    problems = []
+    if unknown_images:
+        problems.append(f"image_id {', '.join(map(str, unknown_images[:5]))}"
+                        f"{' ...' if len(unknown_images) > 5 else ''} not among its images"
+                        f" (e.g. {', '.join(map(str, list(images)[:3]))})")
+    if unknown_classes:
+        problems.append(f"category_id {', '.join(map(str, unknown_classes[:5]))} not among its"
+                        f" categories ({', '.join(map(str, sorted(categories)))})")
+    for det in dets:
+        image = images.get(det["image_id"])
+        named = det.get("file_name")
+        if image is not None and named and os.path.basename(str(image.get("file_name", ""))) != named:
+            problems.append(f"image_id {det['image_id']} is {image.get('file_name')} in the ground"
+                            f" truth, but the detections were made on {named}")
+            break
+    if problems:
+        raise ValueError(f"the detections of {dets_path} do not belong to {gt_path}: "
+                         + "; ".join(problems))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(dets) if dets else empty_results(coco_gt)
+    except (KeyError, ValueError, AssertionError, TypeError, IndexError) as err:
+        raise ValueError(f"{dets_path}: not COCO results ({err!r})") from None
+    return coco_gt, coco_dt
 
 
 def empty_results(coco_gt):
