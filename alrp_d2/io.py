@@ -8,8 +8,6 @@ import pickle
 import re
 import tempfile
 
-import torch
-
 __all__ = ["UnsafeFileError", "atomic_write", "safe_load"]
 
 
@@ -52,6 +50,8 @@ def safe_load(file, map_location="cpu"):
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot lift this (torch obeys the explicit
     argument). Other failures (truncated, not a torch file) raise as ``torch.load`` does.
     """
+    import torch  # here: the plot command reads runs without torch
+
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

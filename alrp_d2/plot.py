@@ -294,6 +294,12 @@ def _per_epoch(ax, scalars: Scalars, keys: Sequence[str], title: str, draw) -> N
 
 def _plot_self_balance(ax, scalars: Scalars) -> None:
     keys = [k for k in sorted(scalars) if k.endswith("/sb_weight") and scalars[k]]
+    if not keys and not any("alrp" in k for k in scalars):  # Rank & Sort, AP Loss, focal
+        ax.set_title("self-balance weight")
+        ax.text(0.5, 0.5, "none in this run\n(only aLRP Loss balances itself per epoch)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
 
     def draw(ax, x, values, key):
         ax.step(x, values, where="post", marker="o", ms=3, lw=1.3, label=key)

@@ -16,6 +16,7 @@ _skipped_for_detectron2 = []
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "detectron2: the test needs detectron2 installed")
+    config.addinivalue_line("markers", "slow: left out of the fast lane (pytest -m 'not slow')")
 
 
 def pytest_collection_modifyitems(config, items):

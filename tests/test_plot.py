@@ -166,6 +166,15 @@ def test_training_without_evaluation_yet(tmp_path):
     assert_png(plot.plot_run(tmp_path))
 
 
+def test_run_without_self_balance_says_so():
+    """Rank & Sort (as AP and focal loss) has no self-balance weight: its panel says so."""
+    scalars = {"total_loss": [(1, 2.0), (2, 1.5)], "loss_rs_rank": [(1, 0.9), (2, 0.8)],
+               "epoch": [(1, 0), (2, 0)]}
+    balance = plot.draw_run(scalars).axes[2]
+    assert [t.get_text() for t in balance.texts] == [
+        "none in this run\n(only aLRP Loss balances itself per epoch)"]
+
+
 def test_running_median():
     assert list(plot.running_median([1, 100, 2, 3, 4], 3)) == [1, 50.5, 2, 3, 3]
     assert list(plot.running_median([1, math.nan, 3], 2)) == [1, 1, 3]

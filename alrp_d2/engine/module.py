@@ -33,7 +33,13 @@ def schedule_in_iterations(cfg, iters_per_epoch: int):
     cfg.defrost()
     if cfg.SOLVER.MAX_EPOCHS > 0:
         cfg.SOLVER.MAX_ITER = cfg.SOLVER.MAX_EPOCHS * iters_per_epoch
-        cfg.SOLVER.STEPS = tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.STEPS_EPOCHS)
+        late = [e for e in cfg.SOLVER.STEPS_EPOCHS if e > cfg.SOLVER.MAX_EPOCHS]
+        if late:  # said here in the user's key (Detectron2 would name SOLVER.STEPS)
+            logger.warning("SOLVER.STEPS_EPOCHS %s: the steps at epochs %s come after the last epoch"
+                           " (SOLVER.MAX_EPOCHS %d) and never happen", tuple(cfg.SOLVER.STEPS_EPOCHS),
+                           late, cfg.SOLVER.MAX_EPOCHS)
+        cfg.SOLVER.STEPS = tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.STEPS_EPOCHS
+                                 if e <= cfg.SOLVER.MAX_EPOCHS)
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
     cfg.freeze()
     return cfg

@@ -1,0 +1,94 @@
+"""One training step of every config under configs/, recorded: the losses and a fingerprint
+of every parameter's gradient, so that a refactor of the losses or heads can prove it keeps
+the numbers (tests/test_golden_steps.py).
+
+    python tests/golden_steps.py      # (re)records tests/golden/training_step.json
+
+Each config is built with tests/test_models.py's ``tiny_cfg`` (random weights, 3 classes,
+BN backbone), seeded, and trained one step on ``batch()`` (two 96 x 96 images) in float64
+and, for the configs whose losses are this project's, in float32 too. A gradient is kept as
+its sum, its L2 norm and its dot product with a fixed random tensor.
+"""
+
+import contextlib
+import glob
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GOLDEN = os.path.join(HERE, "golden", "training_step.json")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def config_name(path):
+    return os.path.relpath(path, os.path.join(ROOT, "configs"))
+
+
+@contextlib.contextmanager
+def _nms_of_any_dtype():
+    """Detectron2's ``batched_nms`` casts the boxes to float32 but not the scores, which
+    torchvision refuses in float64: the RPN's proposals are chosen in float32 here."""
+    from detectron2.modeling.proposal_generator import proposal_utils
+
+    original = proposal_utils.batched_nms
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        return original(boxes.float(), scores.float(), idxs, iou_threshold)
+
+    proposal_utils.batched_nms = batched_nms
+    try:
+        yield
+    finally:
+        proposal_utils.batched_nms = original
+
+
+def training_step(path, dtype):
+    """``{"losses": {name: value}, "grads": {param: [sum, norm, projection]}}`` of one step."""
+    sys.path.insert(0, HERE)
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from test_models import batch, tiny_cfg
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(path)).to(dtype)
+    model.train()
+    inputs = batch()
+    for x in inputs:
+        x["image"] = x["image"].to(dtype)
+        x["instances"].gt_boxes.tensor = x["instances"].gt_boxes.tensor.to(dtype)
+    torch.manual_seed(1)  # draws inside the step (mask subsampling)
+    with EventStorage(), _nms_of_any_dtype():
+        losses = model(inputs)
+    sum(losses.values()).backward()
+    grads = {}
+    for index, (name, param) in enumerate(model.named_parameters()):
+        if param.grad is None:
+            continue
+        g = param.grad.double()
+        probe = torch.randn(g.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+        grads[name] = [g.sum().item(), g.norm().item(), (g * probe).sum().item()]
+    return {"losses": {k: v.item() for k, v in losses.items()}, "grads": grads}
+
+
+def record():
+    golden = {}
+    for path in CONFIGS:
+        name = config_name(path)
+        golden[name] = {"float64": training_step(path, torch.float64)}
+        if any(k.startswith(("loss_alrp", "loss_rs", "loss_ap", "loss_rpn_alrp", "loss_rpn_rs",
+                             "loss_roi_rs")) for k in golden[name]["float64"]["losses"]):
+            golden[name]["float32"] = training_step(path, torch.float32)
+        print(name, golden[name]["float64"]["losses"], flush=True)
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as f:
+        json.dump({"torch": torch.__version__, "configs": golden}, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    record()

@@ -1,0 +1,52 @@
+"""A refactor keeps the numbers: one training step of every config under configs/ gives the
+losses and gradients recorded before it (tests/golden_steps.py; float64 to a relative
+1e-10, float32 to 1e-5).
+
+A gradient is compared by its sum, norm and a random projection, relative to its norm; a
+loss relative to its value. Re-record (python tests/golden_steps.py) only for a change
+meant to change the numbers, and say so in the commit.
+"""
+
+import json
+import os
+
+import pytest
+
+from golden_steps import CONFIGS, DTYPES, GOLDEN, config_name, training_step
+
+pytestmark = pytest.mark.detectron2
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+# Backbones the other configs already cover: only the full run takes them.
+HEAVY = ("R_101", "X_101", "800")
+
+with open(GOLDEN) as f:
+    RECORDED = json.load(f)["configs"]
+
+CASES = [
+    pytest.param(name, dtype, marks=[pytest.mark.slow] if any(h in name for h in HEAVY) else [],
+                 id=f"{name}-{dtype}")
+    for name in sorted(RECORDED) for dtype in sorted(RECORDED[name])
+]
+
+
+def test_every_config_is_recorded():
+    assert sorted(config_name(p) for p in CONFIGS) == sorted(RECORDED)
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_training_step_keeps_the_recorded_numbers(name, dtype):
+    expected = RECORDED[name][dtype]
+    path = os.path.join(os.path.dirname(GOLDEN), os.pardir, os.pardir, "configs", name)
+    got = training_step(path, DTYPES[dtype])
+    tol = TOLERANCE[dtype]
+    assert sorted(got["losses"]) == sorted(expected["losses"])
+    for key, value in expected["losses"].items():
+        assert got["losses"][key] == pytest.approx(value, rel=tol, abs=tol), key
+    assert sorted(got["grads"]) == sorted(expected["grads"])
+    for key, (total, norm, projection) in expected["grads"].items():
+        scale = max(norm, 1e-30)
+        g_total, g_norm, g_projection = got["grads"][key]
+        assert abs(g_norm - norm) <= tol * scale, (key, g_norm, norm)
+        assert abs(g_total - total) <= tol * scale * 10, (key, g_total, total)
+        assert abs(g_projection - projection) <= tol * scale * 10, (key, g_projection, projection)
