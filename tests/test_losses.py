@@ -261,3 +261,47 @@ def test_cuda_matches_cpu_without_host_synchronisation():
         torch.cuda.set_sync_debug_mode("default")
     assert cls.item() == pytest.approx(cls_cpu.item(), rel=1e-5)
     assert torch.allclose(x.grad.double().cpu(), x_cpu.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [0.5, 1.0])
+def test_unit_step_ties_count_as_asked(tie):
+    """delta == 0: a negative (and a positive) tied with positive i counts ``tie``."""
+    from alrp_d2.losses.ranking import RankingUpdate, ranking_loss
+
+    logits = torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 1.0, -1.0], dtype=torch.float64)
+    targets = torch.tensor([1, 1, 0, 0, 0, 1, -1])
+    seen = {}
+
+    def definition(stats):
+        seen["num_fp"], seen["rank_pos"] = stats.num_fp.clone(), stats.rank_pos.clone()
+        zeros = torch.zeros_like(stats.scores)
+        return RankingUpdate(stats.scores.sum() * 0, zeros, zeros)
+
+    ranking_loss(logits, targets, definition, delta=0.0, tie=tie)
+    pos, neg = logits[targets == 1], logits[targets == 0]
+
+    def step(x):
+        return (x > 0).double() + tie * (x == 0).double()
+
+    expected_fp = torch.stack([step(neg - s).sum() for s in pos])
+    expected_rank = torch.stack([1 + step(pos - s).sum() - tie for s in pos])
+    assert torch.equal(seen["num_fp"], expected_fp)
+    assert torch.equal(seen["rank_pos"], expected_rank)
+
+
+def test_module_forms_take_the_functional_arguments():
+    import inspect
+
+    logits, targets = torch.tensor([float("nan"), 0.0]), torch.tensor([1, 0])
+    loc = torch.tensor([0.5])
+    for module, args in ((ALRPLoss(), (loc,)), (APLoss(), ()), (NDCGLoss(), ())):
+        with pytest.raises(ValueError, match="logits contain NaN"):
+            module(logits, targets, *args)
+    for module, args in ((ALRPLoss(validate=False), (loc,)), (APLoss(validate=False), ()),
+                         (NDCGLoss(validate=False), ())):
+        module(logits, targets, *args)  # no check, no synchronisation
+    for cls, fn in ((ALRPLoss, alrp_loss), (APLoss, ap_loss), (NDCGLoss, ndcg_loss)):
+        module_args = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        function_args = set(inspect.signature(fn).parameters) - {"logits", "targets", "loc_errors"}
+        assert module_args == function_args, cls
+    assert "eps" not in inspect.signature(ap_loss).parameters  # AP Loss has no N_FP test

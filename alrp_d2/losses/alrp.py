@@ -106,7 +106,6 @@ def ap_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     delta: float = 1.0,
-    eps: float = 1e-5,
     *,
     validate: bool = True,
     process_group=None,
@@ -116,8 +115,8 @@ def ap_loss(
     ``prec(i) = rank+(i) / rank(i)`` and ``iprec(i) = max prec(k)`` over the positives
     with ``s_k <= s_i``.  Positive ``i`` gets ``-(1 - iprec(i)) / |P|`` and sends
     ``a(i) H(s_j - s_i) / rank(i) / |P|`` to negative ``j``, with ``a(i) = 1`` where
-    ``iprec(i) = prec(i)`` and ``(1 - iprec(i)) / (1 - prec(i))`` elsewhere.  ``eps``
-    is accepted for a uniform signature; AP Loss has no ``N_FP`` test.
+    ``iprec(i) = prec(i)`` and ``(1 - iprec(i)) / (1 - prec(i))`` elsewhere (AP Loss has
+    no ``N_FP`` test, hence no ``eps``).
     ``process_group``: one ranking across processes, as in :func:`alrp_loss`.
     """
 
@@ -170,33 +169,40 @@ def ndcg_loss(
 
 
 class ALRPLoss(nn.Module):
-    """Module form of :func:`alrp_loss`."""
+    """Module form of :func:`alrp_loss` (the same arguments)."""
 
-    def __init__(self, delta: float = 1.0, eps: float = 1e-5):
+    def __init__(self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True,
+                 process_group=None):
         super().__init__()
-        self.delta, self.eps = delta, eps
+        self.delta, self.eps, self.validate = delta, eps, validate
+        self.process_group = process_group
 
     def forward(self, logits, targets, loc_errors):
-        return alrp_loss(logits, targets, loc_errors, self.delta, self.eps)
+        return alrp_loss(logits, targets, loc_errors, self.delta, self.eps,
+                         validate=self.validate, process_group=self.process_group)
 
 
 class APLoss(nn.Module):
-    """Module form of :func:`ap_loss`."""
+    """Module form of :func:`ap_loss` (the same arguments)."""
 
-    def __init__(self, delta: float = 1.0):
+    def __init__(self, delta: float = 1.0, *, validate: bool = True, process_group=None):
         super().__init__()
-        self.delta = delta
+        self.delta, self.validate, self.process_group = delta, validate, process_group
 
     def forward(self, logits, targets):
-        return ap_loss(logits, targets, self.delta)
+        return ap_loss(logits, targets, self.delta, validate=self.validate,
+                       process_group=self.process_group)
 
 
 class NDCGLoss(nn.Module):
-    """Module form of :func:`ndcg_loss`."""
+    """Module form of :func:`ndcg_loss` (the same arguments)."""
 
-    def __init__(self, delta: float = 1.0, eps: float = 1e-5):
+    def __init__(self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True,
+                 process_group=None):
         super().__init__()
-        self.delta, self.eps = delta, eps
+        self.delta, self.eps, self.validate = delta, eps, validate
+        self.process_group = process_group
 
     def forward(self, logits, targets):
-        return ndcg_loss(logits, targets, self.delta, self.eps)
+        return ndcg_loss(logits, targets, self.delta, self.eps, validate=self.validate,
+                         process_group=self.process_group)

@@ -25,43 +25,28 @@ query, is a ``P x P`` computation in row chunks of bounded memory.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import PositivePartition
-from .ranking import PositiveStats, RankingUpdate, ranking_loss
+from .ranking import (
+    PositiveStats,
+    RankingUpdate,
+    _elementwise_dtype,
+    check_arguments,
+    error_driven,
+    positives_of,
+    ranking_loss,
+    smoothed_step,
+    validate_inputs,
+)
 
 __all__ = ["RankSortLoss", "rank_sort_loss"]
 
 # Elements of one P x P chunk (float64: 16 MiB per temporary).
 _CHUNK_ELEMENTS = 1 << 21
-
-
-class _GivenGradient(torch.autograd.Function):
-    """Returns ``value``; the backward pass gives ``logits`` the tensor ``gradient_fn()``
-    (an error-driven update, not the derivative of the value)."""
-
-    @staticmethod
-    def forward(ctx, logits, value, gradient_fn):
-        ctx.gradient_fn = gradient_fn
-        ctx.logits_dtype = logits.dtype
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad = ctx.gradient_fn()
-        ctx.gradient_fn = None
-        return (grad * grad_output).to(ctx.logits_dtype), None, None
-
-
-def _step(x: torch.Tensor, delta: float) -> torch.Tensor:
-    """The authors' step: ties count 1 when ``delta == 0`` (``x >= 0``)."""
-    if delta == 0:
-        return (x >= 0).to(x.dtype)
-    return (x / (2 * delta) + 0.5).clamp_(0.0, 1.0)
 
 
 def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps: float):
@@ -79,7 +64,8 @@ def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps
     wrongness = 1 - labels  # (1 - y_k): what a positive above adds to the sorting error
     for start in range(0, p, rows):
         end = min(start + rows, p)
-        above = _step(scores[None, :] - scores[start:end, None], delta)  # [i, k] H(s_k - s_i)
+        # [i, k] H(s_k - s_i), the authors' step: a tie counts 1 when delta == 0
+        above = smoothed_step(scores[None, :] - scores[start:end, None], delta, tie=1.0)
         target_order = labels[None, :] >= labels[start:end, None]
         in_target = above * target_order
         rank_pos[start:end] = above.sum(1)
@@ -94,69 +80,6 @@ def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps
         update[start:end] -= torch.where(active, sort_error, 0.0)
         update += share @ missorted
     return rank_pos, sorting, update
-
-
-class _UnitStepNegatives:
-    """Negatives counted with the unit step ``1[s_j >= s_i]`` (``delta == 0``), which the
-    engine's ``H(0) = 1/2`` convention does not give: each negative is located among the
-    sorted positive scores once, then prefix sums answer every positive."""
-
-    def __init__(self, scores: torch.Tensor, negative: torch.Tensor,
-                 positive_scores: torch.Tensor, wide: torch.dtype):
-        sorted_scores = positive_scores.sort().values
-        p = sorted_scores.numel()
-        # Bin b: negatives with exactly b positive scores <= theirs; others go to bin 0,
-        # where no positive counts them.
-        located = torch.searchsorted(sorted_scores, scores.to(sorted_scores.dtype), right=True)
-        self.bin = torch.where(negative, located, 0)
-        count = torch.zeros(p + 1, dtype=wide, device=scores.device)
-        count.index_add_(0, self.bin, negative.to(wide))
-        # s_j >= s_i exactly when bin(j) > first(i), first(i) the count of scores < s_i.
-        self.first = torch.searchsorted(sorted_scores, positive_scores, right=False)
-        above = count.flip(0).cumsum(0).flip(0)  # above[b] = negatives in bins >= b
-        self.num_fp = torch.cat([above, above.new_zeros(1)])[self.first + 1]
-        self.negative = negative
-        self.size = p + 1
-
-    def distribute(self, weight: torch.Tensor) -> torch.Tensor:
-        """``sum_i weight_i 1[s_j >= s_i]`` for every negative ``j``, 0 elsewhere."""
-        per_bin = torch.zeros(self.size, dtype=weight.dtype, device=weight.device)
-        per_bin.index_add_(0, self.first, weight)
-        below = torch.cat([per_bin.new_zeros(1), per_bin.cumsum(0)[:-1]])  # bins < b
-        return torch.where(self.negative, below[self.bin], 0.0)
-
-
-def _check(logits: torch.Tensor, targets: torch.Tensor, delta: float, eps: float) -> None:
-    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("logits and targets must be tensors")
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"shape mismatch: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    if not targets.is_floating_point():
-        raise ValueError(
-            f"targets must be floating point (continuous labels in (0, 1]), got {targets.dtype}")
-    if not (delta >= 0 and delta < float("inf")):
-        raise ValueError(f"delta must be a finite number >= 0, got {delta}")
-    if not (eps >= 0 and eps < float("inf")):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-
-
-def _validated_count(logits: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor) -> int:
-    """Input checks and the number of positives, with one host-device synchronisation."""
-    bad_logits = ~torch.isfinite(logits).all()
-    low, high = torch.aminmax(targets)
-    bad_targets = (low.isnan() | high.isnan() | (low < -1) | (high > 1)
-                   | ((targets < 0) & (targets != -1)).any())
-    bad_logits, bad_targets, count = torch.stack(
-        [bad_logits.to(torch.int64), bad_targets.to(torch.int64), positive.sum()]).tolist()
-    if bad_logits:
-        raise ValueError("logits contain NaN or Inf")
-    if bad_targets:
-        raise ValueError(
-            "targets must be a label in (0, 1] (positive), 0 (negative) or -1 (ignored)")
-    return count
 
 
 def rank_sort_loss(
@@ -193,24 +116,18 @@ def rank_sort_loss(
         Without positives both are zero, with zero gradients, still connected to
         ``logits``.
     """
-    _check(logits, targets, delta, eps)
+    check_arguments(logits, targets, delta, eps, labels="continuous")
     flat_logits = logits.reshape(-1)
     flat_targets = targets.reshape(-1)
-    positive = flat_targets > 0
+    positive = positives_of(flat_targets, "continuous")
     if validate:
-        num_positives = _validated_count(flat_logits.detach(), flat_targets, positive)
+        num_positives = validate_inputs(flat_logits.detach(), flat_targets, labels="continuous")
     else:
         num_positives = int(positive.sum())
-    elementwise = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    elementwise = _elementwise_dtype(logits.dtype)
     grouped = process_group is not None and dist.get_world_size(process_group) > 1
     zero = flat_logits[:0].sum().to(elementwise)  # zero gradient, graph connected
     if num_positives == 0 and not grouped:
-        return zero, zero.clone()
-    # For delta > 0 the engine makes its own partition (and returns no stats without any
-    # positive in the group).
-    partition = PositivePartition(num_positives, process_group, logits.device) \
-        if grouped and delta == 0 else None
-    if partition is not None and partition.num_global == 0:
         return zero, zero.clone()
 
     with torch.no_grad():
@@ -236,58 +153,22 @@ def rank_sort_loss(
         outputs["sort_update"] = sort_update
         return RankingUpdate(ranking_error.mean(), -rank_update / total, negative_weight / total)
 
-    if delta > 0:
-        # The engine's labels: 1 positive, 0 negative, -1 ignored (any negative value).
-        engine_targets = positive.to(torch.int8) - (flat_targets < 0).to(torch.int8)
-        rank_loss, stats = ranking_loss(flat_logits.view_as(logits), engine_targets.view_as(logits),
-                                        definition, delta=delta, num_positives=num_positives,
-                                        validate=False, process_group=process_group)
-        if stats is None:  # no positive in any process
-            return rank_loss, zero
-    else:
-        rank_loss = _unit_step_ranking(flat_logits, flat_targets, positive_index, definition,
-                                       partition)
+    # The engine's labels: 1 positive, 0 negative, -1 ignored (any negative value); the
+    # authors' unit step counts a tie 1.
+    engine_targets = positive.to(torch.int8) - (flat_targets < 0).to(torch.int8)
+    rank_loss, stats = ranking_loss(logits, engine_targets.view_as(logits), definition,
+                                    delta=delta, tie=1.0, num_positives=num_positives,
+                                    validate=False, process_group=process_group)
+    if stats is None:  # no positive in any process
+        return rank_loss, zero
 
     def sorting_gradient() -> torch.Tensor:
         grad = torch.zeros(flat_logits.shape, dtype=elementwise, device=flat_logits.device)
         grad[positive_index] = outputs["sort_update"].to(elementwise)
         return grad.view_as(logits)
 
-    sort_loss = _GivenGradient.apply(logits, outputs["sorting"].to(elementwise), sorting_gradient)
+    sort_loss = error_driven(logits, outputs["sorting"].to(elementwise), sorting_gradient)
     return rank_loss, sort_loss
-
-
-def _unit_step_ranking(flat_logits: torch.Tensor, flat_targets: torch.Tensor,
-                       positive_index: torch.Tensor,
-                       definition: Callable[[PositiveStats], RankingUpdate],
-                       partition: Optional[PositivePartition] = None) -> torch.Tensor:
-    """The ranking part for ``delta == 0``, where negatives tied with a positive count 1;
-    with ``partition``, this process's negatives against every process's positives."""
-    elementwise = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
-    wide = torch.float64 if flat_logits.device.type != "mps" else elementwise
-    with torch.no_grad():
-        scores = flat_logits.detach().to(elementwise)
-        positive_scores = scores[positive_index].to(wide)
-        if partition is not None:
-            positive_scores = partition.gather(positive_scores)
-        negatives = _UnitStepNegatives(scores, flat_targets == 0, positive_scores, wide)
-        num_fp = negatives.num_fp if partition is None else partition.sum(negatives.num_fp)
-        sorted_scores, order = positive_scores.sort(stable=True)
-        # Only ``scores`` and ``num_fp`` are read by the definition; rank+ is recomputed
-        # with the authors' step there.
-        stats = PositiveStats(positive_scores, sorted_scores, order, None, num_fp, None, 0.0,
-                              partition)
-    update = definition(stats)
-
-    def gradient() -> torch.Tensor:
-        grad = negatives.distribute(update.negative_weight.to(wide))
-        positive_grad = update.positive_grad
-        if partition is not None:
-            positive_grad = partition.local_slice(positive_grad)
-        grad[positive_index] = positive_grad.to(grad.dtype)
-        return grad.to(elementwise)
-
-    return _GivenGradient.apply(flat_logits, update.loss.to(elementwise), gradient)
 
 
 class RankSortLoss(nn.Module):

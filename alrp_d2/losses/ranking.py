@@ -49,19 +49,25 @@ import torch.distributed as dist
 from .distributed import PositivePartition
 
 __all__ = [
+    "LABELS",
     "PositiveStats",
     "RankingUpdate",
+    "check_arguments",
+    "error_driven",
+    "positives_of",
     "ranking_loss",
     "smoothed_step",
     "sorted_step_sums",
+    "validate_inputs",
 ]
 
 
-def smoothed_step(x: torch.Tensor, delta: float) -> torch.Tensor:
+def smoothed_step(x: torch.Tensor, delta: float, tie: float = 0.5) -> torch.Tensor:
     """``H(x)``: the piecewise-linear step of width ``2 delta``; the unit step with
-    ``H(0) = 1/2`` when ``delta == 0``."""
+    ``H(0) = tie`` when ``delta == 0`` (1/2 for aLRP, AP and NDCG Loss, 1 for Rank & Sort
+    Loss, whose authors count a tie as ``x >= 0``)."""
     if delta == 0:
-        return (x > 0).to(x.dtype) + 0.5 * (x == 0).to(x.dtype)
+        return (x > 0).to(x.dtype) + tie * (x == 0).to(x.dtype)
     return (x / (2 * delta) + 0.5).clamp(0.0, 1.0)
 
 
@@ -82,8 +88,10 @@ def sorted_step_sums(
     weights: torch.Tensor,
     queries: torch.Tensor,
     delta: float,
+    tie: float = 0.5,
 ) -> torch.Tensor:
-    """``out[q] = sum_k weights[k] * H(values_sorted[k] - queries[q])``.
+    """``out[q] = sum_k weights[k] * H(values_sorted[k] - queries[q])`` (``H(0) = tie``
+    for ``delta == 0``).
 
     ``values_sorted`` must be ascending; ``weights`` is aligned with it and may
     require grad (the result is differentiable in ``weights``).  Each query costs
@@ -97,7 +105,7 @@ def sorted_step_sums(
         below = torch.searchsorted(values_sorted, queries, right=False)
         above = total - cum_w[below_or_equal]
         equal = cum_w[below_or_equal] - cum_w[below]
-        return above + 0.5 * equal
+        return above + tie * equal
     cum_wv = torch.cat([zero, (weights * values_sorted).cumsum(0)])
     upper = torch.searchsorted(values_sorted, queries + delta, right=True)
     lower = torch.searchsorted(values_sorted, queries - delta, right=True)
@@ -144,13 +152,16 @@ class _NegativeBins:
 
     Bin ``b`` holds the scores ``x`` with ``B[b-1] < x <= B[b]`` (``B`` sorted);
     everything that is not a negative is sent to bin 0, below every boundary,
-    where it neither counts nor receives a gradient.
+    where it neither counts nor receives a gradient. With ``delta == 0`` a negative tied
+    with a positive counts ``tie`` (the unit step's ``H(0)``).
     """
 
     def __init__(self, scores: torch.Tensor, negative: torch.Tensor,
-                 positive_scores: torch.Tensor, delta: float, wide: torch.dtype):
+                 positive_scores: torch.Tensor, delta: float, wide: torch.dtype,
+                 tie: float = 0.5):
         elementwise = scores.dtype
         self.delta = delta
+        self.tie = tie
         # Each positive's interval (lower, upper], in the very values stored as
         # boundaries, so that a positive's own boundaries fall on bin edges exactly.
         lower, upper = positive_scores - delta, positive_scores + delta
@@ -182,7 +193,7 @@ class _NegativeBins:
         self.window_start = torch.searchsorted(self.bounds, lower, right=True)
         self.window_end = torch.searchsorted(self.bounds, upper, right=True)
         if delta == 0:
-            # The unit step counts a tie 1/2: count the scores equal to each upper edge.
+            # The unit step counts a tie ``tie``: count the scores equal to each upper edge.
             self.equal_bin = torch.searchsorted(self.bounds, upper, right=False)
             upper_edge = torch.cat([self.bounds, self.bounds.new_full((1,), float("inf"))])
             self.at_upper_edge = x == upper_edge.index_select(0, self.bin)
@@ -194,7 +205,7 @@ class _NegativeBins:
         """``N_FP(i) = sum_j H(s_j - s_i)`` over the negatives, for each positive."""
         above = self.cum_count[-1] - self.cum_count[self.window_end]
         if self.delta == 0:
-            return above + 0.5 * self.equal_count[self.equal_bin]
+            return above + self.tie * self.equal_count[self.equal_bin]
         start, end = self.window_start, self.window_end
         window_count = self.cum_count[end] - self.cum_count[start]
         window_score = self.cum_score[end] - self.cum_score[start]
@@ -214,8 +225,8 @@ class _NegativeBins:
         # Positive i lies below every score of the bins >= window_end_i ...
         below = per_bin(self.window_end, weight).cumsum(0)
         if self.delta == 0:
-            tie = per_bin(self.equal_bin, weight)
-            return self._gather(below) + 0.5 * self.at_upper_edge * self._gather(tie)
+            tied = per_bin(self.equal_bin, weight)
+            return self._gather(below) + self.tie * self.at_upper_edge * self._gather(tied)
         # ... and within delta of the scores of the bins in [window_start_i, window_end_i).
         window = (per_bin(self.window_start, weight) - per_bin(self.window_end, weight)).cumsum(0)
         weighted_centre = weight * self.centre
@@ -305,6 +316,47 @@ class _ErrorDrivenGradient(torch.autograd.Function):
         return (grad * grad_output).to(ctx.logits_dtype), None, None
 
 
+def error_driven(logits: torch.Tensor, value: torch.Tensor,
+                 gradient_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``value``, whose backward pass gives ``logits`` the gradient ``gradient_fn()``
+    (shaped like ``logits``, computed only then): how every ranking loss of this package
+    hands its error-driven update to the logits instead of a derivative."""
+    return _ErrorDrivenGradient.apply(logits, value, gradient_fn)
+
+
+# The labels a ranking loss takes: what a positive is, and how bad targets are described.
+LABELS = {
+    "binary": "targets must contain only 1 (positive), 0 (negative) or -1 (ignored)",
+    "continuous": "targets must be a label in (0, 1] (positive), 0 (negative) or -1 (ignored)",
+}
+
+
+def check_arguments(logits, targets, delta: float, eps: Optional[float] = None,
+                    labels: str = "binary") -> None:
+    """The checks that cost nothing (no look at the values): tensors, shapes, dtypes, the
+    smoothing ``delta`` and the threshold ``eps``; ``ValueError`` naming the problem."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise ValueError("logits and targets must be tensors")
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if labels == "continuous" and not targets.is_floating_point():
+        raise ValueError(
+            f"targets must be floating point (continuous labels in (0, 1]), got {targets.dtype}")
+    if not (delta >= 0 and delta < float("inf")):
+        raise ValueError(f"delta must be a finite number >= 0, got {delta}")
+    if eps is not None and not (eps >= 0 and eps < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+
+
+def positives_of(targets: torch.Tensor, labels: str = "binary") -> torch.Tensor:
+    """Which elements are positives: target 1 (binary labels), above 0 (continuous)."""
+    return targets == 1 if labels == "binary" else targets > 0
+
+
 def _any_not_finite(tensor: torch.Tensor) -> torch.Tensor:
     # A sum is a fast screen (NaN or Inf anywhere make it non-finite); only when it
     # is non-finite does the exact element-wise test run (finite values may overflow).
@@ -314,22 +366,33 @@ def _any_not_finite(tensor: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(tensor).all()
 
 
-def _any_invalid_target(targets: torch.Tensor) -> torch.Tensor:
+def _any_invalid_target(targets: torch.Tensor, labels: str) -> torch.Tensor:
+    if labels == "continuous":
+        low, high = torch.aminmax(targets)
+        return (low.isnan() | high.isnan() | (low < -1) | (high > 1)
+                | ((targets < 0) & (targets != -1)).any())
     if targets.is_floating_point() or targets.dtype == torch.bool:
         return ~((targets == 0) | (targets == 1) | (targets == -1)).all()
     low, high = torch.aminmax(targets)
     return (low < -1) | (high > 1)
 
 
-def _check_inputs(logits, targets, positive, num_positives, extra_finite):
-    """All input checks with a single host-device synchronisation."""
-    checks = [_any_not_finite(logits), _any_invalid_target(targets), positive.sum()]
+def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, *, labels: str = "binary",
+                    num_positives: Optional[int] = None,
+                    extra_finite: Optional[dict] = None) -> int:
+    """Every value check of a ranking loss's inputs, with a single host-device
+    synchronisation: finite ``logits`` (and ``extra_finite``'s named tensors), targets of
+    the kind ``labels`` names (:data:`LABELS`), and ``num_positives`` positives where
+    given. Returns the number of positives; ``ValueError`` naming the problem."""
+    extra_finite = extra_finite or {}
+    positive = positives_of(targets, labels)
+    checks = [_any_not_finite(logits), _any_invalid_target(targets, labels), positive.sum()]
     checks += [_any_not_finite(tensor) for tensor in extra_finite.values()]
     values = torch.stack([c.to(torch.int64) for c in checks]).tolist()
     if values[0]:
         raise ValueError("logits contain NaN or Inf")
     if values[1]:
-        raise ValueError("targets must contain only 1 (positive), 0 (negative) or -1 (ignored)")
+        raise ValueError(LABELS[labels])
     if num_positives is not None and values[2] != num_positives:
         raise ValueError(
             f"loc_errors has {num_positives} entries but targets has {values[2]} positives"
@@ -346,6 +409,7 @@ def ranking_loss(
     definition: Callable[[PositiveStats], RankingUpdate],
     *,
     delta: float = 1.0,
+    tie: float = 0.5,
     num_positives: Optional[int] = None,
     validate: bool = True,
     extra_finite: Optional[dict] = None,
@@ -359,6 +423,8 @@ def ranking_loss(
         definition: maps the positives' :class:`PositiveStats` to a
             :class:`RankingUpdate` (loss value and error-driven gradients).
         delta: smoothing of the step function; 0 is the unit step.
+        tie: ``H(0)`` of the unit step (``delta == 0``): 1/2 (aLRP, AP, NDCG Loss) or 1
+            (Rank & Sort Loss); with ``delta > 0``, ``H(0)`` is 1/2.
         num_positives: the number of positives if known on the host (avoids a
             synchronisation when ``validate`` is off).
         validate: check the inputs (one host-device synchronisation).
@@ -372,21 +438,13 @@ def ranking_loss(
         ``(loss, stats)``; ``loss`` carries the error-driven gradient to ``logits``,
         ``stats`` is ``None`` when there is no positive (in any process of the group).
     """
-    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise ValueError("logits and targets must be tensors")
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"shape mismatch: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    if not (delta >= 0 and delta < float("inf")):
-        raise ValueError(f"delta must be a finite number >= 0, got {delta}")
+    check_arguments(logits, targets, delta)
     flat_logits = logits.reshape(-1)
     flat_targets = targets.reshape(-1)
     positive = flat_targets == 1
     if validate:
-        counted = _check_inputs(flat_logits, flat_targets, positive, num_positives, extra_finite or {})
+        counted = validate_inputs(flat_logits, flat_targets, num_positives=num_positives,
+                                  extra_finite=extra_finite)
         num_positives = counted if num_positives is None else num_positives
     elif num_positives is None:
         num_positives = int(positive.sum())
@@ -398,8 +456,7 @@ def ranking_loss(
     if (partition.num_global if partition else num_positives) == 0:
         # Zero loss, zero gradient, graph still connected (no DDP hang).
         zero = flat_logits.new_zeros((), dtype=elementwise)
-        no_gradient = lambda: torch.zeros_like(logits, dtype=elementwise)  # noqa: E731
-        return _ErrorDrivenGradient.apply(logits, zero, no_gradient), None
+        return error_driven(logits, zero, lambda: torch.zeros_like(logits, dtype=elementwise)), None
 
     wide = _wide_dtype(logits.device, logits.dtype)
     with torch.no_grad():
@@ -410,8 +467,9 @@ def ranking_loss(
             positive_scores = partition.gather(positive_scores)
         q = positive_scores.to(wide)
         sorted_q, order = q.sort(stable=True)
-        rank_pos = 0.5 + sorted_step_sums(sorted_q, torch.ones_like(sorted_q), q, delta)
-        bins = _NegativeBins(scores, flat_targets == 0, positive_scores, delta, wide)
+        own_step = 0.5 if delta > 0 else tie  # H(0): a positive's comparison with itself
+        rank_pos = (1 - own_step) + sorted_step_sums(sorted_q, torch.ones_like(sorted_q), q, delta, tie)
+        bins = _NegativeBins(scores, flat_targets == 0, positive_scores, delta, wide, tie)
         num_fp = bins.step_sums()  # this process's negatives only ...
         if partition is not None:
             num_fp = partition.sum(num_fp)  # ... and everybody's
@@ -428,4 +486,4 @@ def ranking_loss(
             grad[positive_index] = positive_grad.to(grad.dtype)
             return grad.view_as(logits)
 
-    return _ErrorDrivenGradient.apply(logits, update.loss.to(elementwise), gradient), stats
+    return error_driven(logits, update.loss.to(elementwise), gradient), stats
