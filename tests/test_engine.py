@@ -141,3 +141,25 @@ def test_single_process_with_mixed_precision_and_clipping(tmp_path):
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert "bbox/AP50" in metrics and metrics["alrp/sb_weight"] > 0
     assert "bfloat16 Automatic Mixed Precision" in run.stderr + run.stdout
+
+
+def test_a_diverged_loss_names_the_likely_cause_and_the_checkpoint(tmp_path):
+    import types
+
+    import torch
+
+    from alrp_d2.config import get_cfg
+    from alrp_d2.engine.module import DetectionModule
+
+    cfg = get_cfg()
+    cfg.merge_from_file(TINY)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    module = types.SimpleNamespace(cfg=cfg, global_step=22)
+    losses = {"loss_alrp_cls": torch.tensor(0.98), "loss_alrp_loc": torch.tensor(float("nan"))}
+    message = DetectionModule._divergence_message(module, losses)
+    assert "at iteration 22 (loss_alrp_cls: 0.98, loss_alrp_loc: nan)" in message
+    assert "SOLVER.BASE_LR 0.02 for SOLVER.IMS_PER_BATCH 8" in message
+    assert "last.ckpt" not in message  # none written yet
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    message = DetectionModule._divergence_message(module, losses)
+    assert f"MODEL.WEIGHTS {tmp_path / 'last.ckpt'}" in message

@@ -89,13 +89,26 @@ class DetectionModule(pl.LightningModule):
             scalars = {k: v[0] for k, v in storage.latest().items() if not k.endswith("/sb_weight")}
         total = sum(loss_dict.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"Loss became infinite or NaN at iteration {self.global_step}: {loss_dict}")
+            raise FloatingPointError(self._divergence_message(loss_dict))
         size = len(batch)
         self.log("total_loss", total.detach(), prog_bar=True, batch_size=size)
         self.log_dict({k: v.detach() for k, v in loss_dict.items()}, batch_size=size)
         self.log_dict({k: float(v) for k, v in scalars.items()}, batch_size=size)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return total
+
+    def _divergence_message(self, loss_dict) -> str:
+        """What to do when the loss is not finite: its likely cause and where to go on from."""
+        solver = self.cfg.SOLVER
+        last = os.path.join(self.cfg.OUTPUT_DIR, "last.ckpt")
+        resume = (f" The last checkpoint, {last}, holds the weights before it: train on from them"
+                  f" into a new OUTPUT_DIR with MODEL.WEIGHTS {last} and the lower rate."
+                  if os.path.isfile(last) else "")
+        values = ", ".join(f"{k}: {float(v):.4g}" for k, v in loss_dict.items())
+        return (f"Loss became infinite or NaN at iteration {self.global_step} ({values}). The likely"
+                f" cause is a learning rate too high for the batch: SOLVER.BASE_LR {solver.BASE_LR:g} for"
+                f" SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} (Detectron2's rule: scale the rate with the"
+                f" batch; SOLVER.WARMUP_ITERS {solver.WARMUP_ITERS} also helps); lower it.{resume}")
 
     # -- evaluation ----------------------------------------------------------------
     @staticmethod

@@ -1,7 +1,7 @@
 """Ranking-based losses in pure PyTorch (no Detectron2 import here)."""
 
 from .alrp import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
-from .localisation import localisation_error, matched_box_iou
+from .localisation import giou_loss, localisation_error, matched_box_iou, target_frame
 from .rank_sort import RankSortLoss, rank_sort_loss
 from .ranking import PositiveStats, RankingUpdate, ranking_loss, smoothed_step
 
@@ -14,10 +14,12 @@ __all__ = [
     "RankingUpdate",
     "alrp_loss",
     "ap_loss",
+    "giou_loss",
     "localisation_error",
     "matched_box_iou",
     "ndcg_loss",
     "rank_sort_loss",
     "ranking_loss",
     "smoothed_step",
+    "target_frame",
 ]

@@ -40,9 +40,8 @@ from detectron2.modeling.roi_heads.mask_head import (
 )
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
-from torchvision.ops import generalized_box_iou_loss
 
-from ..losses import matched_box_iou, rank_sort_loss
+from ..losses import giou_loss, matched_box_iou, rank_sort_loss
 from .alrp_terms import ranking_group, scale_gradient
 from .backbone import LastLevelP6P7NoReLU
 from .rcnn import ALRPROIHeads, MaxIoURPN, classwise_proposal_targets
@@ -138,7 +137,7 @@ class RankSortTerms:
         ranking, sorting = rank_sort_loss(logits, labels, self.delta, self.eps,
                                           validate=self.validate, process_group=group)
         box = score_weighted_mean(
-            generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none"), box_weights)
+            giou_loss(pred_boxes, target_boxes), box_weights)
         box = balanced(box, ranking + sorting)
         processes = dist.get_world_size(group) if group is not None else 1
         self._log(len(pred_boxes), ranking, sorting, num_images, num_images * processes)
