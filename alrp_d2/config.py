@@ -19,6 +19,7 @@ __all__ = [
     "add_alrp_config",
     "add_augmentation_config",
     "add_engine_config",
+    "add_ranking_loss_config",
     "add_reporting_config",
     "get_cfg",
     "model_num_classes",
@@ -50,6 +51,20 @@ def add_alrp_config(cfg: CN) -> None:
     # top (anchor, class) pairs above the threshold) or "anchors" (the authors': top anchors
     # by best class score, then their classes above the threshold)
     cfg.MODEL.ALRP.TEST_CANDIDATES = "pairs"
+
+
+def add_ranking_loss_config(cfg: CN) -> None:
+    """The choice of a head's ranking loss (``MODEL.RANKING_LOSS``).
+
+    ``NAME``: ``ALRPHeadLoss``, ``APHeadLoss``, ``RankSortHeadLoss`` (or a HeadLoss of your
+    own registered in ``alrp_d2.modeling.HEAD_LOSS_REGISTRY``) for the generic ``RankingRetinaNet``,
+    ``RankingRPN`` and ``RankingROIHeads``; empty for the names that fix their loss
+    (``ALRPRetinaNet``, ``RankSortRPN``, ...), which refuse a ``NAME`` that contradicts them.
+    Each loss reads its own keys (``MODEL.ALRP``, ``MODEL.RANK_SORT``); the ranking scope is
+    ``MODEL.ALRP.RANKING_SCOPE`` for every loss.
+    """
+    cfg.MODEL.RANKING_LOSS = CN()
+    cfg.MODEL.RANKING_LOSS.NAME = ""
 
 
 def add_rank_sort_config(cfg: CN) -> None:
@@ -129,6 +144,7 @@ def get_cfg() -> CN:
     """Detectron2's default config with every key of this project."""
     cfg = _detectron2_get_cfg()
     add_alrp_config(cfg)
+    add_ranking_loss_config(cfg)
     add_rank_sort_config(cfg)
     add_augmentation_config(cfg)
     add_engine_config(cfg)

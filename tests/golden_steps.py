@@ -3,6 +3,7 @@ of every parameter's gradient, so that a refactor of the losses or heads can pro
 the numbers (tests/test_golden_steps.py).
 
     python tests/golden_steps.py      # (re)records tests/golden/training_step.json
+    python tests/golden_steps.py --state-dict-keys   # tests/golden/state_dict_keys.json
 
 Each config is built with tests/test_models.py's ``tiny_cfg`` (random weights, 3 classes,
 BN backbone), seeded, and trained one step on ``batch()`` (two 96 x 96 images) in float64
@@ -21,6 +22,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "training_step.json")
+# The keys and shapes of every config's state_dict: what a checkpoint must hold to load.
+STATE_KEYS = os.path.join(HERE, "golden", "state_dict_keys.json")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -76,6 +79,22 @@ def training_step(path, dtype):
     return {"losses": {k: v.item() for k, v in losses.items()}, "grads": grads}
 
 
+def state_dict_keys(path):
+    """``{key: shape}`` of the state_dict of the model ``path`` builds (tiny_cfg)."""
+    sys.path.insert(0, HERE)
+    from detectron2.modeling import build_model
+
+    from test_models import tiny_cfg
+
+    return {k: list(v.shape) for k, v in build_model(tiny_cfg(path)).state_dict().items()}
+
+
+def record_state_dict_keys():
+    keys = {config_name(path): state_dict_keys(path) for path in CONFIGS}
+    with open(STATE_KEYS, "w") as f:
+        json.dump(keys, f, indent=0, sort_keys=True)
+
+
 def record():
     golden = {}
     for path in CONFIGS:
@@ -91,4 +110,4 @@ def record():
 
 
 if __name__ == "__main__":
-    record()
+    record_state_dict_keys() if sys.argv[1:] == ["--state-dict-keys"] else record()

@@ -12,7 +12,15 @@ import os
 
 import pytest
 
-from golden_steps import CONFIGS, DTYPES, GOLDEN, config_name, training_step
+from golden_steps import (
+    CONFIGS,
+    DTYPES,
+    GOLDEN,
+    STATE_KEYS,
+    config_name,
+    state_dict_keys,
+    training_step,
+)
 
 pytestmark = pytest.mark.detectron2
 
@@ -32,6 +40,15 @@ CASES = [
 
 def test_every_config_is_recorded():
     assert sorted(config_name(p) for p in CONFIGS) == sorted(RECORDED)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=config_name)
+def test_checkpoints_written_before_load(path):
+    """Every config's model holds the state_dict keys and shapes recorded before the single
+    ranking-loss classes (a checkpoint of then loads strictly now)."""
+    with open(STATE_KEYS) as f:
+        before = json.load(f)[config_name(path)]
+    assert state_dict_keys(path) == before
 
 
 @pytest.mark.parametrize("name,dtype", CASES)

@@ -233,6 +233,66 @@ def test_bad_assigner_and_loc_error_fail_clearly():
     with pytest.raises(ValueError, match="ASSIGNER"):
         build_model(tiny_cfg(CONFIGS[0], **{"MODEL.META_ARCHITECTURE": "ALRPRetinaNet", "MODEL.ALRP.ASSIGNER": "nope"}))
     model = build_model(alrp_config().clone())
-    model.alrp_terms.loc_error = "l1"
+    model.head_loss.loc_error = "l1"
     with EventStorage(), pytest.raises(ValueError, match="localisation error"):
         model(batch())
+
+
+GENERIC = {  # the names of before -> (the one class of their family, the loss they fix)
+    "ALRPRetinaNet": ("MODEL.META_ARCHITECTURE", "RankingRetinaNet", "ALRPHeadLoss"),
+    "APLossRetinaNet": ("MODEL.META_ARCHITECTURE", "RankingRetinaNet", "APHeadLoss"),
+    "RankSortRetinaNet": ("MODEL.META_ARCHITECTURE", "RankingRetinaNet", "RankSortHeadLoss"),
+    "ALRPROIHeads": ("MODEL.ROI_HEADS.NAME", "RankingROIHeads", "ALRPHeadLoss"),
+    "RankSortROIHeads": ("MODEL.ROI_HEADS.NAME", "RankingROIHeads", "RankSortHeadLoss"),
+}
+
+
+def _config_of(alias):
+    names = {"ALRPRetinaNet": "alrp_atss_R_50_FPN_500.yaml",
+             "APLossRetinaNet": "aploss_retinanet_R_50_FPN_500.yaml",
+             "RankSortRetinaNet": "rs_atss_R_50_FPN_1x.yaml",
+             "ALRPROIHeads": "alrp_faster_rcnn_R_50_FPN.yaml",
+             "RankSortROIHeads": "rs_faster_rcnn_R_50_FPN_1x.yaml"}
+    return os.path.join(ROOT, "configs", "COCO-Detection", names[alias])
+
+
+def _step(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    torch.manual_seed(1)
+    with EventStorage():
+        losses = model(batch())
+    return model, {k: float(v) for k, v in losses.items()}
+
+
+@pytest.mark.parametrize("alias", sorted(GENERIC))
+def test_the_generic_class_with_a_loss_by_config_is_the_alias(alias):
+    """RankingRetinaNet / RankingROIHeads + MODEL.RANKING_LOSS.NAME train as the names of
+    before, which stay registered; the RPN follows MODEL.PROPOSAL_GENERATOR.NAME."""
+    key, generic, loss = GENERIC[alias]
+    by_alias = tiny_cfg(_config_of(alias))
+    by_config = tiny_cfg(_config_of(alias), **{key: generic, "MODEL.RANKING_LOSS.NAME": loss})
+    if key == "MODEL.ROI_HEADS.NAME":
+        by_config.MODEL.PROPOSAL_GENERATOR.NAME = "RankingRPN"
+    model_a, losses_a = _step(by_alias)
+    model_b, losses_b = _step(by_config)
+    assert type(model_a).__name__ != type(model_b).__name__ or key != "MODEL.META_ARCHITECTURE"
+    assert losses_a == losses_b
+    assert model_a.state_dict().keys() == model_b.state_dict().keys()
+
+
+def test_the_loss_choice_is_checked_by_name():
+    path = _config_of("ALRPRetinaNet")
+    with pytest.raises(ValueError, match="MODEL.RANKING_LOSS.NAME 'RankSortHeadLoss' contradicts ALRPRetinaNet"):
+        build_model(tiny_cfg(path, **{"MODEL.RANKING_LOSS.NAME": "RankSortHeadLoss"}))
+    with pytest.raises(ValueError, match="RankingRetinaNet needs MODEL.RANKING_LOSS.NAME, one of"):
+        build_model(tiny_cfg(path, **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet"}))
+    with pytest.raises(ValueError, match="must be one of .*got 'focal'"):
+        build_model(tiny_cfg(path, **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet",
+                                      "MODEL.RANKING_LOSS.NAME": "focal"}))
+    rcnn = _config_of("ALRPROIHeads")
+    with pytest.raises(ValueError, match="AP Loss trains dense .* not the rpn head"):
+        build_model(tiny_cfg(rcnn, **{"MODEL.PROPOSAL_GENERATOR.NAME": "RankingRPN",
+                                      "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
+                                      "MODEL.ROI_HEADS.NAME": "StandardROIHeads"}))

@@ -196,7 +196,7 @@ def test_roi_box_losses_equal_a_direct_computation():
 def test_rpn_losses_are_weighted_by_the_rpn_weight():
     model = rs_rcnn()
     rpn = model.proposal_generator
-    assert rpn.rank_sort_terms.weight == pytest.approx(0.2)
+    assert rpn.head_loss.weight == pytest.approx(0.2)
     inputs = batch()
     with EventStorage():
         images = model.preprocess_image(inputs)

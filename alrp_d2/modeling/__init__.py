@@ -1,50 +1,78 @@
 """Detectron2 meta-architectures and heads trained by ranking-based losses.
 
-Importing this package registers them in Detectron2's registries:
-``ALRPRetinaNet`` and ``APLossRetinaNet`` (META_ARCH_REGISTRY), ``ALRPRPN`` and
-``MaxIoURPN`` (PROPOSAL_GENERATOR_REGISTRY), ``ALRPROIHeads`` (ROI_HEADS_REGISTRY) and
-``build_alrp_retinanet_resnet_fpn_backbone`` (BACKBONE_REGISTRY); trained by Rank & Sort
-Loss: ``RankSortRetinaNet``, ``RankSortRPN``, ``RankSortROIHeads``, ``RankSortMaskHead``
-(ROI_MASK_HEAD_REGISTRY) and ``build_rs_atss_resnet_fpn_backbone``.
+One class per detector family, its loss chosen by config (``MODEL.RANKING_LOSS.NAME``:
+``ALRPHeadLoss``, ``APHeadLoss``, ``RankSortHeadLoss``) through one adapter
+(:mod:`.head_losses`, ``HEAD_LOSS_REGISTRY``):
+``RankingRetinaNet`` (META_ARCH_REGISTRY; IoU or ATSS assignment), ``RankingRPN``
+(PROPOSAL_GENERATOR_REGISTRY), ``RankingROIHeads`` (ROI_HEADS_REGISTRY) and
+``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY). The names of before stay registered, each
+fixing its loss: ``ALRPRetinaNet``, ``APLossRetinaNet``, ``RankSortRetinaNet``, ``ALRPRPN``,
+``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Also ``MaxIoURPN`` and the
+backbones ``build_alrp_retinanet_resnet_fpn_backbone`` and
+``build_rs_atss_resnet_fpn_backbone`` (BACKBONE_REGISTRY). Importing this package
+registers them all.
 """
 
 from .atss import atss_match
 from .backbone import LastLevelP6P7NoReLU, build_alrp_retinanet_resnet_fpn_backbone
+from .head_losses import (
+    HEAD_LOSS_REGISTRY,
+    ALRPHeadLoss,
+    APHeadLoss,
+    HeadLoss,
+    HeadOutputs,
+    RankSortHeadLoss,
+    build_head_loss,
+)
 from .matcher import MaxIoUMatcher
-from .rcnn import ALRPRPN, ALRPFastRCNNOutputLayers, ALRPROIHeads, MaxIoURPN
-from .rank_sort import (
-    RankSortFastRCNNOutputLayers,
-    RankSortMaskHead,
+from .rank_sort import RankSortMaskHead, build_rs_atss_resnet_fpn_backbone, rank_sort_mask_loss
+from .rcnn import (
+    ALRPROIHeads,
+    ALRPRPN,
+    MaxIoURPN,
+    RankingFastRCNNOutputLayers,
+    RankingROIHeads,
+    RankingRPN,
     RankSortROIHeads,
     RankSortRPN,
-    RankSortRetinaNet,
-    RankSortTerms,
-    ScaledBoxRetinaNetHead,
-    build_rs_atss_resnet_fpn_backbone,
-    rank_sort_mask_loss,
 )
-from .retinanet import ALRPRetinaNet, APLossRetinaNet, classwise_targets
+from .retinanet import (
+    ALRPRetinaNet,
+    APLossRetinaNet,
+    RankingRetinaNet,
+    RankSortRetinaNet,
+    ScaledBoxRetinaNetHead,
+    classwise_targets,
+)
 from .self_balance import SelfBalance
 
 __all__ = [
-    "ALRPFastRCNNOutputLayers",
+    "ALRPHeadLoss",
     "ALRPROIHeads",
     "ALRPRPN",
     "ALRPRetinaNet",
+    "APHeadLoss",
     "APLossRetinaNet",
+    "HEAD_LOSS_REGISTRY",
+    "HeadLoss",
+    "HeadOutputs",
     "LastLevelP6P7NoReLU",
     "MaxIoUMatcher",
     "MaxIoURPN",
-    "RankSortFastRCNNOutputLayers",
+    "RankSortHeadLoss",
     "RankSortMaskHead",
     "RankSortROIHeads",
     "RankSortRPN",
     "RankSortRetinaNet",
-    "RankSortTerms",
+    "RankingFastRCNNOutputLayers",
+    "RankingROIHeads",
+    "RankingRPN",
+    "RankingRetinaNet",
     "ScaledBoxRetinaNetHead",
     "SelfBalance",
     "atss_match",
     "build_alrp_retinanet_resnet_fpn_backbone",
+    "build_head_loss",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",
     "rank_sort_mask_loss",

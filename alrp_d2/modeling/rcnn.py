@@ -1,8 +1,8 @@
-"""Faster R-CNN trained by aLRP Loss (supplementary S7.4).
+"""Faster and Mask R-CNN trained by a ranking loss (aLRP: supplementary S7.4; Rank & Sort).
 
-The RPN is trained on all its anchors (no sampling) by aLRP with TAU 0.7 and a loss
-weight of 0.2; the box head has class-wise sigmoid classifiers trained by aLRP on all
-proposals (no sampling). Each head has its own self-balance weight.
+The RPN is trained on all its anchors (no sampling), with the loss's RPN weight (0.2) and,
+for aLRP, TAU 0.7; the box head has class-wise sigmoid classifiers trained on all
+proposals (no sampling). With aLRP each head has its own self-balance weight.
 """
 
 from __future__ import annotations
@@ -14,13 +14,21 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
 
-from .alrp_terms import ALRPLossTerms
+from .head_losses import HeadLoss, HeadOutputs, build_head_loss
 from .matcher import MaxIoUMatcher
 from .retinanet import classwise_targets
-from .self_balance import SelfBalance
 
-__all__ = ["ALRPRPN", "ALRPFastRCNNOutputLayers", "ALRPROIHeads", "MaxIoURPN",
-           "classwise_proposal_targets"]
+__all__ = [
+    "ALRPROIHeads",
+    "ALRPRPN",
+    "MaxIoURPN",
+    "RankSortROIHeads",
+    "RankSortRPN",
+    "RankingFastRCNNOutputLayers",
+    "RankingROIHeads",
+    "RankingRPN",
+    "classwise_proposal_targets",
+]
 
 
 def classwise_proposal_targets(predictor: FastRCNNOutputLayers, predictions, proposals):
@@ -53,78 +61,100 @@ class MaxIoURPN(RPN):
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
-class ALRPRPN(MaxIoURPN):
-    """RPN whose objectness and box losses are aLRP, over every anchor."""
+class RankingRPN(MaxIoURPN):
+    """RPN whose objectness and boxes are trained by the ranking loss
+    ``MODEL.RANKING_LOSS.NAME`` (:mod:`alrp_d2.modeling.head_losses`) over every anchor (no
+    sampling), with the loss's RPN weight (``MODEL.ALRP.RPN_LOSS_WEIGHT``,
+    ``MODEL.RANK_SORT.RPN_LOSS_WEIGHT``)."""
 
     @configurable
-    def __init__(self, *, alrp_terms: dict, sb_init: float = 50.0, **kwargs):
+    def __init__(self, *, head_loss: HeadLoss, **kwargs):
         super().__init__(**kwargs)
-        self.self_balance = SelfBalance(sb_init, name="rpn_alrp")
-        self.alrp_terms = ALRPLossTerms(self.self_balance, prefix="rpn_alrp", **alrp_terms)
+        self.head_loss = head_loss
+        for name, module in head_loss.modules.items():
+            self.add_module(name, module)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
-        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(
-            cfg, tau=cfg.MODEL.ALRP.RPN_TAU, weight=cfg.MODEL.ALRP.RPN_LOSS_WEIGHT)
+        ret["head_loss"] = build_head_loss(cfg, cls, "rpn")
         return ret
 
     def _subsample_labels(self, label):
         return label  # every anchor takes part in the ranking
 
     def losses(self, anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
-        num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R): 1, 0, -1
         positive = gt_labels == 1
+        logits = cat(pred_objectness_logits, dim=1)
         proposals = cat(self._decode_proposals(anchors, pred_anchor_deltas), dim=1)  # (N, R, 4)
-        return self.alrp_terms(
-            cat(pred_objectness_logits, dim=1).reshape(-1), gt_labels.reshape(-1),
-            proposals[positive], torch.stack(gt_boxes)[positive], num_images,
-        )
+        return self.head_loss(HeadOutputs(
+            logits=logits.reshape(-1), targets=gt_labels.reshape(-1), pred_boxes=proposals[positive],
+            target_boxes=torch.stack(gt_boxes)[positive], scores=logits.detach()[positive].sigmoid(),
+            num_images=len(gt_labels)))
 
 
-class ALRPFastRCNNOutputLayers(FastRCNNOutputLayers):
-    """Box predictor whose class-wise sigmoid classifiers and boxes are trained by aLRP.
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class ALRPRPN(RankingRPN):
+    """:class:`RankingRPN` trained by aLRP Loss (``TAU`` 0.7: ``MODEL.ALRP.RPN_TAU``)."""
 
-    The layers, box decoding and inference are Detectron2's with
-    ``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE`` (its background output is unused: inference
-    drops it).
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class RankSortRPN(RankingRPN):
+    """:class:`RankingRPN` trained by Rank & Sort Loss."""
+
+
+class RankingFastRCNNOutputLayers(FastRCNNOutputLayers):
+    """Box predictor whose class-wise sigmoid classifiers and boxes are trained by a ranking
+    loss over every proposal (``MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE: True``; the background
+    output is unused: inference drops it). Layers, decoding and inference are Detectron2's.
+
+    Its losses also give every proposal ``rs_weight`` (its highest class score, detached)
+    and ``rs_balance`` (the ranking terms' value, detached): what
+    :class:`~alrp_d2.modeling.rank_sort.RankSortMaskHead` weights and scales its loss by.
     """
 
     @configurable
-    def __init__(self, input_shape, *, alrp_terms: dict, sb_init: float = 50.0, **kwargs):
+    def __init__(self, input_shape, *, head_loss: HeadLoss, **kwargs):
         super().__init__(input_shape, **kwargs)
         if not self.use_sigmoid_ce:
-            raise ValueError("aLRP Faster R-CNN needs MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE: True")
-        self.self_balance = SelfBalance(sb_init, name="alrp")
-        self.alrp_terms = ALRPLossTerms(self.self_balance, prefix="alrp", **alrp_terms)
+            raise ValueError("a ranking-loss R-CNN needs MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE: True")
+        self.head_loss = head_loss
+        for name, module in head_loss.modules.items():
+            self.add_module(name, module)
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
+    def from_config(cls, cfg, input_shape, head_loss: HeadLoss):
         ret = super().from_config(cfg, input_shape)
-        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
-        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(cfg)
+        ret["head_loss"] = head_loss
         return ret
 
     def losses(self, predictions, proposals):
-        scores, _ = predictions
+        class_scores = predictions[0][:, : self.num_classes]
         targets, positive, pred_boxes, gt_boxes = classwise_proposal_targets(
             self, predictions, proposals)
-        return self.alrp_terms(
-            scores[:, : self.num_classes].reshape(-1), targets.reshape(-1),
-            pred_boxes[positive], gt_boxes[positive], len(proposals),
-        )
+        weights = class_scores.detach().sigmoid().amax(-1)
+        losses = self.head_loss(HeadOutputs(
+            logits=class_scores.reshape(-1), targets=targets.reshape(-1), pred_boxes=pred_boxes[positive],
+            target_boxes=gt_boxes[positive], scores=weights[positive], num_images=len(proposals)))
+        balance = self.head_loss.ranking_value(losses)
+        for image, image_weights in zip(proposals, weights.split([len(p) for p in proposals])):
+            image.rs_weight = image_weights
+            image.rs_balance = balance.expand(len(image))
+        return losses
 
 
 @ROI_HEADS_REGISTRY.register()
-class ALRPROIHeads(StandardROIHeads):
-    """Standard ROI heads trained on all proposals (no sampling) with the aLRP box predictor."""
+class RankingROIHeads(StandardROIHeads):
+    """Standard ROI heads trained on all proposals (no sampling) with the ranking-loss box
+    predictor (``MODEL.RANKING_LOSS.NAME``; masks: ``MODEL.ROI_MASK_HEAD.NAME:
+    RankSortMaskHead``)."""
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        ret["box_predictor"] = ALRPFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        ret["box_predictor"] = RankingFastRCNNOutputLayers(
+            cfg, ret["box_head"].output_shape, head_loss=build_head_loss(cfg, cls, "roi"))
         return ret
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
@@ -135,3 +165,13 @@ class ALRPROIHeads(StandardROIHeads):
         else:
             labels = torch.full_like(matched_idxs, self.num_classes)
         return torch.arange(len(labels), device=labels.device), labels
+
+
+@ROI_HEADS_REGISTRY.register()
+class ALRPROIHeads(RankingROIHeads):
+    """:class:`RankingROIHeads` trained by aLRP Loss."""
+
+
+@ROI_HEADS_REGISTRY.register()
+class RankSortROIHeads(RankingROIHeads):
+    """:class:`RankingROIHeads` trained by Rank & Sort Loss."""

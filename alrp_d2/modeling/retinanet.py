@@ -1,23 +1,29 @@
-"""RetinaNet trained by aLRP Loss (IoU or ATSS assignment) and by AP Loss."""
+"""RetinaNet trained by a ranking loss (aLRP, AP, Rank & Sort; IoU or ATSS assignment)."""
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
-import torch.distributed as dist
 from detectron2.config import configurable
-from detectron2.layers import cat
+from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
-from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import get_event_storage
+from torch import nn
 
-from ..losses import ap_loss
-from .alrp_terms import ALRPLossTerms, ranking_group, scale_gradient
 from .atss import atss_match
+from .head_losses import HeadLoss, HeadOutputs, build_head_loss
 from .matcher import MaxIoUMatcher
-from .self_balance import SelfBalance
 
-__all__ = ["ALRPRetinaNet", "APLossRetinaNet", "classwise_targets"]
+__all__ = [
+    "ALRPRetinaNet",
+    "APLossRetinaNet",
+    "RankSortRetinaNet",
+    "RankingRetinaNet",
+    "ScaledBoxRetinaNetHead",
+    "classwise_targets",
+]
 
 
 def classwise_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -110,80 +116,75 @@ class _RankingRetinaNet(RetinaNet):
         positive = (gt_labels >= 0) & (gt_labels < self.num_classes)
         return gt_labels, logits, targets, positive
 
-    def _positive_boxes(self, anchors, pred_anchor_deltas, gt_boxes, positive):
-        """``(pred_boxes, target_boxes)`` of the positives, in (image, anchor) order: the
-        predicted deltas decoded around their anchors, and the matched ground truths."""
-        anchor_index = positive.nonzero()[:, 1]
+
+@META_ARCH_REGISTRY.register()
+class RankingRetinaNet(_RankingRetinaNet):
+    """RetinaNet (IoU or ATSS assignment) trained by the ranking loss ``MODEL.RANKING_LOSS.NAME``
+    (:mod:`alrp_d2.modeling.head_losses`): all images of the batch ranked together.
+
+    Inference, evaluation and checkpoints are Detectron2's RetinaNet's. With
+    ``MODEL.RANK_SORT.LEARNED_BOX_SCALES`` the head is :class:`ScaledBoxRetinaNetHead` (the
+    Rank & Sort authors' ATSS head).
+    """
+
+    @configurable
+    def __init__(self, *, head_loss: HeadLoss, **kwargs):
+        super().__init__(**kwargs)
+        self.head_loss = head_loss
+        for name, module in head_loss.modules.items():
+            self.add_module(name, module)  # e.g. aLRP's self_balance, saved in checkpoints
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["head_loss"] = build_head_loss(cfg, cls, "dense")
+        if cfg.MODEL.RANK_SORT.LEARNED_BOX_SCALES:
+            shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+            ret["head"] = ScaledBoxRetinaNetHead(cfg, shapes)
+        return ret
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        num_images = len(gt_labels)
+        gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
+        anchor_boxes = Boxes.cat(anchors).tensor[positive.nonzero()[:, 1]]
         deltas = cat(pred_anchor_deltas, dim=1)[positive]
-        pred_boxes = self.box2box_transform.apply_deltas(
-            deltas, Boxes.cat(anchors).tensor[anchor_index])
-        return pred_boxes, torch.stack(gt_boxes)[positive]
-
-
-@META_ARCH_REGISTRY.register()
-class ALRPRetinaNet(_RankingRetinaNet):
-    """RetinaNet trained by aLRP Loss: all images of the batch ranked together.
-
-    Losses ``loss_alrp_cls`` and ``loss_alrp_loc`` (the latter times the self-balance
-    weight ``self.self_balance.weight``); inference, evaluation and checkpoints are
-    Detectron2's RetinaNet's.
-    """
-
-    @configurable
-    def __init__(self, *, alrp_terms: dict, sb_init: float = 50.0, **kwargs):
-        super().__init__(**kwargs)
-        self.self_balance = SelfBalance(sb_init, name="alrp")
-        self.alrp_terms = ALRPLossTerms(self.self_balance, prefix="alrp", **alrp_terms)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["sb_init"] = cfg.MODEL.ALRP.SB_INIT
-        ret["alrp_terms"] = ALRPLossTerms.config_kwargs(cfg)
-        return ret
-
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
-        num_images = len(gt_labels)
-        gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        pred_boxes, target_boxes = self._positive_boxes(
-            anchors, pred_anchor_deltas, gt_boxes, positive)
-        return self.alrp_terms(logits.reshape(-1), targets.reshape(-1), pred_boxes, target_boxes, num_images)
-
-
-@META_ARCH_REGISTRY.register()
-class APLossRetinaNet(_RankingRetinaNet):
-    """RetinaNet trained by AP Loss and smooth L1, the paper's baseline.
-
-    As in the official AP Loss code, the smooth L1 loss is averaged over the box
-    parameters of the positives (4 per positive).
-    """
-
-    @configurable
-    def __init__(self, *, delta: float = 1.0, ranking_scope: str = "process", **kwargs):
-        super().__init__(**kwargs)
-        self.delta = delta
-        ranking_group(ranking_scope)  # checks the name
-        self.ranking_scope = ranking_scope
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["delta"] = cfg.MODEL.ALRP.DELTA
-        ret["ranking_scope"] = cfg.MODEL.ALRP.RANKING_SCOPE
-        return ret
-
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
-        num_images = len(gt_labels)
-        gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        num_pos = int(positive.sum())
-        get_event_storage().put_scalar("num_pos_anchors", num_pos / num_images)
-        # A global ranking covers the classification; the box loss stays per process.
-        group = ranking_group(self.ranking_scope)
-        loss_cls = ap_loss(logits.reshape(-1), targets.reshape(-1), self.delta, validate=False,
-                           process_group=group)
-        loss_cls = scale_gradient(loss_cls, dist.get_world_size(group) if group is not None else 1)
-        loss_box = _dense_box_regression_loss(
-            anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, positive,
-            box_reg_loss_type="smooth_l1", smooth_l1_beta=self.smooth_l1_beta,
+        target_boxes = torch.stack(gt_boxes)[positive]
+        outputs = HeadOutputs(
+            logits=logits.reshape(-1), targets=targets.reshape(-1),
+            pred_boxes=self.box2box_transform.apply_deltas(deltas, anchor_boxes),
+            target_boxes=target_boxes, scores=logits.detach()[positive].sigmoid().amax(-1),
+            num_images=num_images, pred_deltas=deltas,
+            target_deltas=self.box2box_transform.get_deltas(anchor_boxes, target_boxes),
         )
-        return {"loss_ap_cls": loss_cls, "loss_box_reg": loss_box / max(4 * num_pos, 1)}
+        return self.head_loss(outputs)
+
+
+@META_ARCH_REGISTRY.register()
+class ALRPRetinaNet(RankingRetinaNet):
+    """:class:`RankingRetinaNet` trained by aLRP Loss (losses ``loss_alrp_cls`` and
+    ``loss_alrp_loc``, the latter times the self-balance weight ``self.self_balance``)."""
+
+
+@META_ARCH_REGISTRY.register()
+class APLossRetinaNet(RankingRetinaNet):
+    """:class:`RankingRetinaNet` trained by AP Loss and smooth L1, the paper's baseline."""
+
+
+@META_ARCH_REGISTRY.register()
+class RankSortRetinaNet(RankingRetinaNet):
+    """:class:`RankingRetinaNet` trained by Rank & Sort Loss; with ``MODEL.ALRP.ASSIGNER: atss``
+    and ``MODEL.RANK_SORT.LEARNED_BOX_SCALES``, RS-ATSS."""
+
+
+class ScaledBoxRetinaNetHead(RetinaNetHead):
+    """Detectron2's RetinaNet head whose box deltas are multiplied by one learnable scale
+    per pyramid level, initialised at 1 (the ``Scale`` layers of the authors' ATSS head)."""
+
+    @configurable
+    def __init__(self, *, input_shape: List[ShapeSpec], **kwargs):
+        super().__init__(input_shape=input_shape, **kwargs)
+        self.box_scales = nn.Parameter(torch.ones(len(input_shape)))
+
+    def forward(self, features):
+        logits, bbox_reg = super().forward(features)
+        return logits, [deltas * scale for deltas, scale in zip(bbox_reg, self.box_scales)]
