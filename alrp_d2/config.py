@@ -65,6 +65,10 @@ def add_ranking_loss_config(cfg: CN) -> None:
     """
     cfg.MODEL.RANKING_LOSS = CN()
     cfg.MODEL.RANKING_LOSS.NAME = ""
+    # RankingFCOS (its head reads MODEL.RETINANET's keys): anchor points within this many
+    # strides of a ground truth's centre may be positive (Detectron2's FCOS default)
+    cfg.MODEL.FCOS = CN()
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
 
 
 def add_rank_sort_config(cfg: CN) -> None:

@@ -4,6 +4,7 @@ the numbers (tests/test_golden_steps.py).
 
     python tests/golden_steps.py      # (re)records tests/golden/training_step.json
     python tests/golden_steps.py --state-dict-keys   # tests/golden/state_dict_keys.json
+    ... --missing                     # only the configs not recorded yet (a new config)
 
 Each config is built with tests/test_models.py's ``tiny_cfg`` (random weights, 3 classes,
 BN backbone), seeded, and trained one step on ``batch()`` (two 96 x 96 images) in float64
@@ -89,16 +90,27 @@ def state_dict_keys(path):
     return {k: list(v.shape) for k, v in build_model(tiny_cfg(path)).state_dict().items()}
 
 
-def record_state_dict_keys():
-    keys = {config_name(path): state_dict_keys(path) for path in CONFIGS}
+def record_state_dict_keys(missing_only: bool = False):
+    keys = {}
+    if missing_only and os.path.exists(STATE_KEYS):
+        with open(STATE_KEYS) as f:
+            keys = json.load(f)
+    for path in CONFIGS:
+        if config_name(path) not in keys:
+            keys[config_name(path)] = state_dict_keys(path)
     with open(STATE_KEYS, "w") as f:
         json.dump(keys, f, indent=0, sort_keys=True)
 
 
-def record():
+def record(missing_only: bool = False):
     golden = {}
+    if missing_only and os.path.exists(GOLDEN):
+        with open(GOLDEN) as f:
+            golden = json.load(f)["configs"]
     for path in CONFIGS:
         name = config_name(path)
+        if name in golden:
+            continue
         golden[name] = {"float64": training_step(path, torch.float64)}
         if any(k.startswith(("loss_alrp", "loss_rs", "loss_ap", "loss_rpn_alrp", "loss_rpn_rs",
                              "loss_roi_rs")) for k in golden[name]["float64"]["losses"]):
@@ -110,4 +122,8 @@ def record():
 
 
 if __name__ == "__main__":
-    record_state_dict_keys() if sys.argv[1:] == ["--state-dict-keys"] else record()
+    missing = "--missing" in sys.argv[1:]
+    if "--state-dict-keys" in sys.argv[1:]:
+        record_state_dict_keys(missing)
+    else:
+        record(missing)

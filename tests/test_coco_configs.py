@@ -192,6 +192,36 @@ FASTER_RCNN = {  # faster_rcnn_r50_fpn(_100e_coco500).py
     "SOLVER.STEPS_EPOCHS": [75, 95],
 }
 
+FCOS_1X = {
+    "MODEL.META_ARCHITECTURE": "RankingFCOS",
+    "MODEL.RANKING_LOSS.NAME": "ALRPHeadLoss",
+    "MODEL.WEIGHTS": "detectron2://ImageNetPretrained/MSRA/R-50.pkl",  # train.init_checkpoint
+    "MODEL.BACKBONE.NAME": "build_fcos_resnet_fpn_backbone",  # top_block in_feature "p5"
+    "MODEL.BACKBONE.FREEZE_AT": 2,
+    "MODEL.RESNETS.DEPTH": 50,
+    "MODEL.RETINANET.IN_FEATURES": ["p3", "p4", "p5", "p6", "p7"],
+    "MODEL.RETINANET.NUM_CONVS": 4,
+    "MODEL.RETINANET.NORM": "GN",  # model.head.norm = "GN"
+    "MODEL.RETINANET.PRIOR_PROB": 0.01,
+    "MODEL.FCOS.CENTER_SAMPLING_RADIUS": 1.5,
+    "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,
+    "MODEL.RETINANET.NMS_THRESH_TEST": 0.6,  # test_nms_thresh
+    "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,  # ATSS's (upstream FCOS: 0.2 on sqrt(cls*ctr))
+    "MODEL.ALRP.DELTA": 1.0,
+    "MODEL.ALRP.TAU": 0.5,
+    "MODEL.ALRP.LOC_ERROR": "giou",
+    "MODEL.ALRP.SB_INIT": 50.0,
+    "INPUT.MIN_SIZE_TRAIN": [640, 672, 704, 736, 768, 800],  # common/data/coco.py
+    "INPUT.MAX_SIZE_TRAIN": 1333,
+    "INPUT.MIN_SIZE_TEST": 800,
+    "INPUT.MAX_SIZE_TEST": 1333,
+    "SOLVER.IMS_PER_BATCH": 16,
+    "SOLVER.BASE_LR": 0.004,  # aLRP ATSS 800 at 16 images
+    "SOLVER.MAX_EPOCHS": 12,  # 90k iterations at 16 images
+    "SOLVER.STEPS_EPOCHS": [8, 11],
+    "SOLVER.WARMUP_ITERS": 500,
+}
+
 EXPECTED = {
     "alrp_retinanet_R_50_FPN_500_giou.yaml": RETINANET_500,
     "alrp_retinanet_R_50_FPN_500_iou.yaml": {**RETINANET_500, "MODEL.ALRP.LOC_ERROR": "iou"},
@@ -294,6 +324,17 @@ EXPECTED.update({
         "SOLVER.BASE_LR": 0.008,
     },
     "rs_faster_rcnn_R_50_FPN_1x.yaml": RS_RCNN,
+    # Detectron2's FCOS 1x (upstream configs/COCO-Detection/fcos_R_50_FPN_1x.py and
+    # common/models/fcos.py), each loss with its authors' ATSS settings.
+    "alrp_fcos_R_50_FPN_1x.yaml": FCOS_1X,
+    "rs_fcos_R_50_FPN_1x.yaml": {
+        **FCOS_1X,
+        "MODEL.RANKING_LOSS.NAME": "RankSortHeadLoss",
+        "MODEL.RANK_SORT.DELTA": 0.5,
+        "MODEL.RANK_SORT.EPS": 1e-10,
+        "SOLVER.BASE_LR": 0.008,  # RS-ATSS at 16 images
+        "SOLVER.WEIGHT_DECAY_NORM": 0.0001,
+    },
     "rs_mask_rcnn_R_50_FPN_1x.yaml": {  # ranksort_mask_rcnn_r50_fpn_1x_coco.py
         **RS_RCNN,
         "MODEL.MASK_ON": True,

@@ -2,6 +2,7 @@
 (CPU, tiny)."""
 
 import glob
+import math
 import os
 
 import pytest
@@ -296,3 +297,21 @@ def test_the_loss_choice_is_checked_by_name():
         build_model(tiny_cfg(rcnn, **{"MODEL.PROPOSAL_GENERATOR.NAME": "RankingRPN",
                                       "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
                                       "MODEL.ROI_HEADS.NAME": "StandardROIHeads"}))
+
+
+def test_the_readmes_new_loss_trains_a_detector():
+    """The README's "add a loss" example, as written there, trains RankingRetinaNet."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("*A loss*"):text.index("*A detector*")]
+    code = section[section.index("```python") + len("```python"):section.index("```\n\nthen")]
+    from alrp_d2.modeling import HEAD_LOSS_REGISTRY
+
+    if "NDCGHeadLoss" not in HEAD_LOSS_REGISTRY:
+        exec(compile(code, "README.md", "exec"), {})
+    cfg = tiny_cfg(os.path.join(ROOT, "configs", "quickstart", "alrp_retinanet_synthetic.yaml"),
+                   **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet",
+                      "MODEL.RANKING_LOSS.NAME": "NDCGHeadLoss"})
+    model, losses = _step(cfg)
+    assert sorted(losses) == ["loss_ndcg_box", "loss_ndcg_cls"]
+    assert all(math.isfinite(v) for v in losses.values())

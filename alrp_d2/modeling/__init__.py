@@ -5,7 +5,8 @@ One class per detector family, its loss chosen by config (``MODEL.RANKING_LOSS.N
 (:mod:`.head_losses`, ``HEAD_LOSS_REGISTRY``):
 ``RankingRetinaNet`` (META_ARCH_REGISTRY; IoU or ATSS assignment), ``RankingRPN``
 (PROPOSAL_GENERATOR_REGISTRY), ``RankingROIHeads`` (ROI_HEADS_REGISTRY) and
-``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY). The names of before stay registered, each
+``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY), and Detectron2's FCOS as ``RankingFCOS``
+(META_ARCH_REGISTRY; backbone ``build_fcos_resnet_fpn_backbone``). The names of before stay registered, each
 fixing its loss: ``ALRPRetinaNet``, ``APLossRetinaNet``, ``RankSortRetinaNet``, ``ALRPRPN``,
 ``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Also ``MaxIoURPN`` and the
 backbones ``build_alrp_retinanet_resnet_fpn_backbone`` and
@@ -15,6 +16,7 @@ registers them all.
 
 from .atss import atss_match
 from .backbone import LastLevelP6P7NoReLU, build_alrp_retinanet_resnet_fpn_backbone
+from .fcos import RankingFCOS, build_fcos_resnet_fpn_backbone
 from .head_losses import (
     HEAD_LOSS_REGISTRY,
     ALRPHeadLoss,
@@ -64,6 +66,7 @@ __all__ = [
     "RankSortROIHeads",
     "RankSortRPN",
     "RankSortRetinaNet",
+    "RankingFCOS",
     "RankingFastRCNNOutputLayers",
     "RankingROIHeads",
     "RankingRPN",
@@ -72,6 +75,7 @@ __all__ = [
     "SelfBalance",
     "atss_match",
     "build_alrp_retinanet_resnet_fpn_backbone",
+    "build_fcos_resnet_fpn_backbone",
     "build_head_loss",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",

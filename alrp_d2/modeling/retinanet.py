@@ -23,6 +23,7 @@ __all__ = [
     "RankingRetinaNet",
     "ScaledBoxRetinaNetHead",
     "classwise_targets",
+    "dense_head_outputs",
 ]
 
 
@@ -35,6 +36,23 @@ def classwise_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor
     targets[foreground, gt_labels[foreground]] = 1
     targets[gt_labels < 0] = -1
     return targets
+
+
+def dense_head_outputs(box2box_transform, anchors, logits, targets, positive, pred_anchor_deltas,
+                       gt_boxes, num_images: int) -> HeadOutputs:
+    """What a dense head (one row per anchor) hands to its ranking loss: ``logits`` and
+    ``targets`` ``(N, R, K)`` flattened, and for the ``positive`` anchors ``(N, R)``, in
+    (image, anchor) order, the predicted deltas decoded around their anchors, their matched
+    ground truths, their highest class probabilities and both boxes as deltas."""
+    anchor_boxes = Boxes.cat(anchors).tensor[positive.nonzero()[:, 1]]
+    deltas = cat(pred_anchor_deltas, dim=1)[positive]
+    target_boxes = torch.stack(gt_boxes)[positive]
+    return HeadOutputs(
+        logits=logits.reshape(-1), targets=targets.reshape(-1),
+        pred_boxes=box2box_transform.apply_deltas(deltas, anchor_boxes), target_boxes=target_boxes,
+        scores=logits.detach()[positive].sigmoid().amax(-1), num_images=num_images,
+        pred_deltas=deltas, target_deltas=box2box_transform.get_deltas(anchor_boxes, target_boxes),
+    )
 
 
 class _RankingRetinaNet(RetinaNet):
@@ -146,17 +164,9 @@ class RankingRetinaNet(_RankingRetinaNet):
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         num_images = len(gt_labels)
         gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        anchor_boxes = Boxes.cat(anchors).tensor[positive.nonzero()[:, 1]]
-        deltas = cat(pred_anchor_deltas, dim=1)[positive]
-        target_boxes = torch.stack(gt_boxes)[positive]
-        outputs = HeadOutputs(
-            logits=logits.reshape(-1), targets=targets.reshape(-1),
-            pred_boxes=self.box2box_transform.apply_deltas(deltas, anchor_boxes),
-            target_boxes=target_boxes, scores=logits.detach()[positive].sigmoid().amax(-1),
-            num_images=num_images, pred_deltas=deltas,
-            target_deltas=self.box2box_transform.get_deltas(anchor_boxes, target_boxes),
-        )
-        return self.head_loss(outputs)
+        return self.head_loss(dense_head_outputs(
+            self.box2box_transform, anchors, logits, targets, positive, pred_anchor_deltas,
+            gt_boxes, num_images))
 
 
 @META_ARCH_REGISTRY.register()
