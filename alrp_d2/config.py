@@ -60,11 +60,14 @@ def add_ranking_loss_config(cfg: CN) -> None:
     own registered in ``alrp_d2.modeling.HEAD_LOSS_REGISTRY``) for the generic ``RankingRetinaNet``,
     ``RankingRPN`` and ``RankingROIHeads``; empty for the names that fix their loss
     (``ALRPRetinaNet``, ``RankSortRPN``, ...), which refuse a ``NAME`` that contradicts them.
-    Each loss reads its own keys (``MODEL.ALRP``, ``MODEL.RANK_SORT``); the ranking scope is
-    ``MODEL.ALRP.RANKING_SCOPE`` for every loss.
+    Each loss reads its own keys (``MODEL.ALRP``, ``MODEL.RANK_SORT``); what they share is here:
+    ``RANKING_SCOPE`` (``process`` or ``global``) for every loss, empty for the older key it
+    aliases, ``MODEL.ALRP.RANKING_SCOPE`` (which keeps working; the two set to different
+    scopes is refused by name).
     """
     cfg.MODEL.RANKING_LOSS = CN()
     cfg.MODEL.RANKING_LOSS.NAME = ""
+    cfg.MODEL.RANKING_LOSS.RANKING_SCOPE = ""
     # RankingFCOS (its head reads MODEL.RETINANET's keys): anchor points within this many
     # strides of a ground truth's centre may be positive (Detectron2's FCOS default)
     cfg.MODEL.FCOS = CN()

@@ -115,5 +115,5 @@ def test_global_scope_step_equals_one_process_with_the_whole_batch(results, rank
 
 
 def test_unknown_scope_is_refused():
-    with pytest.raises(ValueError, match="RANKING_SCOPE must be one of"):
+    with pytest.raises(ValueError, match=r"RANKING_SCOPE\) must be one of"):
         build("node")

@@ -315,3 +315,15 @@ def test_the_readmes_new_loss_trains_a_detector():
     model, losses = _step(cfg)
     assert sorted(losses) == ["loss_ndcg_box", "loss_ndcg_cls"]
     assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_the_ranking_scope_key_and_its_alias():
+    from alrp_d2.modeling.head_losses import configured_scope
+
+    path = _config_of("RankSortRetinaNet")
+    assert configured_scope(tiny_cfg(path)) == "process"
+    for key in ("MODEL.RANKING_LOSS.RANKING_SCOPE", "MODEL.ALRP.RANKING_SCOPE"):
+        assert build_model(tiny_cfg(path, **{key: "global"})).head_loss.ranking_scope == "global"
+    with pytest.raises(ValueError, match="MODEL.RANKING_LOSS.RANKING_SCOPE 'process' and its alias"):
+        configured_scope(tiny_cfg(path, **{"MODEL.RANKING_LOSS.RANKING_SCOPE": "process",
+                                           "MODEL.ALRP.RANKING_SCOPE": "global"}))

@@ -44,6 +44,7 @@ __all__ = [
     "RankSortHeadLoss",
     "balanced",
     "build_head_loss",
+    "configured_scope",
     "head_loss_name",
     "ranking_group",
     "scale_gradient",
@@ -63,10 +64,22 @@ def ranking_group(scope: str):
     """The process group whose anchors a head ranks together: None for ``"process"`` or
     outside a multi-process run, the training's (default) group for ``"global"``."""
     if scope not in RANKING_SCOPES:
-        raise ValueError(f"MODEL.ALRP.RANKING_SCOPE must be one of {RANKING_SCOPES}, got {scope!r}")
+        raise ValueError(f"MODEL.RANKING_LOSS.RANKING_SCOPE (or MODEL.ALRP.RANKING_SCOPE) must be one of"
+                         f" {RANKING_SCOPES}, got {scope!r}")
     if scope == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+def configured_scope(cfg) -> str:
+    """The ranking scope of every head: ``MODEL.RANKING_LOSS.RANKING_SCOPE``, or where that
+    is empty its older alias ``MODEL.ALRP.RANKING_SCOPE``; ``ValueError`` naming both where
+    they are set to different scopes."""
+    new, old = cfg.MODEL.RANKING_LOSS.RANKING_SCOPE, cfg.MODEL.ALRP.RANKING_SCOPE
+    if new and old != "process" and new != old:
+        raise ValueError(f"MODEL.RANKING_LOSS.RANKING_SCOPE {new!r} and its alias MODEL.ALRP.RANKING_SCOPE"
+                         f" {old!r} differ: set one of them")
+    return new or old
 
 
 def scale_gradient(loss: torch.Tensor, factor: float) -> torch.Tensor:
@@ -123,7 +136,7 @@ class HeadLoss:
     Args:
         prefix: names the losses (``loss_<prefix>_...``) and scalars (``<prefix>/...``).
         weight: multiplies every term (the RPN's 0.2).
-        ranking_scope: ``"process"`` or ``"global"`` (``MODEL.ALRP.RANKING_SCOPE``).
+        ranking_scope: ``"process"`` or ``"global"`` (:func:`configured_scope`).
         validate: re-check the loss inputs every step (one synchronisation).
     """
 
@@ -189,7 +202,7 @@ class ALRPHeadLoss(HeadLoss):
         return dict(prefix="rpn_alrp" if rpn else "alrp", sb_init=a.SB_INIT, delta=a.DELTA, eps=a.EPS,
                     tau=a.RPN_TAU if rpn else a.TAU, loc_error=a.LOC_ERROR,
                     weight=a.RPN_LOSS_WEIGHT if rpn else 1.0, validate=a.VALIDATE_INPUTS,
-                    ranking_scope=a.RANKING_SCOPE)
+                    ranking_scope=configured_scope(cfg))
 
     def terms(self, outputs, group, processes):
         loc_errors = localisation_error(outputs.pred_boxes.float(), outputs.target_boxes.float(),
@@ -243,7 +256,7 @@ class RankSortHeadLoss(HeadLoss):
         r = cfg.MODEL.RANK_SORT
         return dict(prefix={"dense": "rs", "rpn": "rpn_rs", "roi": "roi_rs"}[head], delta=r.DELTA,
                     eps=r.EPS, weight=r.RPN_LOSS_WEIGHT if head == "rpn" else 1.0,
-                    validate=r.VALIDATE_INPUTS, ranking_scope=cfg.MODEL.ALRP.RANKING_SCOPE)
+                    validate=r.VALIDATE_INPUTS, ranking_scope=configured_scope(cfg))
 
     def terms(self, outputs, group, processes):
         pred_boxes, target_boxes = outputs.pred_boxes.float(), outputs.target_boxes.float()
@@ -280,7 +293,7 @@ class APHeadLoss(HeadLoss):
     def config_kwargs(cls, cfg, head: str) -> dict:
         if head != "dense":
             raise ValueError(f"AP Loss trains dense (RetinaNet-style) heads only, not the {head} head")
-        return dict(prefix="ap", delta=cfg.MODEL.ALRP.DELTA, ranking_scope=cfg.MODEL.ALRP.RANKING_SCOPE,
+        return dict(prefix="ap", delta=cfg.MODEL.ALRP.DELTA, ranking_scope=configured_scope(cfg),
                     smooth_l1_beta=cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
 
     def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
