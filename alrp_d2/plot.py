@@ -294,7 +294,7 @@ def _per_epoch(ax, scalars: Scalars, keys: Sequence[str], title: str, draw) -> N
 
 def _plot_self_balance(ax, scalars: Scalars) -> None:
     keys = [k for k in sorted(scalars) if k.endswith("/sb_weight") and scalars[k]]
-    if not keys and not any("alrp" in k for k in scalars):  # Rank & Sort, AP Loss, focal
+    if not keys and scalars and not any("alrp" in k for k in scalars):  # Rank & Sort, AP, focal
         ax.set_title("self-balance weight")
         ax.text(0.5, 0.5, "none in this run\n(only aLRP Loss balances itself per epoch)",
                 ha="center", va="center", transform=ax.transAxes)
