@@ -1,7 +1,7 @@
 """Ranking-based losses in pure PyTorch (no Detectron2 import here)."""
 
 from .alrp import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
-from .localisation import giou_loss, localisation_error, matched_box_iou, target_frame
+from .localisation import bounded, giou_loss, localisation_error, matched_box_iou
 from .rank_sort import RankSortLoss, rank_sort_loss
 from .ranking import PositiveStats, RankingUpdate, ranking_loss, smoothed_step
 
@@ -13,6 +13,7 @@ __all__ = [
     "RankSortLoss",
     "RankingUpdate",
     "alrp_loss",
+    "bounded",
     "ap_loss",
     "giou_loss",
     "localisation_error",
@@ -21,5 +22,4 @@ __all__ = [
     "rank_sort_loss",
     "ranking_loss",
     "smoothed_step",
-    "target_frame",
 ]
