@@ -163,3 +163,26 @@ def test_a_diverged_loss_names_the_likely_cause_and_the_checkpoint(tmp_path):
     (tmp_path / "last.ckpt").write_bytes(b"")
     message = DetectionModule._divergence_message(module, losses)
     assert f"MODEL.WEIGHTS {tmp_path / 'last.ckpt'}" in message
+
+
+def test_steps_after_the_last_epoch_are_named_in_the_users_key():
+    """Detectron2 would warn about SOLVER.STEPS, a key the user never set."""
+    import logging
+
+    from alrp_d2.config import get_cfg
+    from alrp_d2.engine.module import schedule_in_iterations
+
+    cfg = get_cfg()
+    cfg.merge_from_file(TINY)
+    cfg.merge_from_list(["SOLVER.MAX_EPOCHS", 3, "SOLVER.STEPS_EPOCHS", (2, 5)])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("alrp_d2").addHandler(handler)
+    try:
+        solver = schedule_in_iterations(cfg, iters_per_epoch=10)
+    finally:
+        logging.getLogger("alrp_d2").removeHandler(handler)
+    assert tuple(solver.SOLVER.STEPS) == (20,)
+    (record,) = records
+    assert "SOLVER.STEPS_EPOCHS (2, 5): the steps at epochs [5] come after the last epoch" in record.getMessage()
