@@ -27,6 +27,7 @@ GOLDEN = os.path.join(HERE, "golden", "training_step.json")
 STATE_KEYS = os.path.join(HERE, "golden", "state_dict_keys.json")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+RECORDED_THREADS = 2  # torch's threads when recorded (this project's 2-core machines)
 
 
 def config_name(path):
@@ -54,6 +55,17 @@ def _nms_of_any_dtype():
 def training_step(path, dtype):
     """``{"losses": {name: value}, "grads": {param: [sum, norm, projection]}}`` of one step."""
     sys.path.insert(0, HERE)
+    # The recording's 2 threads: float32 reductions (convolutions' backward) change with the
+    # number of threads by more than float32's 1e-5.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        return _training_step(path, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _training_step(path, dtype):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 

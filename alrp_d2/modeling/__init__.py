@@ -15,8 +15,12 @@ registers them all.
 """
 
 from .atss import atss_match
-from .backbone import LastLevelP6P7NoReLU, build_alrp_retinanet_resnet_fpn_backbone
-from .fcos import RankingFCOS, build_fcos_resnet_fpn_backbone
+from .backbone import (
+    LastLevelP6P7NoReLU,
+    build_alrp_retinanet_resnet_fpn_backbone,
+    build_fcos_resnet_fpn_backbone,
+)
+from .fcos import RankingFCOS
 from .head_losses import (
     HEAD_LOSS_REGISTRY,
     ALRPHeadLoss,

@@ -1,4 +1,5 @@
-"""RetinaNet's ResNet-FPN backbone with the authors' P7 (no ReLU between P6 and P7)."""
+"""ResNet-FPN backbones of the detectors: RetinaNet's with the aLRP authors' P7 (no ReLU
+between P6 and P7), and FCOS's (P6 and P7 from P5)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-__all__ = ["LastLevelP6P7NoReLU", "build_alrp_retinanet_resnet_fpn_backbone"]
+__all__ = [
+    "LastLevelP6P7NoReLU",
+    "build_alrp_retinanet_resnet_fpn_backbone",
+    "build_fcos_resnet_fpn_backbone",
+    "resnet_fpn",
+]
 
 
 class LastLevelP6P7NoReLU(LastLevelP6P7):
@@ -20,16 +26,31 @@ class LastLevelP6P7NoReLU(LastLevelP6P7):
         return [p6, self.p7(p6)]
 
 
-@BACKBONE_REGISTRY.register()
-def build_alrp_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """Detectron2's ``build_retinanet_resnet_fpn_backbone`` with :class:`LastLevelP6P7NoReLU`."""
+def resnet_fpn(cfg, input_shape: ShapeSpec, make_top_block) -> FPN:
+    """Detectron2's ResNet-FPN from ``MODEL.RESNETS`` and ``MODEL.FPN`` whose extra levels
+    are ``make_top_block(bottom_up)`` (how P6 and P7 are made: what the detectors'
+    backbones differ in)."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7NoReLU(bottom_up.output_shape()["res5"].channels, out_channels),
+        top_block=make_top_block(bottom_up),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_alrp_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """Detectron2's ``build_retinanet_resnet_fpn_backbone`` with :class:`LastLevelP6P7NoReLU`."""
+    out = cfg.MODEL.FPN.OUT_CHANNELS
+    return resnet_fpn(cfg, input_shape,
+                      lambda bottom_up: LastLevelP6P7NoReLU(bottom_up.output_shape()["res5"].channels, out))
+
+
+@BACKBONE_REGISTRY.register()
+def build_fcos_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet-FPN with P6 and P7 from P5 (ReLU before P7), as Detectron2's FCOS config."""
+    out = cfg.MODEL.FPN.OUT_CHANNELS
+    return resnet_fpn(cfg, input_shape, lambda bottom_up: LastLevelP6P7(out, out, in_feature="p5"))

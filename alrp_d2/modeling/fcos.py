@@ -19,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
 from .head_losses import HeadLoss, build_head_loss
 from .retinanet import classwise_targets, dense_head_outputs
 
-__all__ = ["RankingFCOS", "build_fcos_resnet_fpn_backbone"]
+__all__ = ["RankingFCOS"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -37,9 +35,7 @@ class RankingFCOS(FCOS):
     @configurable
     def __init__(self, *, head_loss: HeadLoss, **kwargs):
         super().__init__(**kwargs)
-        self.head_loss = head_loss
-        for name, module in head_loss.modules.items():
-            self.add_module(name, module)
+        head_loss.attach(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -77,18 +73,3 @@ class RankingFCOS(FCOS):
             centerness[positive], ctr_targets[positive], reduction="sum")
         losses["loss_fcos_ctr"] = ctr_loss / max(int(positive.sum()), 1)
         return losses
-
-
-@BACKBONE_REGISTRY.register()
-def build_fcos_resnet_fpn_backbone(cfg, input_shape):
-    """ResNet-FPN with P6 and P7 from P5 (ReLU before P7), as Detectron2's FCOS config."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )

@@ -155,6 +155,13 @@ class HeadLoss:
         """The constructor's keyword arguments for a head of family ``head`` (:data:`HEADS`)."""
         raise NotImplementedError
 
+    def attach(self, head: nn.Module) -> None:
+        """Becomes ``head.head_loss``; its :attr:`modules` become the head's submodules (so
+        ``self_balance.weight`` is where checkpoints hold it)."""
+        head.head_loss = self
+        for name, module in self.modules.items():
+            head.add_module(name, module)
+
     def terms(self, outputs: HeadOutputs, group, processes: int) -> Dict[str, torch.Tensor]:
         """The loss terms (unweighted, gradients not yet scaled for DDP), named by suffix."""
         raise NotImplementedError

@@ -18,15 +18,13 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
 )
 from detectron2.structures import Instances
 
-from .backbone import LastLevelP6P7NoReLU
+from .backbone import LastLevelP6P7NoReLU, resnet_fpn
 from .head_losses import balanced, score_weighted_mean
 
 __all__ = ["RankSortMaskHead", "build_rs_atss_resnet_fpn_backbone", "rank_sort_mask_loss"]
@@ -116,15 +114,11 @@ class RankSortMaskHead(MaskRCNNConvUpsampleHead):
 def build_rs_atss_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """ResNet-FPN with P6 and P7 computed from P5 by stride-2 convolutions, no ReLU in
     between (the authors' ATSS: ``add_extra_convs='on_output'``)."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    top_block = LastLevelP6P7NoReLU(out_channels, out_channels)
-    top_block.in_feature = "p5"
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=top_block,
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    out = cfg.MODEL.FPN.OUT_CHANNELS
+
+    def top_block(bottom_up):
+        block = LastLevelP6P7NoReLU(out, out)
+        block.in_feature = "p5"
+        return block
+
+    return resnet_fpn(cfg, input_shape, top_block)

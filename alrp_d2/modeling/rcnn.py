@@ -70,9 +70,7 @@ class RankingRPN(MaxIoURPN):
     @configurable
     def __init__(self, *, head_loss: HeadLoss, **kwargs):
         super().__init__(**kwargs)
-        self.head_loss = head_loss
-        for name, module in head_loss.modules.items():
-            self.add_module(name, module)
+        head_loss.attach(self)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -119,9 +117,7 @@ class RankingFastRCNNOutputLayers(FastRCNNOutputLayers):
         super().__init__(input_shape, **kwargs)
         if not self.use_sigmoid_ce:
             raise ValueError("a ranking-loss R-CNN needs MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE: True")
-        self.head_loss = head_loss
-        for name, module in head_loss.modules.items():
-            self.add_module(name, module)
+        head_loss.attach(self)
 
     @classmethod
     def from_config(cls, cfg, input_shape, head_loss: HeadLoss):

@@ -148,9 +148,7 @@ class RankingRetinaNet(_RankingRetinaNet):
     @configurable
     def __init__(self, *, head_loss: HeadLoss, **kwargs):
         super().__init__(**kwargs)
-        self.head_loss = head_loss
-        for name, module in head_loss.modules.items():
-            self.add_module(name, module)  # e.g. aLRP's self_balance, saved in checkpoints
+        head_loss.attach(self)
 
     @classmethod
     def from_config(cls, cfg):
