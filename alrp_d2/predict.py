@@ -14,7 +14,8 @@ json (``python -m alrp_d2.evaluation.lrp``, pycocotools):
   ``--contiguous-ids`` asks for the class index plus 1. The pictures show the dataset's
   class names.
 - ``image_id``: the image's id in those datasets (by its path, else by its file name);
-  images of no dataset are numbered from 1 in input order.
+  when no input image is one of theirs, the inputs are numbered from 1 in input order
+  (inputs of both kinds are refused: their ids would mix).
 - ``file_name`` names the image; ``bbox`` is ``[x, y, width, height]``.
 
 Which detections are kept: per class, those scored at least the class's LRP-optimal
@@ -307,7 +308,6 @@ class DatasetLink:
         self.tried: List[str] = []  # why each dataset could not map the classes
         self.ids: Optional[List[int]] = None
         self.names: Optional[List[str]] = None
-        self.dataset: Optional[str] = None
         self._images: Dict[str, int] = {}  # real path -> image id
         self._by_name: Dict[str, List[int]] = {}  # file name -> image ids
         for name in names:
@@ -344,7 +344,6 @@ class DatasetLink:
         self.ids = [d for d, _ in sorted(mapping.items(), key=lambda item: item[1])]
         classes = meta.get("thing_classes", None)
         self.names = list(classes) if classes and len(classes) == self.num_classes else None
-        self.dataset = name
 
     def image_ids(self, paths: Sequence[str]) -> List[int]:
         """The dataset's id of each image (by its path, else by a file name that only one
