@@ -179,7 +179,10 @@ class Predictor:
         cfg.defrost()
         cfg.MODEL.WEIGHTS = ""
         cfg.freeze()
-        self._predictor = DefaultPredictor(cfg)  # builds the model; loads nothing
+        try:
+            self._predictor = DefaultPredictor(cfg)  # builds the model; loads nothing
+        except ValueError as err:  # a model key refused by name (e.g. MODEL.RANKING_LOSS.NAME)
+            raise PredictError(f"the config's model cannot be built: {err}") from None
         self.model = self._predictor.model
         try:
             self.extra = load_weights(
@@ -311,11 +314,9 @@ class DatasetLink:
         self._images: Dict[str, int] = {}  # real path -> image id
         self._by_name: Dict[str, List[int]] = {}  # file name -> image ids
         for name in names:
-            if name not in DatasetCatalog.list():
-                raise PredictError(
-                    f"unknown dataset name {name!r} (not registered; give it with --dataset"
-                    " NAME JSON IMAGE_ROOT)"
-                )
+            if name not in DatasetCatalog.list():  # needed only where nothing else maps the classes
+                self.tried.append(f"{name} (not registered: give it with --dataset NAME JSON IMAGE_ROOT)")
+                continue
             try:
                 dicts = DatasetCatalog.get(name)  # also completes the metadata of a COCO json
             except Exception as err:
@@ -420,13 +421,13 @@ def run(args) -> int:
     from detectron2.data.detection_utils import read_image
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
-    from .data.register import register_coco_datasets
+    from .data.register import datasets_from_env, register_coco_datasets
     from .data.synthetic import register_synthetic
     from .io import atomic_write
 
     register_synthetic()
-    try:
-        register_coco_datasets(args.dataset)
+    try:  # as train_net.py: $ALRP_DATASETS, then --dataset
+        register_coco_datasets(datasets_from_env() + [tuple(d) for d in args.dataset])
     except ValueError as err:
         raise PredictError(str(err)) from None
     if not (args.scale > 0 and math.isfinite(args.scale)):

@@ -101,7 +101,7 @@ def test_training_names_what_it_drops_and_logs_the_datasets(own):
     log = (own.out / "log.txt").read_text()
     for text in (own.console, log):
         assert f"annotation id {BROKEN_ANNOTATION}: box [40.0, 40.0, -12.0, 20.0] has no area" in text
-        assert "1 annotations cannot be used" in text
+        assert "1 annotations have no usable box" in text
     # Detectron2's dataset summary, before anything else of the run, in log.txt too
     assert re.search(r"Loaded \d+ images in COCO format from .*train\.json", log)
     assert "Distribution of instances among all 4 categories" in log
@@ -168,6 +168,20 @@ def test_predict_without_a_dataset_or_thresholds_asks_how_to_number_the_classes(
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "b" / "predictions.json").read_text())
     assert {r["image_id"] for r in rows} == {1} and {r["category_id"] for r in rows} <= {1, 2, 3, 4}
+
+
+def test_predict_needs_no_registered_dataset_when_the_thresholds_map_the_classes(own, tmp_path):
+    """The run's config names my_val, not registered in this process: the thresholds of
+    the run's evaluation give the category ids (the inputs then count from 1)."""
+    image = next((own.images / "val" / "sub").iterdir())
+    done = python_module(
+        "alrp_d2.predict", "--config-file", own.out / "config.yaml", "--weights",
+        own.out / "model_final.pth", "--input", image, "--output", tmp_path / "p", "--device", "cpu",
+        env_root=own.base,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert {r["category_id"] for r in rows} <= {3, 7, 11, 90} and {r["image_id"] for r in rows} <= {1}
 
 
 def test_lrp_command_refuses_detections_of_other_images(own, tmp_path):
@@ -254,6 +268,16 @@ def test_resume_into_a_folder_without_checkpoints_says_so(own, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"--resume: OUTPUT_DIR {out} does not exist; starting a new training" in done.stdout
+
+
+def test_a_refused_loss_choice_exits_2_with_its_name(own, tmp_path):
+    done = train_net(
+        "--config-file", TINY, "--accelerator", "cpu", "MODEL.META_ARCHITECTURE", "RankingRetinaNet",
+        "DATASETS.TEST", "()", "OUTPUT_DIR", tmp_path / "out", env_root=own.base,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "RankingRetinaNet needs MODEL.RANKING_LOSS.NAME" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_flags_after_the_overrides_are_named(own):

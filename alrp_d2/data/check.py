@@ -63,19 +63,22 @@ def record_problems(record: dict, num_classes: Optional[int]) -> List[str]:
 
 
 def unusable_annotations(name: str, records: List[dict], shown: int = 5) -> Optional[str]:
-    """One warning naming the annotations of dataset ``name`` that training cannot use
-    (no box, a box without area or not finite: Detectron2 drops them without a word), by
-    COCO id and image id; None when there is none."""
+    """One warning naming the objects of dataset ``name`` whose box is unusable (none, no
+    area, not finite: Detectron2 drops a box without area silently and clips an infinite
+    one to the image), by COCO id and image id; crowd regions, which train nothing, are not
+    counted. None when there is none."""
     found = []
     for record in records:
-        for problem in record_problems(record, None):
+        objects = dict(record, annotations=[a for a in record.get("annotations", [])
+                                            if not a.get("iscrowd", 0)])
+        for problem in record_problems(objects, None):
             found.append(f"{problem} (image id {record.get('image_id')})")
     if not found:
         return None
     more = f"; and {len(found) - shown} more" if len(found) > shown else ""
-    return (f"dataset {name!r}: {len(found)} annotations cannot be used and are left out of"
-            f" training: {'; '.join(found[:shown])}{more} (train_net.py --check-data lists every"
-            " problem)")
+    return (f"dataset {name!r}: {len(found)} annotations have no usable box, so their objects"
+            f" are not learnt: {'; '.join(found[:shown])}{more} (train_net.py --check-data lists"
+            " every problem)")
 
 
 def _num_classes(name: str) -> Optional[int]:

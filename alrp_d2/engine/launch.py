@@ -356,7 +356,10 @@ def run(args) -> int:
     ckpt_path = None if args.eval_only else _resume_checkpoint(cfg, args, world)
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
-    module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
+    try:
+        module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
+    except ValueError as err:  # a model key refused by name (e.g. MODEL.RANKING_LOSS.NAME)
+        raise UsageError(f"the config's model cannot be built: {err}") from None
     # The weights before anything is written: a file that would run code, or (evaluation)
     # another model's weights, stops the run with the folder as it was.
     if args.eval_only or (ckpt_path is None and cfg.MODEL.WEIGHTS):
