@@ -59,16 +59,32 @@ def safe_load(file, map_location="cpu"):
             raise
         name = getattr(file, "name", file)
         found = re.search(r"GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle of torch's at all, e.g. a text file
-            reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+        if found is None and not _torch_archive(file):  # e.g. a text file
             raise pickle.UnpicklingError(
                 f"{name} is not a file that torch.save wrote"
                 f" ({reason.group(1).strip() if reason else 'unreadable pickle'})"
             ) from None
+        # A torch archive the weights-only reader refuses: a named object, or instructions
+        # it does not take (pickle protocol 4 and above), which may name objects too.
+        what = (f"it names the Python object {found.group(1)}" if found
+                else f"its pickle holds more than weights: {reason.group(1).strip() if reason else err}")
         raise UnsafeFileError(
-            f"{name} was refused: reading it would run code (it names the Python object"
-            f" {found.group(1)}). alrp_d2 reads weights and checkpoints only when they hold"
-            " nothing but tensors, numbers, strings and containers. If you trust the file's"
-            " origin, load it yourself and save its state_dict:"
-            " torch.save({'model': state_dict}, 'weights.pth')"
+            f"{name} was refused: reading it {'would' if found else 'could'} run code ({what})."
+            " alrp_d2 reads weights and"
+            " checkpoints only when they hold nothing but tensors, numbers, strings and"
+            " containers. If you trust the file's origin, load it yourself and save its"
+            " state_dict: torch.save({'model': state_dict}, 'weights.pth')"
         ) from None
+
+
+def _torch_archive(file) -> bool:
+    """Whether ``file`` is a zip archive, the format ``torch.save`` writes."""
+    import zipfile
+
+    try:
+        if hasattr(file, "seek"):
+            file.seek(0)
+        return zipfile.is_zipfile(file)
+    except OSError:
+        return False

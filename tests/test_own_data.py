@@ -191,6 +191,7 @@ def test_lrp_command_refuses_detections_of_other_images(own, tmp_path):
     cases = {
         "positions": ([dict(det, image_id=1)], "image_id 1 not among its images"),
         "class index": ([dict(det, category_id=1)], "category_id 1 not among its categories"),
+        "a list as id": ([dict(det, image_id=[first["id"]])], "image_id and category_id must be"),
         "other file": (
             [dict(det, file_name=os.path.basename(second["file_name"]))],
             f"image_id {first['id']} is {first['file_name']}",

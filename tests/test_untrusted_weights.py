@@ -176,6 +176,26 @@ def test_detectron2_pickles_still_load(tmp_path):
         assert np.array_equal(fresh.state_dict()[key].numpy(), array), key
 
 
+def test_a_checkpoint_in_a_newer_pickle_protocol_is_refused_not_skipped(trained_run, tmp_path):
+    """Protocol 4 instructions the weights-only reader does not take (and that may name
+    objects): refused as unsafe, so --resume stops instead of taking an older checkpoint."""
+    from alrp_d2.engine.resume import find_resume_checkpoint
+    from alrp_d2.io import UnsafeFileError, safe_load
+
+    marker = tmp_path / "marker"
+    checkpoint = torch.load(trained_run.out / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["callbacks"]["payload"] = Payload(marker)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.prev.ckpt").write_bytes((trained_run.out / "last.prev.ckpt").read_bytes())
+    torch.save(checkpoint, out / "last.ckpt", pickle_protocol=4)
+    with pytest.raises(UnsafeFileError, match="could run code"):
+        safe_load(out / "last.ckpt")
+    with pytest.raises(UnsafeFileError):
+        find_resume_checkpoint(str(out))
+    assert not marker.exists()
+
+
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
     from alrp_d2.io import UnsafeFileError, safe_load
 

@@ -427,6 +427,9 @@ def _read_coco_pair(gt_path: str, dets_path: str):
     for i, det in enumerate(dets):
         if not isinstance(det, dict) or "image_id" not in det or "category_id" not in det:
             raise ValueError(f"{dets_path}: detection {i} has no image_id or category_id")
+        if not all(isinstance(det[k], (int, str)) for k in ("image_id", "category_id")):
+            raise ValueError(f"{dets_path}: detection {i}'s image_id and category_id must be"
+                             f" numbers, got {det['image_id']!r} and {det['category_id']!r}")
     unknown_images = sorted({d["image_id"] for d in dets} - set(images), key=str)
     unknown_classes = sorted({d["category_id"] for d in dets} - categories, key=str)
     problems = []

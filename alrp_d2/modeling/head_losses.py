@@ -301,6 +301,7 @@ class APHeadLoss(HeadLoss):
         if head != "dense":
             raise ValueError(f"AP Loss trains dense (RetinaNet-style) heads only, not the {head} head")
         return dict(prefix="ap", delta=cfg.MODEL.ALRP.DELTA, ranking_scope=configured_scope(cfg),
+                    validate=cfg.MODEL.ALRP.VALIDATE_INPUTS,
                     smooth_l1_beta=cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
 
     def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
@@ -309,14 +310,12 @@ class APHeadLoss(HeadLoss):
         losses["loss_box_reg"] = losses.pop(f"loss_{self.prefix}_box")
         return losses
 
-    def ranking_value(self, losses):
-        return losses[f"loss_{self.prefix}_cls"].detach()
-
     def terms(self, outputs, group, processes):
         num_pos = len(outputs.pred_boxes)
         get_event_storage().put_scalar("num_pos_anchors", num_pos / outputs.num_images)
         # A global ranking covers the classification; the box loss stays per process.
-        cls = ap_loss(outputs.logits, outputs.targets, self.delta, validate=False, process_group=group)
+        cls = ap_loss(outputs.logits, outputs.targets, self.delta, validate=self.validate,
+                      process_group=group)
         box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas, beta=self.smooth_l1_beta,
                              reduction="sum")
         return {"cls": cls, "box": box / max(4 * num_pos, 1)}
