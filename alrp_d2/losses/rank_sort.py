@@ -121,7 +121,8 @@ def rank_sort_loss(
     flat_targets = targets.reshape(-1)
     positive = positives_of(flat_targets, "continuous")
     if validate:
-        num_positives = validate_inputs(flat_logits.detach(), flat_targets, labels="continuous")
+        num_positives = validate_inputs(flat_logits.detach(), flat_targets, labels="continuous",
+                                        positive=positive)
     else:
         num_positives = int(positive.sum())
     elementwise = _elementwise_dtype(logits.dtype)

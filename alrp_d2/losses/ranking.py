@@ -378,14 +378,15 @@ def _any_invalid_target(targets: torch.Tensor, labels: str) -> torch.Tensor:
 
 
 def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, *, labels: str = "binary",
-                    num_positives: Optional[int] = None,
-                    extra_finite: Optional[dict] = None) -> int:
+                    num_positives: Optional[int] = None, extra_finite: Optional[dict] = None,
+                    positive: Optional[torch.Tensor] = None) -> int:
     """Every value check of a ranking loss's inputs, with a single host-device
     synchronisation: finite ``logits`` (and ``extra_finite``'s named tensors), targets of
     the kind ``labels`` names (:data:`LABELS`), and ``num_positives`` positives where
-    given. Returns the number of positives; ``ValueError`` naming the problem."""
+    given (``positive``: :func:`positives_of` the targets, where the caller has it already).
+    Returns the number of positives; ``ValueError`` naming the problem."""
     extra_finite = extra_finite or {}
-    positive = positives_of(targets, labels)
+    positive = positives_of(targets, labels) if positive is None else positive
     checks = [_any_not_finite(logits), _any_invalid_target(targets, labels), positive.sum()]
     checks += [_any_not_finite(tensor) for tensor in extra_finite.values()]
     values = torch.stack([c.to(torch.int64) for c in checks]).tolist()
@@ -444,7 +445,7 @@ def ranking_loss(
     positive = flat_targets == 1
     if validate:
         counted = validate_inputs(flat_logits, flat_targets, num_positives=num_positives,
-                                  extra_finite=extra_finite)
+                                  extra_finite=extra_finite, positive=positive)
         num_positives = counted if num_positives is None else num_positives
     elif num_positives is None:
         num_positives = int(positive.sum())
