@@ -449,14 +449,14 @@ def test_test_candidates_are_the_authors_top_anchors():
         [0.00, 0.50, 0.00],  # best 0.50: kept; its box is clipped to the 100 x 100 image
     ])
     deltas = torch.zeros(6, 4)
-    out = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 3, (100, 100))
+    out = model._decode_multi_level_predictions([anchors], [scores], [deltas], 0.05, 3, (100, 100))
     got = sorted(zip(out.scores.tolist(), out.pred_classes.tolist()))
     assert got == [(pytest.approx(0.3), 0), (pytest.approx(0.5), 1), (pytest.approx(0.8), 1),
                    (pytest.approx(0.9), 0)]
     assert out.pred_boxes.tensor.max() <= 100
     # Detectron2's rule would have kept the top 3 pairs: 0.9, 0.8, 0.5.
     model.test_candidates = "pairs"
-    out = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 3, (100, 100))
+    out = model._decode_multi_level_predictions([anchors], [scores], [deltas], 0.05, 3, (100, 100))
     assert sorted(out.scores.tolist()) == pytest.approx([0.5, 0.8, 0.9])
 
 

@@ -15,17 +15,20 @@ Keys: the head's as RetinaNet's (``MODEL.RETINANET.NUM_CLASSES``, ``IN_FEATURES`
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from torch import Tensor
 
 from .head_losses import HeadLoss, build_head_loss
 from .retinanet import classwise_targets, dense_head_outputs
 
-__all__ = ["RankingFCOS"]
+__all__ = ["RankingFCOS", "ScriptableBox2BoxTransformLinear", "ScriptableFCOSHead"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -45,9 +48,10 @@ class RankingFCOS(FCOS):
         channels = shapes[0].channels
         return {
             "backbone": backbone,
-            "head": FCOSHead(input_shape=shapes, conv_dims=[channels] * r.NUM_CONVS,
+            "head": ScriptableFCOSHead(input_shape=shapes, conv_dims=[channels] * r.NUM_CONVS,
                              num_classes=r.NUM_CLASSES, norm=r.NORM, prior_prob=r.PRIOR_PROB),
             "head_in_features": r.IN_FEATURES,
+            "box2box_transform": ScriptableBox2BoxTransformLinear(normalize_by_size=True),
             "num_classes": r.NUM_CLASSES,
             "center_sampling_radius": cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
             "test_score_thresh": r.SCORE_THRESH_TEST,
@@ -73,3 +77,62 @@ class RankingFCOS(FCOS):
             centerness[positive], ctr_targets[positive], reduction="sum")
         losses["loss_fcos_ctr"] = ctr_loss / max(int(positive.sum()), 1)
         return losses
+
+
+class ScriptableFCOSHead(FCOSHead):
+    """Detectron2's ``FCOSHead`` (same layers, parameter names and outputs) whose forward
+    TorchScript can compile: upstream's leaves ``features`` untyped, which scripting reads
+    as one tensor."""
+
+    def forward(self, features: List[Tensor]):
+        assert len(features) == self._num_features
+        logits, bbox_reg, ctrness = [], [], []
+        for feature in features:
+            logits.append(self.cls_score(self.cls_subnet(feature)))
+            bbox_feature = self.bbox_subnet(feature)
+            bbox_reg.append(self.bbox_pred(bbox_feature))
+            ctrness.append(self.ctrness(bbox_feature))
+        return logits, bbox_reg, ctrness
+
+
+@torch.jit.script
+class ScriptableBox2BoxTransformLinear:
+    """Detectron2's ``Box2BoxTransformLinear`` (FCOS's box transform: distances from the
+    anchor's centre to the box's sides, by the anchor's size), the same arithmetic as a
+    TorchScript class, as Detectron2's ``Box2BoxTransform`` is: upstream's is a plain
+    Python object, which scripting cannot hold."""
+
+    def __init__(self, normalize_by_size: bool = True):
+        self.normalize_by_size = normalize_by_size
+
+    def get_deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+        """The deltas ``(l, t, r, b)`` that turn the square ``src_boxes`` (whose centres lie
+        in their targets) into ``target_boxes``."""
+        src_ctr_x = 0.5 * (src_boxes[:, 0] + src_boxes[:, 2])
+        src_ctr_y = 0.5 * (src_boxes[:, 1] + src_boxes[:, 3])
+        deltas = torch.stack((src_ctr_x - target_boxes[:, 0], src_ctr_y - target_boxes[:, 1],
+                              target_boxes[:, 2] - src_ctr_x, target_boxes[:, 3] - src_ctr_y),
+                             dim=1)
+        if self.normalize_by_size:
+            stride_w = src_boxes[:, 2] - src_boxes[:, 0]
+            stride_h = src_boxes[:, 3] - src_boxes[:, 1]
+            deltas = deltas / torch.stack([stride_w, stride_h, stride_w, stride_h], dim=1)
+        return deltas
+
+    def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """``boxes`` ``(N, 4)`` moved by ``deltas`` ``(N, k * 4)`` (negative distances count 0,
+        so every box is valid)."""
+        deltas = F.relu(deltas)
+        boxes = boxes.to(deltas.dtype)
+        ctr_x = 0.5 * (boxes[:, 0] + boxes[:, 2])
+        ctr_y = 0.5 * (boxes[:, 1] + boxes[:, 3])
+        if self.normalize_by_size:
+            stride_w = boxes[:, 2] - boxes[:, 0]
+            stride_h = boxes[:, 3] - boxes[:, 1]
+            deltas = deltas * torch.stack([stride_w, stride_h, stride_w, stride_h], dim=1)
+        pred_boxes = torch.zeros_like(deltas)
+        pred_boxes[:, 0::4] = ctr_x[:, None] - deltas[:, 0::4]
+        pred_boxes[:, 1::4] = ctr_y[:, None] - deltas[:, 1::4]
+        pred_boxes[:, 2::4] = ctr_x[:, None] + deltas[:, 2::4]
+        pred_boxes[:, 3::4] = ctr_y[:, None] + deltas[:, 3::4]
+        return pred_boxes

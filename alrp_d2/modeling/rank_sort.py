@@ -21,6 +21,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
+    mask_rcnn_inference,
 )
 from detectron2.structures import Instances
 
@@ -91,8 +92,14 @@ class RankSortMaskHead(MaskRCNNConvUpsampleHead):
         return ret
 
     def forward(self, x, instances: List[Instances]):
-        if not self.training:
-            return super().forward(x, instances)
+        # Detectron2's inference written out: TorchScript cannot compile super().
+        if self.training:
+            return self._losses(x, instances)
+        mask_rcnn_inference(self.layers(x), instances)
+        return instances
+
+    @torch.jit.unused
+    def _losses(self, x, instances: List[Instances]):
         x, instances = self._subsample(x, instances)
         return {"loss_mask": rank_sort_mask_loss(self.layers(x), instances) * self.loss_weight}
 

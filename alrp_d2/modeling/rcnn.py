@@ -5,8 +5,8 @@ for aLRP, TAU 0.7; the box head has class-wise sigmoid classifiers trained on al
 proposals (no sampling). With aLRP each head has its own self-balance weight.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": TorchScript reads RankingROIHeads' Final
+# annotations as objects.
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
@@ -146,6 +146,13 @@ class RankingROIHeads(StandardROIHeads):
     predictor (``MODEL.RANKING_LOSS.NAME``; masks: ``MODEL.ROI_MASK_HEAD.NAME:
     RankSortMaskHead``)."""
 
+    # Constants to TorchScript, so that scripting compiles away an absent mask or keypoint
+    # head. detectron2.export declares them on StandardROIHeads only; scripting gives every
+    # class its own annotations (``training``), and TorchScript then reads no base class's:
+    # each subclass repeats them.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
@@ -167,7 +174,13 @@ class RankingROIHeads(StandardROIHeads):
 class ALRPROIHeads(RankingROIHeads):
     """:class:`RankingROIHeads` trained by aLRP Loss."""
 
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
 
 @ROI_HEADS_REGISTRY.register()
 class RankSortROIHeads(RankingROIHeads):
     """:class:`RankingROIHeads` trained by Rank & Sort Loss."""
+
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]

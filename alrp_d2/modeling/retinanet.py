@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -10,7 +10,7 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, Instances
-from torch import nn
+from torch import Tensor, nn
 
 from .atss import atss_match
 from .head_losses import HeadLoss, HeadOutputs, build_head_loss
@@ -91,21 +91,43 @@ class _RankingRetinaNet(RetinaNet):
                 cfg.MODEL.ALRP.MIN_POS_IOU)
         return ret
 
-    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, score_thresh,
-                                      topk_candidates, image_size):
+    def _decode_multi_level_predictions(self, anchors: List[Boxes], pred_scores: List[Tensor],
+                                        pred_deltas: List[Tensor], score_thresh: float,
+                                        topk_candidates: int,
+                                        image_size: Tuple[int, int]) -> Instances:
+        # Dispatches here, not in _decode_per_level_predictions: TorchScript cannot compile
+        # super(), and Detectron2's per-level decoding stays the one its "pairs" rule runs.
         if self.test_candidates == "pairs":
-            return super()._decode_per_level_predictions(
-                anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size)
-        k = min(topk_candidates, pred_scores.shape[0])
+            levels = [self._decode_per_level_predictions(a, s, d, score_thresh, topk_candidates,
+                                                         image_size)
+                      for s, d, a in zip(pred_scores, pred_deltas, anchors)]
+        else:
+            levels = [self._decode_top_anchors(a, s, d, score_thresh, topk_candidates, image_size)
+                      for s, d, a in zip(pred_scores, pred_deltas, anchors)]
+        return levels[0].cat(levels)
+
+    def _decode_top_anchors(self, anchors: Boxes, pred_scores: Tensor, pred_deltas: Tensor,
+                            score_thresh: float, topk_candidates: int,
+                            image_size: Tuple[int, int]) -> Instances:
+        """One level's candidates by the authors' rule (class docstring); a candidate whose
+        box is not finite (diverged weights, inf/NaN features) is dropped, so that such a
+        model detects nothing instead of failing the clipping."""
+        num_anchors = pred_scores.shape[0]
+        if isinstance(num_anchors, Tensor):  # a traced size: kept a tensor, so the trace
+            k = torch.clamp(num_anchors, max=topk_candidates)  # serves other image sizes
+        else:
+            k = min(num_anchors, topk_candidates)
         anchor_idxs = pred_scores.max(dim=1).values.topk(k).indices
         scores = pred_scores[anchor_idxs]
-        keep = scores > score_thresh
-        rows, classes = keep.nonzero(as_tuple=True)
+        rows, classes = (scores > score_thresh).nonzero().unbind(1)
         anchor_idxs = anchor_idxs[rows]
-        deltas, anchor_boxes = pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
-        boxes = Boxes(self.box2box_transform.apply_deltas(deltas, anchor_boxes))
+        boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs],
+                                                    anchors.tensor[anchor_idxs])
+        finite = torch.isfinite(boxes).all(dim=1)
+        boxes = Boxes(boxes[finite])
         boxes.clip(image_size)
-        return Instances(image_size, pred_boxes=boxes, scores=scores[keep], pred_classes=classes)
+        return Instances(image_size, pred_boxes=boxes, scores=scores[rows, classes][finite],
+                         pred_classes=classes[finite])
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
@@ -193,6 +215,12 @@ class ScaledBoxRetinaNetHead(RetinaNetHead):
         super().__init__(input_shape=input_shape, **kwargs)
         self.box_scales = nn.Parameter(torch.ones(len(input_shape)))
 
-    def forward(self, features):
-        logits, bbox_reg = super().forward(features)
-        return logits, [deltas * scale for deltas, scale in zip(bbox_reg, self.box_scales)]
+    def forward(self, features: List[Tensor]):
+        # Detectron2's RetinaNetHead.forward with the scales, written out: TorchScript
+        # cannot compile super().
+        assert len(features) == self._num_features
+        logits, bbox_reg = [], []
+        for level, feature in enumerate(features):
+            logits.append(self.cls_score(self.cls_subnet(feature)))
+            bbox_reg.append(self.bbox_pred(self.bbox_subnet(feature)) * self.box_scales[level])
+        return logits, bbox_reg

@@ -1,0 +1,236 @@
+"""Detectron2's end-to-end model checks (upstream tests/modeling/test_model_e2e.py, written
+anew for this project's models) on every COCO config: images without annotations in
+training and inference, a batch of one empty and one annotated image, infinite or NaN
+features and predictions at inference (dense heads, RPN and RoI heads), diverged (NaN)
+weights, and autocast's dtypes (CUDA where present; CPU bfloat16 on a small model).
+
+Models are the configs' networks at small inputs (tests/test_models.py ``tiny_cfg``);
+the R-101, X-101 and 800 configs are marked slow (their R-50 500 twin covers the head), and
+so is the IoU-error aLRP RetinaNet (its GIoU twin covers the head and the loss)."""
+
+import glob
+import itertools
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from conftest import HAS_DETECTRON2
+from runs import ROOT
+
+pytestmark = pytest.mark.detectron2
+
+if HAS_DETECTRON2:
+    from detectron2.modeling import GeneralizedRCNN, build_model
+    from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+    from detectron2.utils.events import EventStorage
+
+    from test_models import tiny_cfg
+
+COCO = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml")))
+HEAVY = ("_R_101_", "_X_101_", "_800", "_500_iou")
+
+
+def params(paths):
+    return [pytest.param(p, id=os.path.basename(p)[:-5],
+                         marks=[pytest.mark.slow] if any(h in p for h in HEAVY) else [])
+            for p in paths]
+
+
+def is_rcnn(path):
+    return "rcnn" in os.path.basename(path)
+
+
+DENSE = params([p for p in COCO if not is_rcnn(p)])
+RCNN = params([p for p in COCO if is_rcnn(p)])
+EVERY = params(COCO)
+SIZES = [(48, 64), (48, 63)]  # an odd width: the batch is padded
+
+
+def model_of(path, **overrides):
+    torch.manual_seed(43)
+    return build_model(tiny_cfg(path, **overrides))
+
+
+def empty_instances(h, w):
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.zeros(0, 4))
+    inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+    inst.gt_masks = BitMasks(torch.zeros(0, h, w, dtype=torch.bool))
+    return inst
+
+
+def annotated_instances(h, w):
+    """Three objects: two of ordinary size and, as upstream's, one under a pixel wide."""
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0],
+                                        [0.2, 0.3, 0.9, 0.8]]))
+    inst.gt_classes = torch.tensor([0, 2, 1])
+    g = torch.Generator().manual_seed(0)
+    inst.gt_masks = BitMasks(torch.rand(3, h, w, generator=g) > 0.5)
+    return inst
+
+
+def images(sizes, instances=None):
+    g = torch.Generator().manual_seed(1)
+    out = [{"image": torch.rand(3, h, w, generator=g) * 255} for h, w in sizes]
+    for x, inst in zip(out, instances or []):
+        x["instances"] = inst
+    return out
+
+
+def train_step(model, inputs):
+    """One training forward and backward: the losses, all finite."""
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+        assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+        sum(losses.values()).backward()
+    return losses
+
+
+@pytest.mark.parametrize("path", EVERY)
+def test_empty_data(path):
+    model = model_of(path)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images(SIZES))
+    assert [o["instances"].image_size for o in outputs] == SIZES
+    train_step(model, images(SIZES, [empty_instances(*s) for s in SIZES]))
+
+
+@pytest.mark.parametrize("path", EVERY)
+def test_half_empty_batch(path):
+    model = model_of(path)
+    train_step(model, images(SIZES, [empty_instances(*SIZES[0]), annotated_instances(*SIZES[1])]))
+    # The annotated image trains the boxes: some gradient reaches every box regressor.
+    if isinstance(model, GeneralizedRCNN):
+        regressors = [model.proposal_generator.rpn_head.anchor_deltas,
+                      model.roi_heads.box_predictor.bbox_pred]
+    else:
+        regressors = [model.head.bbox_pred]
+    for layer in regressors:
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def inf_tensor(*shape):
+    return torch.full(shape, float("inf"))
+
+
+def nan_tensor(*shape):
+    return torch.full(shape, float("nan"))
+
+
+def feature_shapes(model, size):
+    """Per backbone feature the ``(1, C, H, W)`` of an image of ``size``."""
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, *size))
+    return {k: tuple(v.shape) for k, v in features.items()}
+
+
+@pytest.mark.parametrize("path", DENSE)
+@pytest.mark.parametrize("tensor", [inf_tensor, nan_tensor], ids=["inf", "nan"])
+def test_dense_inference_on_inf_nan_predictions_detects_nothing_finite(path, tensor):
+    """Every score kept (threshold -1): infinite or NaN predictions give no finite box, and
+    no error (the authors' test-time path clips its boxes before NMS)."""
+    model = model_of(path).eval()
+    model.test_score_thresh = -1.0
+    size = (64, 64)
+    shapes = feature_shapes(model, size)
+    features = [tensor(*shapes[f]) for f in model.head_in_features]
+    images_ = ImageList(tensor(1, 3, *size), [(62, 62)])
+    with torch.no_grad():
+        predictions = [[tensor(*x.shape) for x in level] for level in model.head(features)]
+        detections = model.forward_inference(images_, features, predictions)
+    boxes = detections[0].pred_boxes.tensor
+    assert torch.isfinite(boxes).all(dim=1).sum() == 0, boxes
+
+
+@pytest.mark.parametrize("path", RCNN)
+@pytest.mark.parametrize("tensor", [inf_tensor, nan_tensor], ids=["inf", "nan"])
+def test_rpn_and_roi_heads_on_inf_nan_features(path, tensor):
+    """The RPN proposes only finite boxes; the RoI heads detect nothing on a proposal whose
+    features are infinite or NaN."""
+    model = model_of(path).eval()
+    size = (64, 64)
+    shapes = feature_shapes(model, size)
+    features = {k: tensor(*s) for k, s in shapes.items()}
+    images_ = ImageList(tensor(1, 3, *size), [(62, 62)])
+    proposal = Instances((62, 62))
+    proposal.proposal_boxes = Boxes(torch.tensor([[10.0, 10.0, 20.0, 20.0]]))
+    proposal.objectness_logits = torch.tensor([1.0])
+    with torch.no_grad():
+        proposals, _ = model.proposal_generator(images_, features)
+        detections, _ = model.roi_heads(images_, features, [proposal])
+    assert torch.isfinite(proposals[0].proposal_boxes.tensor).all()
+    assert len(detections[0]) == 0
+
+
+@pytest.mark.parametrize("path", EVERY)
+def test_diverged_weights_detect_nothing(path):
+    """A model whose weights went NaN (a diverged run) is evaluated: no detection, no error."""
+    model = model_of(path).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+        outputs = model(images(SIZES))
+    assert [len(o["instances"]) for o in outputs] == [0, 0]
+
+
+@contextmanager
+def dtype_hook(module, inputs, outputs):
+    """Records the dtypes of every tensor ``module`` takes and returns."""
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, (list, tuple)):
+            return list(itertools.chain(*[tensors(t) for t in x]))
+        if isinstance(x, dict):
+            return tensors(list(x.values()))
+        return []
+
+    def hook(module, args, output):
+        inputs.update(t.dtype for t in tensors(args))
+        outputs.update(t.dtype for t in tensors(output))
+
+    with module.register_forward_hook(hook):
+        yield
+
+
+AUTOCAST = [pytest.param(p.values[0], "cuda", torch.float16, id=f"cuda-{p.id}", marks=p.marks)
+            for p in EVERY]
+AUTOCAST.append(pytest.param(os.path.join(ROOT, "configs", "quickstart",
+                                          "alrp_retinanet_synthetic.yaml"),
+                             "cpu", torch.bfloat16, id="cpu-alrp_retinanet_synthetic"))
+
+
+@pytest.mark.parametrize("path,device,dtype", AUTOCAST)
+def test_autocast(path, device, dtype):
+    """Under autocast the backbone takes float32 images and returns ``dtype`` features, the
+    head computes in ``dtype``, boxes come out float32 (Detectron2's Boxes) and scores in
+    the dtype of what makes them: ``dtype`` for sigmoids, float32 for the cross-entropy
+    R-CNN's softmax."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA unavailable")
+    model = model_of(path, **{"MODEL.DEVICE": device, "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0,
+                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0}).eval()
+    rcnn = isinstance(model, GeneralizedRCNN)
+    head = model.roi_heads.box_predictor if rcnn else model.head
+    seen = {name: (set(), set()) for name in ("backbone", "head")}
+    inputs = [{"image": torch.rand(3, 100, 100) * 255}]
+    with torch.no_grad(), torch.autocast(device, dtype=dtype), \
+            dtype_hook(model.backbone, *seen["backbone"]), dtype_hook(head, *seen["head"]):
+        if rcnn:
+            out = model.inference(inputs, do_postprocess=False)[0]
+        else:
+            out = model(inputs)[0]["instances"]
+    assert seen["backbone"] == ({torch.float32}, {dtype})
+    assert seen["head"] == ({dtype}, {dtype})
+    assert len(out) > 0
+    assert out.pred_boxes.tensor.dtype == torch.float32
+    softmax = rcnn and not model.roi_heads.box_predictor.use_sigmoid_ce
+    assert out.scores.dtype == (torch.float32 if softmax else dtype)
+    if out.has("pred_masks"):
+        assert out.pred_masks.dtype == dtype
