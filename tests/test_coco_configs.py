@@ -46,6 +46,7 @@ R50 = {
     "MODEL.RESNETS.NUM_GROUPS": 1,
     "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
     "MODEL.RESNETS.STRIDE_IN_1X1": False,  # style='pytorch'
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, False, False, False],  # dcn=None
     "MODEL.RESNETS.NORM": "FrozenBN",  # norm_eval=True (statistics frozen)
     "MODEL.BACKBONE.FREEZE_AT": 2,  # frozen_stages=1
     "MODEL.FPN.OUT_CHANNELS": 256,
@@ -267,6 +268,18 @@ EXPECTED = {
         "SOLVER.BASE_LR": 0.012,
     },
 }
+
+EXPECTED.update({
+    # alrp_loss_retinanet_x101_64x4d_fpn_dcn_ATSS_100e_coco800.py: the X101 800 config with
+    # dcn=dict(type='DCNv2', deformable_groups=1, fallback_on_stride=False) and
+    # stage_with_dcn=(False, True, True, True)
+    "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml": {
+        **EXPECTED["alrp_atss_X_101_64x4d_FPN_800.yaml"],
+        "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, True, True, True],
+        "MODEL.RESNETS.DEFORM_MODULATED": True,
+        "MODEL.RESNETS.DEFORM_NUM_GROUPS": 1,
+    },
+})
 
 # Rank & Sort Loss (kemaloksuz/RankSortLoss, configs/ranksort_loss/ and the _base_ files
 # they inherit: schedule_1x.py, coco_detection.py / coco_instance.py).

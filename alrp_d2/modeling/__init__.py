@@ -10,8 +10,9 @@ One class per detector family, its loss chosen by config (``MODEL.RANKING_LOSS.N
 fixing its loss: ``ALRPRetinaNet``, ``APLossRetinaNet``, ``RankSortRetinaNet``, ``ALRPRPN``,
 ``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Also ``MaxIoURPN`` and the
 backbones ``build_alrp_retinanet_resnet_fpn_backbone`` and
-``build_rs_atss_resnet_fpn_backbone`` (BACKBONE_REGISTRY). Importing this package
-registers them all.
+``build_rs_atss_resnet_fpn_backbone`` (BACKBONE_REGISTRY), whose deformable convolutions
+run on torchvision (``TorchvisionDeformConv``, ``TorchvisionModulatedDeformConv``,
+``convert_deform_convs``). Importing this package registers them all.
 """
 
 from .atss import atss_match
@@ -20,6 +21,7 @@ from .backbone import (
     build_alrp_retinanet_resnet_fpn_backbone,
     build_fcos_resnet_fpn_backbone,
 )
+from .deform import TorchvisionDeformConv, TorchvisionModulatedDeformConv, convert_deform_convs
 from .fcos import RankingFCOS
 from .head_losses import (
     HEAD_LOSS_REGISTRY,
@@ -77,11 +79,14 @@ __all__ = [
     "RankingRetinaNet",
     "ScaledBoxRetinaNetHead",
     "SelfBalance",
+    "TorchvisionDeformConv",
+    "TorchvisionModulatedDeformConv",
     "atss_match",
     "build_alrp_retinanet_resnet_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
     "build_head_loss",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",
+    "convert_deform_convs",
     "rank_sort_mask_loss",
 ]

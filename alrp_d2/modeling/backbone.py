@@ -1,5 +1,6 @@
 """ResNet-FPN backbones of the detectors: RetinaNet's with the aLRP authors' P7 (no ReLU
-between P6 and P7), and FCOS's (P6 and P7 from P5)."""
+between P6 and P7), and FCOS's (P6 and P7 from P5); their deformable convolutions
+(``MODEL.RESNETS.DEFORM_ON_PER_STAGE``) on torchvision's kernels (:mod:`.deform`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from .deform import convert_deform_convs
 
 __all__ = [
     "LastLevelP6P7NoReLU",
@@ -29,8 +32,9 @@ class LastLevelP6P7NoReLU(LastLevelP6P7):
 def resnet_fpn(cfg, input_shape: ShapeSpec, make_top_block) -> FPN:
     """Detectron2's ResNet-FPN from ``MODEL.RESNETS`` and ``MODEL.FPN`` whose extra levels
     are ``make_top_block(bottom_up)`` (how P6 and P7 are made: what the detectors'
-    backbones differ in)."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
+    backbones differ in). Detectron2's ``DeformBottleneckBlock`` stages compute their
+    deformable convolutions with torchvision (CPU and CUDA, forward and backward)."""
+    bottom_up = convert_deform_convs(build_resnet_backbone(cfg, input_shape))
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
