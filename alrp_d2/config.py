@@ -34,6 +34,9 @@ def add_alrp_config(cfg: CN) -> None:
     cfg.MODEL.ALRP.TAU = 0.5  # IoU of a true positive; normalises the localisation error
     cfg.MODEL.ALRP.LOC_ERROR = "giou"  # "iou" or "giou"
     cfg.MODEL.ALRP.SB_INIT = 50.0  # self-balance weight until the first epoch ends
+    # APHeadLoss: its box loss (MODEL.RETINANET.BBOX_REG_LOSS_TYPE) times a self-balance
+    # weight, as aLRP Loss's (from SB_INIT; the paper's Table S4), instead of 1
+    cfg.MODEL.ALRP.AP_SELF_BALANCE = False
     cfg.MODEL.ALRP.ASSIGNER = "iou"  # anchor assignment of ALRPRetinaNet: "iou" or "atss"
     cfg.MODEL.ALRP.ATSS_TOPK = 9  # anchors per pyramid level nearest to each ground truth
     cfg.MODEL.ALRP.RPN_LOSS_WEIGHT = 0.2  # Faster R-CNN: weight of the RPN's aLRP loss

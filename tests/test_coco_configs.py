@@ -237,6 +237,7 @@ EXPECTED = {
         "MODEL.META_ARCHITECTURE": "APLossRetinaNet",
         "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",
         "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 1.0,
+        "MODEL.ALRP.AP_SELF_BALANCE": False,  # loss weight 1
         "SOLVER.BASE_LR": 0.002,
     },
     "focal_retinanet_R_50_FPN_500.yaml": {  # retinanet_r50_fpn.py in the 500 setting
@@ -278,6 +279,21 @@ EXPECTED.update({
         "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, True, True, True],
         "MODEL.RESNETS.DEFORM_MODULATED": True,
         "MODEL.RESNETS.DEFORM_NUM_GROUPS": 1,
+    },
+    # faster_rcnn_r50_fpn_giou_100e_coco500.py: the CE config with reg_decoded_bbox=True and
+    # loss_bbox=GIoULoss(loss_weight=10.0) in the RoI head
+    "ce_faster_rcnn_R_50_FPN_giou.yaml": {
+        **FASTER_RCNN,
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": "giou",
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 10.0,
+    },
+    # Table S4's best AP Loss (supplementary S7.1; the ablation code's GIoULoss, divided by
+    # 4 per positive, and self-balance): the AP Loss config with these
+    "aploss_retinanet_R_50_FPN_500_giou_sb.yaml": {
+        **EXPECTED["aploss_retinanet_R_50_FPN_500.yaml"],
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "giou",
+        "MODEL.ALRP.AP_SELF_BALANCE": True,
+        "MODEL.ALRP.SB_INIT": 50.0,
     },
 })
 

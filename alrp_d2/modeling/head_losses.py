@@ -30,7 +30,8 @@ from detectron2.utils.registry import Registry
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from ..losses import alrp_loss, ap_loss, giou_loss, localisation_error, matched_box_iou, rank_sort_loss
+from ..losses import (alrp_loss, ap_loss, bounded, giou_loss, localisation_error, matched_box_iou,
+                      rank_sort_loss)
 from .self_balance import SelfBalance
 
 __all__ = [
@@ -286,23 +287,44 @@ class RankSortHeadLoss(HeadLoss):
 
 @HEAD_LOSS_REGISTRY.register()
 class APHeadLoss(HeadLoss):
-    """AP Loss and smooth L1 on the box deltas, the paper's baseline: ``loss_ap_cls`` and
-    ``loss_box_reg``, the latter averaged over the box parameters of the positives (4 per
-    positive), as in the official AP Loss code. Dense heads only."""
+    """AP Loss and a box loss, the paper's baseline and its Table S4 variants:
+    ``loss_ap_cls`` and ``loss_box_reg``. Dense heads only.
+
+    The box loss (``box_loss``, ``MODEL.RETINANET.BBOX_REG_LOSS_TYPE``): ``"smooth_l1"`` on
+    the box deltas (beta ``MODEL.RETINANET.SMOOTH_L1_LOSS_BETA``), ``"iou"`` (``1 - IoU``)
+    or ``"giou"`` (``1 - GIoU``) of the decoded boxes; each summed over the positives and
+    divided by 4 per positive (their box parameters), as the official AP Loss code and the
+    aLRP authors' ablation code normalise all three. With ``self_balance``
+    (``MODEL.ALRP.AP_SELF_BALANCE``) it is multiplied by a self-balance weight, registered
+    on the head as ``self_balance`` (starting at ``MODEL.ALRP.SB_INIT``, then
+    ``(mean L_cls + mean L_box) / mean L_box`` of the previous epoch, as aLRP Loss's);
+    without, by 1.
+    """
 
     ranked = ("cls",)
+    BOX_LOSSES = ("smooth_l1", "iou", "giou")
 
-    def __init__(self, *, delta: float = 1.0, smooth_l1_beta: float = 0.1, **kwargs):
+    def __init__(self, *, delta: float = 1.0, smooth_l1_beta: float = 0.1,
+                 box_loss: str = "smooth_l1", self_balance: bool = False, sb_init: float = 50.0,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.delta, self.smooth_l1_beta = delta, smooth_l1_beta
+        if box_loss not in self.BOX_LOSSES:
+            raise ValueError(f"AP Loss's box loss (MODEL.RETINANET.BBOX_REG_LOSS_TYPE) must be one of"
+                             f" {self.BOX_LOSSES}, got {box_loss!r}")
+        self.delta, self.smooth_l1_beta, self.box_loss = delta, smooth_l1_beta, box_loss
+        self.balance = SelfBalance(sb_init, name=self.prefix) if self_balance else None
+        if self.balance is not None:
+            self.modules = {"self_balance": self.balance}
 
     @classmethod
     def config_kwargs(cls, cfg, head: str) -> dict:
         if head != "dense":
             raise ValueError(f"AP Loss trains dense (RetinaNet-style) heads only, not the {head} head")
-        return dict(prefix="ap", delta=cfg.MODEL.ALRP.DELTA, ranking_scope=configured_scope(cfg),
-                    validate=cfg.MODEL.ALRP.VALIDATE_INPUTS,
-                    smooth_l1_beta=cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
+        a, r = cfg.MODEL.ALRP, cfg.MODEL.RETINANET
+        return dict(prefix="ap", delta=a.DELTA, ranking_scope=configured_scope(cfg),
+                    validate=a.VALIDATE_INPUTS, smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+                    box_loss=r.BBOX_REG_LOSS_TYPE, self_balance=a.AP_SELF_BALANCE,
+                    sb_init=a.SB_INIT)
 
     def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
         losses = super().__call__(outputs)
@@ -316,9 +338,22 @@ class APHeadLoss(HeadLoss):
         # A global ranking covers the classification; the box loss stays per process.
         cls = ap_loss(outputs.logits, outputs.targets, self.delta, validate=self.validate,
                       process_group=group)
-        box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas, beta=self.smooth_l1_beta,
-                             reduction="sum")
-        return {"cls": cls, "box": box / max(4 * num_pos, 1)}
+        if self.box_loss == "smooth_l1":
+            box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas,
+                                 beta=self.smooth_l1_beta, reduction="sum")
+        else:
+            # IoUs in float32 at least (reduced-precision boxes lose small overlaps)
+            dtype = torch.promote_types(outputs.pred_boxes.dtype, torch.float32)
+            pred, target = outputs.pred_boxes.to(dtype), outputs.target_boxes.to(dtype)
+            if self.box_loss == "iou":
+                box = (1 - matched_box_iou(bounded(pred, target), target)).sum()
+            else:
+                box = giou_loss(pred, target).sum()
+        box = box / max(4 * num_pos, 1)
+        if self.balance is not None:
+            box = self.balance(cls, box)
+            self._put("sb_weight", float(self.balance.weight))
+        return {"cls": cls, "box": box}
 
 
 # META_ARCHITECTURE / PROPOSAL_GENERATOR / ROI_HEADS names kept from before the single
