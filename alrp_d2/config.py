@@ -19,6 +19,7 @@ __all__ = [
     "add_alrp_config",
     "add_augmentation_config",
     "add_engine_config",
+    "add_foveabox_config",
     "add_ranking_loss_config",
     "add_reporting_config",
     "get_cfg",
@@ -75,6 +76,25 @@ def add_ranking_loss_config(cfg: CN) -> None:
     # strides of a ground truth's centre may be positive (Detectron2's FCOS default)
     cfg.MODEL.FCOS = CN()
     cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+
+
+def add_foveabox_config(cfg: CN) -> None:
+    """FoveaBox (``RankingFoveaBox``, ``MODEL.FOVEABOX``): which objects a pyramid level
+    learns and where. Its head reads ``MODEL.RETINANET``'s keys, its loss
+    ``MODEL.RANKING_LOSS.NAME``. Defaults: the aLRP authors' FoveaBox configs.
+
+    - ``BASE_EDGES``: per level (``MODEL.RETINANET.IN_FEATURES``), the length in pixels
+      that the level's box distances are measured in (predicted as their logarithm).
+    - ``SCALE_RANGES``: per level, ``(lower, upper)``: a ground truth with
+      ``lower <= sqrt(w h) <= upper`` is learnt on that level (the ranges overlap, so an
+      object may be learnt on two levels).
+    - ``SIGMA``: the fovea, the part of a ground truth whose locations are its positives:
+      the box shrunk about its centre to ``SIGMA`` times its width and height (0 < SIGMA <= 1).
+    """
+    cfg.MODEL.FOVEABOX = CN()
+    cfg.MODEL.FOVEABOX.BASE_EDGES = (16, 32, 64, 128, 256)
+    cfg.MODEL.FOVEABOX.SCALE_RANGES = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
+    cfg.MODEL.FOVEABOX.SIGMA = 0.4
 
 
 def add_rank_sort_config(cfg: CN) -> None:
@@ -156,6 +176,7 @@ def get_cfg() -> CN:
     add_alrp_config(cfg)
     add_ranking_loss_config(cfg)
     add_rank_sort_config(cfg)
+    add_foveabox_config(cfg)
     add_augmentation_config(cfg)
     add_engine_config(cfg)
     add_reporting_config(cfg)

@@ -379,6 +379,60 @@ EXPECTED.update({
     },
 })
 
+# FoveaBox (kemaloksuz/aLRPLoss, configs/alrp_loss/*fovea_r50_fpn_4x4_100e_coco500.py: FOVEA
+# with the FoveaHead, APLossFoveaHead and aLRPLossFoveaHead); heads checked against a
+# transcription of theirs in tests/test_foveabox.py.
+FOVEABOX_500 = {
+    **R50, **SOLVER, **PIPELINE_500,
+    "MODEL.META_ARCHITECTURE": "RankingFoveaBox",
+    # FPN start_level=1, num_outs=5, add_extra_convs='on_input' (P6 from C5), no ReLU
+    "MODEL.BACKBONE.NAME": "build_alrp_retinanet_resnet_fpn_backbone",
+    "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
+    "MODEL.FPN.IN_FEATURES": ["res3", "res4", "res5"],
+    "MODEL.RETINANET.IN_FEATURES": ["p3", "p4", "p5", "p6", "p7"],  # strides 8 to 128
+    "MODEL.RETINANET.NUM_CONVS": 4,  # stacked_convs=4, feat_channels=256
+    "MODEL.RETINANET.NORM": "",  # norm_cfg=None
+    "MODEL.RETINANET.PRIOR_PROB": 0.01,  # bias_init_with_prob(0.01)
+    "MODEL.FOVEABOX.BASE_EDGES": [16, 32, 64, 128, 256],  # base_edge_list
+    "MODEL.FOVEABOX.SCALE_RANGES": [[1, 64], [32, 128], [64, 256], [128, 512], [256, 2048]],
+    "MODEL.FOVEABOX.SIGMA": 0.4,  # sigma=0.4, with_deform=False
+    "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,  # score_thr
+    "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,  # nms_pre: top locations by best class
+    "MODEL.ALRP.TEST_CANDIDATES": "anchors",
+    "MODEL.RETINANET.NMS_THRESH_TEST": 0.5,  # nms iou_thr=0.5
+    "SOLVER.IMS_PER_BATCH": 32,  # 4 GPUs x samples_per_gpu=8 (the dataset config's)
+    "SOLVER.STEPS_EPOCHS": [75, 95],  # lr_config step=[75, 95], total_epochs=100
+}
+EXPECTED.update({
+    "focal_foveabox_R_50_FPN_500.yaml": {  # fovea_r50_fpn_4x4_100e_coco500.py
+        **FOVEABOX_500,
+        "MODEL.RANKING_LOSS.NAME": "FocalHeadLoss",
+        "MODEL.RETINANET.FOCAL_LOSS_GAMMA": 1.5,  # FocalLoss gamma=1.50, alpha=0.4
+        "MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.4,
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
+        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
+        "SOLVER.BASE_LR": 0.02,
+    },
+    "aploss_foveabox_R_50_FPN_500.yaml": {  # ap_loss_fovea_r50_fpn_4x4_100e_coco500.py
+        **FOVEABOX_500,
+        "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
+        "MODEL.ALRP.DELTA": 1.0,  # APLoss delta=1
+        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
+        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
+        "SOLVER.BASE_LR": 0.002,
+    },
+    "alrp_foveabox_R_50_FPN_500.yaml": {  # alrp_loss_fovea_r50_fpn_4x4_100e_coco500.py
+        **FOVEABOX_500,
+        "MODEL.RANKING_LOSS.NAME": "ALRPHeadLoss",
+        "MODEL.ALRP.LOC_ERROR": "giou",  # GIoULoss
+        "MODEL.ALRP.TAU": 0.5,
+        "MODEL.ALRP.DELTA": 1.0,
+        "MODEL.ALRP.EPS": 1e-5,
+        "MODEL.ALRP.SB_INIT": 50.0,  # SB_weight = 50
+        "SOLVER.BASE_LR": 0.008,
+    },
+})
+
 
 def _plain(value):
     """Tuples as lists, recursively (YAML tuples load as tuples, lists as lists)."""

@@ -1,12 +1,14 @@
 """Detectron2 meta-architectures and heads trained by ranking-based losses.
 
 One class per detector family, its loss chosen by config (``MODEL.RANKING_LOSS.NAME``:
-``ALRPHeadLoss``, ``APHeadLoss``, ``RankSortHeadLoss``) through one adapter
-(:mod:`.head_losses`, ``HEAD_LOSS_REGISTRY``):
+``ALRPHeadLoss``, ``APHeadLoss``, ``RankSortHeadLoss``, and the focal-loss baseline
+``FocalHeadLoss`` for dense heads) through one adapter (:mod:`.head_losses`,
+``HEAD_LOSS_REGISTRY``):
 ``RankingRetinaNet`` (META_ARCH_REGISTRY; IoU or ATSS assignment), ``RankingRPN``
 (PROPOSAL_GENERATOR_REGISTRY), ``RankingROIHeads`` (ROI_HEADS_REGISTRY) and
-``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY), and Detectron2's FCOS as ``RankingFCOS``
-(META_ARCH_REGISTRY; backbone ``build_fcos_resnet_fpn_backbone``). The names of before stay registered, each
+``RankSortMaskHead`` (ROI_MASK_HEAD_REGISTRY), Detectron2's FCOS as ``RankingFCOS``
+(META_ARCH_REGISTRY; backbone ``build_fcos_resnet_fpn_backbone``) and FoveaBox as
+``RankingFoveaBox`` (META_ARCH_REGISTRY). The names of before stay registered, each
 fixing its loss: ``ALRPRetinaNet``, ``APLossRetinaNet``, ``RankSortRetinaNet``, ``ALRPRPN``,
 ``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Also ``MaxIoURPN`` and the
 backbones ``build_alrp_retinanet_resnet_fpn_backbone`` and
@@ -23,10 +25,12 @@ from .backbone import (
 )
 from .deform import TorchvisionDeformConv, TorchvisionModulatedDeformConv, convert_deform_convs
 from .fcos import RankingFCOS
+from .foveabox import RankingFoveaBox, fovea_targets
 from .head_losses import (
     HEAD_LOSS_REGISTRY,
     ALRPHeadLoss,
     APHeadLoss,
+    FocalHeadLoss,
     HeadLoss,
     HeadOutputs,
     RankSortHeadLoss,
@@ -61,6 +65,7 @@ __all__ = [
     "ALRPRetinaNet",
     "APHeadLoss",
     "APLossRetinaNet",
+    "FocalHeadLoss",
     "HEAD_LOSS_REGISTRY",
     "HeadLoss",
     "HeadOutputs",
@@ -73,6 +78,7 @@ __all__ = [
     "RankSortRPN",
     "RankSortRetinaNet",
     "RankingFCOS",
+    "RankingFoveaBox",
     "RankingFastRCNNOutputLayers",
     "RankingROIHeads",
     "RankingRPN",
@@ -87,6 +93,7 @@ __all__ = [
     "build_head_loss",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",
+    "fovea_targets",
     "convert_deform_convs",
     "rank_sort_mask_loss",
 ]

@@ -11,7 +11,9 @@ of the head), owns what differs between losses:
 - :class:`RankSortHeadLoss`: each positive labelled by the IoU of its
   predicted box; a GIoU loss weighted by the positives' scores and scaled every iteration
   to the ranking terms;
-- :class:`APHeadLoss`: AP Loss on binary targets; smooth L1 on the box deltas.
+- :class:`APHeadLoss`: AP Loss on binary targets; smooth L1 on the box deltas;
+- :class:`FocalHeadLoss`: no ranking: sigmoid focal loss and smooth L1 on the box
+  deltas, the baseline the ranking losses are compared with.
 
 What every loss shares is here once: the ranking scope (one ranking per process, or over
 every process's batch) and the gradient scaling DDP's averaging needs, the loss weight
@@ -25,6 +27,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from fvcore.nn import smooth_l1_loss
@@ -40,12 +43,14 @@ __all__ = [
     "RANKING_SCOPES",
     "ALRPHeadLoss",
     "APHeadLoss",
+    "FocalHeadLoss",
     "HeadLoss",
     "HeadOutputs",
     "RankSortHeadLoss",
     "balanced",
     "build_head_loss",
     "configured_scope",
+    "focal_loss_sum",
     "head_loss_name",
     "ranking_group",
     "scale_gradient",
@@ -354,6 +359,71 @@ class APHeadLoss(HeadLoss):
             box = self.balance(cls, box)
             self._put("sb_weight", float(self.balance.weight))
         return {"cls": cls, "box": box}
+
+
+def focal_loss_sum(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
+                   gamma: float) -> torch.Tensor:
+    """The sigmoid focal loss (Lin et al.) of ``logits`` for binary ``targets``, summed;
+    ``alpha < 0``: no class weighting (Detectron2's convention). Computed in the logits'
+    dtype, at least float32 (fvcore's casts everything to float32, float64 too)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = targets.to(logits.dtype)
+    p = logits.sigmoid()
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    loss = loss * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss.sum()
+
+
+@HEAD_LOSS_REGISTRY.register()
+class FocalHeadLoss(HeadLoss):
+    """Sigmoid focal loss and smooth L1 on the box deltas (mmdetection's anchor-free heads,
+    the FoveaBox baseline of the aLRP paper): ``loss_focal_cls``, the focal loss summed over
+    every (row, class) not ignored and divided by the number of positives plus the number
+    of images (never 0, and an image without objects still counts), and ``loss_box_reg``,
+    smooth L1 summed over the positives' deltas and divided by the number of positives.
+
+    Ranks nothing: a global ranking scope is refused. Dense heads only. Reads
+    ``MODEL.RETINANET.FOCAL_LOSS_GAMMA``, ``FOCAL_LOSS_ALPHA`` and ``SMOOTH_L1_LOSS_BETA``.
+    """
+
+    def __init__(self, *, gamma: float = 2.0, alpha: float = 0.25, smooth_l1_beta: float = 0.1,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if kwargs.get("ranking_scope", "process") != "process":
+            raise ValueError("FocalHeadLoss ranks nothing: MODEL.RANKING_LOSS.RANKING_SCOPE (or"
+                             " MODEL.ALRP.RANKING_SCOPE) must be 'process' with it, got"
+                             f" {kwargs['ranking_scope']!r}")
+        self.gamma, self.alpha, self.smooth_l1_beta = gamma, alpha, smooth_l1_beta
+
+    @classmethod
+    def config_kwargs(cls, cfg, head: str) -> dict:
+        if head != "dense":
+            raise ValueError("FocalHeadLoss trains dense (RetinaNet-style) heads only, not the"
+                             f" {head} head")
+        r = cfg.MODEL.RETINANET
+        if r.BBOX_REG_LOSS_TYPE != "smooth_l1":
+            raise ValueError("FocalHeadLoss regresses the box deltas by smooth L1:"
+                             f" MODEL.RETINANET.BBOX_REG_LOSS_TYPE must be 'smooth_l1', got"
+                             f" {r.BBOX_REG_LOSS_TYPE!r}")
+        return dict(prefix="focal", gamma=r.FOCAL_LOSS_GAMMA, alpha=r.FOCAL_LOSS_ALPHA,
+                    smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA, ranking_scope=configured_scope(cfg))
+
+    def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
+        losses = super().__call__(outputs)
+        losses["loss_box_reg"] = losses.pop(f"loss_{self.prefix}_box")
+        return losses
+
+    def terms(self, outputs, group, processes):
+        num_pos = len(outputs.pred_boxes)
+        get_event_storage().put_scalar("num_pos_anchors", num_pos / outputs.num_images)
+        valid = outputs.targets >= 0
+        cls = focal_loss_sum(outputs.logits[valid], outputs.targets[valid], self.alpha, self.gamma)
+        box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas, beta=self.smooth_l1_beta,
+                             reduction="sum")
+        return {"cls": cls / (num_pos + outputs.num_images), "box": box / max(num_pos, 1)}
 
 
 # META_ARCHITECTURE / PROPOSAL_GENERATOR / ROI_HEADS names kept from before the single
