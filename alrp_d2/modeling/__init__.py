@@ -93,7 +93,7 @@ __all__ = [
     "build_head_loss",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",
-    "fovea_targets",
     "convert_deform_convs",
+    "fovea_targets",
     "rank_sort_mask_loss",
 ]
