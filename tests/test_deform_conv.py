@@ -143,6 +143,9 @@ def test_equal_to_detectron2_on_the_cpu(dtype):
         assert torch.equal(ours(x, offset), expected)
         ones = modulated(theirs.weight, None, 1, 2, 2, 1)
         torch.testing.assert_close(ones(x, offset, torch.ones_like(mask)), expected)
+        # Why the modulated one is compared on CUDA only (and why this project has its own):
+        with pytest.raises(NotImplementedError, match="not supported on CPUs"):
+            ModulatedDeformConv(6, 10, 3, stride=2, padding=1, groups=2).to(dtype)(x, offset, mask)
 
 
 def test_block_equal_to_detectron2_on_the_cpu():
@@ -269,6 +272,26 @@ def test_mismatched_offsets_are_refused():
         conv(x, torch.zeros(1, 18, 5, 5), torch.ones(1, 18, 5, 5))
     with pytest.raises(ValueError, match="takes 18 mask channels, got 9"):
         conv(x, torch.zeros(1, 36, 5, 5), torch.ones(1, 9, 5, 5))
+
+
+def test_non_finite_offsets_sample_nothing():
+    """A diverged model's NaN or infinite offsets sample 0, as positions outside the image
+    (Detectron2's and mmcv's kernels; torchvision's alone crashes on a NaN position), and
+    leave the other gradients finite."""
+    x, offset, mask, weight, bias = inputs(dg=2)
+    conv = modulated(weight, bias, 2, 1, 1, 1)
+    outside = offset.clone()
+    outside[0, :4] = 1e3  # two kernel positions' offsets of the first image, group 0
+    expected = conv(x, outside, mask)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = offset.clone()
+        broken[0, :4] = bad
+        xg = x.clone().requires_grad_()
+        got = conv(xg, broken, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        got.sum().backward()
+        assert torch.isfinite(xg.grad).all() and torch.isfinite(conv.weight.grad).all()
+        conv.zero_grad()
 
 
 def test_empty_batch_gives_an_empty_output():

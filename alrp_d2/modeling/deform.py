@@ -26,6 +26,18 @@ from torchvision.ops import deform_conv2d
 
 __all__ = ["TorchvisionDeformConv", "TorchvisionModulatedDeformConv", "convert_deform_convs"]
 
+# Offsets are held within this many pixels: every sampling position beyond it lies outside
+# any feature map (and samples 0), so no finite offset changes its output or gradient, and
+# half precision can hold it.
+_FAR = 1e4
+
+
+def _held(offset: torch.Tensor) -> torch.Tensor:
+    """``offset`` with NaN and infinite entries (a diverged model's) moved outside the
+    image, where Detectron2's and mmcv's kernels sample 0: torchvision's kernels turn a
+    NaN position into a memory index (a crash on the CPU)."""
+    return torch.nan_to_num(offset, nan=_FAR, posinf=_FAR, neginf=-_FAR).clamp(-_FAR, _FAR)
+
 
 def _deform_conv(module, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]):
     """``module``'s convolution (weight, bias, stride, padding, dilation, groups) of ``x``
@@ -41,6 +53,7 @@ def _deform_conv(module, x: torch.Tensor, offset: torch.Tensor, mask: Optional[t
         raise ValueError(f"{type(module).__name__} with {module.deformable_groups} deformable groups"
                          f" takes {module.deformable_groups * taps} mask channels, got {mask.shape[1]}")
     bias = module.bias
+    offset = _held(offset)
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # torchvision's CPU kernel has no reduced-precision form, and its CUDA one under
