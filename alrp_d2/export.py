@@ -20,8 +20,10 @@ frame, masks per box), every other model its ``forward`` (boxes in the input ima
 - ``scripting``: TorchScript only, no sample image; the model takes a list of
   ``{"image": tensor}`` and returns, per image, the fields of its ``Instances``.
 
-Bad input (missing files, weights of another model, ONNX by scripting, ``onnx`` missing)
-stops before anything is written, with a message naming the problem (exit status 2).
+A model with deformable convolutions (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``) exports by
+TorchScript tracing only. Bad input (missing files, weights of another model, ONNX by
+scripting, ``onnx`` missing, a deformable model by scripting or to ONNX) stops before
+anything is written, with a message naming the problem (exit status 2).
 """
 
 from __future__ import annotations
@@ -174,6 +176,12 @@ def script_model(model: nn.Module):
     return scripting_with_instances(ScriptableAdapter().eval(), fields)
 
 
+def _deformable(model: nn.Module) -> bool:
+    from detectron2.layers import DeformConv, ModulatedDeformConv
+
+    return any(isinstance(m, (DeformConv, ModulatedDeformConv)) for m in model.modules())
+
+
 def sample_input(cfg, path: str) -> Tensor:
     """The image at ``path`` as the model sees it from ``DefaultPredictor``: the config's
     colour format, resized by ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``, ``(3, H, W)`` float."""
@@ -254,11 +262,17 @@ def run(args) -> int:
     path = os.path.join(args.output, "model.onnx" if args.format == "onnx" else "model.ts")
     if os.path.exists(path) and not args.overwrite:
         raise ExportError(f"{path} exists already; add --overwrite to replace it")
+    model = Predictor(cfg, weights).model
+    model.eval()
+    if (args.export_method, args.format) != ("tracing", "torchscript") and _deformable(model):
+        raise ExportError(
+            "the model has deformable convolutions (MODEL.RESNETS.DEFORM_ON_PER_STAGE): they"
+            " export by TorchScript tracing only (TorchScript cannot script them, and torch's"
+            " ONNX exporter has no operator for torchvision's deform_conv2d); use"
+            " --export-method tracing --format torchscript")
     image = None
     if args.export_method == "tracing":
         image = sample_input(cfg, args.sample_image or _first_test_image(cfg))
-    model = Predictor(cfg, weights).model
-    model.eval()
 
     # Written whole or not at all: an export that fails leaves no partial model.
     if args.export_method == "scripting":

@@ -202,6 +202,51 @@ def test_onnx_detects_as_the_eager_model(name, models, images, tmp_path):
         assert_same(as_detections(out, image), eager_detections(model, image), rtol=1e-4, atol=1e-3)
 
 
+def dcn():
+    """The aLRP DCN config's detector (modulated deformable convolutions in res3-res5) on a
+    ResNet-50 of group norm (the X-101's 64 groups cost the test time, not coverage)."""
+    from test_models import tiny_cfg
+
+    cfg = tiny_cfg(os.path.join(COCO, "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"), **{
+        "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
+        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN", "MODEL.RETINANET.NUM_CONVS": 1,
+        "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0, "TEST.DETECTIONS_PER_IMAGE": 20})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+@pytest.mark.slow  # torchvision's deformable convolution on the CPU: a minute
+def test_deformable_convolutions_trace(images, tmp_path):
+    from detectron2.layers import ModulatedDeformConv
+
+    _, model = dcn()
+    assert any(isinstance(m, ModulatedDeformConv) for m in model.modules())
+    full, small = images
+    adapter, traced = export.trace_model(model, small)
+    torch.jit.save(traced, tmp_path / "model.ts")
+    loaded = torch.jit.load(tmp_path / "model.ts")
+    for image in full[:2]:
+        with torch.no_grad():
+            out = adapter.outputs_schema(loaded(image))[0]["instances"]
+        assert_same(as_detections(out, image), eager_detections(model, image))
+
+
+@pytest.mark.parametrize("how", [
+    ["--export-method", "scripting"],
+    pytest.param(["--format", "onnx"], marks=pytest.mark.skipif(not HAS_ONNX, reason=ONNX_MISSING)),
+], ids=["scripting", "onnx"])
+def test_command_refuses_deformable_convolutions_but_by_tracing(how, tmp_path, capsys):
+    cfg, model = dcn()
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    torch.save({"model": model.state_dict()}, tmp_path / "dcn.pth")
+    out = tmp_path / "out"
+    code = export.main(["--config-file", str(tmp_path / "config.yaml"), "--weights",
+                        str(tmp_path / "dcn.pth"), "--output", str(out)] + how)
+    assert code == 2
+    assert "deformable convolutions" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # -- the command: python -m alrp_d2.export ---------------------------------------------------
 
 
