@@ -5,6 +5,7 @@ the numbers (tests/test_golden_steps.py).
     python tests/golden_steps.py      # (re)records tests/golden/training_step.json
     python tests/golden_steps.py --state-dict-keys   # tests/golden/state_dict_keys.json
     ... --missing                     # only the configs not recorded yet (a new config)
+    ... --only rs_                    # only the configs whose name contains "rs_"
 
 Each config is built with tests/test_models.py's ``tiny_cfg`` (random weights, 3 classes,
 BN backbone), seeded, and trained one step on ``batch()`` (two 96 x 96 images) in float64
@@ -28,6 +29,23 @@ STATE_KEYS = os.path.join(HERE, "golden", "state_dict_keys.json")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 RECORDED_THREADS = 2  # torch's threads when recorded (this project's 2-core machines)
+
+
+def machine() -> str:
+    """What the numbers depend on beyond the code: torch's version and the CPU's vector
+    instructions (oneDNN and torch pick kernels by them; a float32 IoU one ulp apart
+    changes a Rank & Sort label, and float64 losses by 1e-9)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
+    return f"torch {torch.__version__}; {' '.join(isa) or 'no avx'}"
 
 
 def config_name(path):
@@ -114,28 +132,29 @@ def record_state_dict_keys(missing_only: bool = False):
         json.dump(keys, f, indent=0, sort_keys=True)
 
 
-def record(missing_only: bool = False):
+def record(missing_only: bool = False, only: str = ""):
     golden = {}
-    if missing_only and os.path.exists(GOLDEN):
+    if (missing_only or only) and os.path.exists(GOLDEN):
         with open(GOLDEN) as f:
             golden = json.load(f)["configs"]
     for path in CONFIGS:
         name = config_name(path)
-        if name in golden:
+        if (missing_only and name in golden) or only not in name:
             continue
-        golden[name] = {"float64": training_step(path, torch.float64)}
+        golden[name] = {"machine": machine(), "float64": training_step(path, torch.float64)}
         if any(k.startswith(("loss_alrp", "loss_rs", "loss_ap", "loss_rpn_alrp", "loss_rpn_rs",
                              "loss_roi_rs")) for k in golden[name]["float64"]["losses"]):
             golden[name]["float32"] = training_step(path, torch.float32)
         print(name, golden[name]["float64"]["losses"], flush=True)
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
     with open(GOLDEN, "w") as f:
-        json.dump({"torch": torch.__version__, "configs": golden}, f, indent=1, sort_keys=True)
+        json.dump({"configs": golden}, f, indent=1, sort_keys=True)
 
 
 if __name__ == "__main__":
-    missing = "--missing" in sys.argv[1:]
-    if "--state-dict-keys" in sys.argv[1:]:
+    args = sys.argv[1:]
+    missing = "--missing" in args
+    if "--state-dict-keys" in args:
         record_state_dict_keys(missing)
     else:
-        record(missing)
+        record(missing, args[args.index("--only") + 1] if "--only" in args else "")

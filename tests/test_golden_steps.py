@@ -5,6 +5,12 @@ losses and gradients recorded before it (tests/golden_steps.py; float64 to a rel
 A gradient is compared by its sum, norm and a random projection, relative to its norm; a
 loss relative to its value. Re-record (python tests/golden_steps.py) only for a change
 meant to change the numbers, and say so in the commit.
+
+The numbers depend on the machine too (torch's version, the CPU's vector instructions: a
+Rank & Sort label from a float32 IoU one ulp apart moves float64 losses by 1e-9, and float32
+rankings of near ties reorder). On another machine than the recording's the comparison is
+loose (float64 1e-6, float32 1e-2: a refactor's mistake still shows, rounding does not) and
+says so; re-record there before a refactor to compare strictly.
 """
 
 import json
@@ -19,12 +25,14 @@ from golden_steps import (
     STATE_KEYS,
     config_name,
     state_dict_keys,
+    machine,
     training_step,
 )
 
 pytestmark = pytest.mark.detectron2
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+OTHER_MACHINE_TOLERANCE = {"float64": 1e-6, "float32": 1e-2}
 # Backbones the other configs already cover: only the full run takes them.
 HEAVY = ("R_101", "X_101", "800")
 
@@ -34,7 +42,7 @@ with open(GOLDEN) as f:
 CASES = [
     pytest.param(name, dtype, marks=[pytest.mark.slow] if any(h in name for h in HEAVY) else [],
                  id=f"{name}-{dtype}")
-    for name in sorted(RECORDED) for dtype in sorted(RECORDED[name])
+    for name in sorted(RECORDED) for dtype in sorted(DTYPES) if dtype in RECORDED[name]
 ]
 
 
@@ -57,6 +65,10 @@ def test_training_step_keeps_the_recorded_numbers(name, dtype):
     path = os.path.join(os.path.dirname(GOLDEN), os.pardir, os.pardir, "configs", name)
     got = training_step(path, DTYPES[dtype])
     tol = TOLERANCE[dtype]
+    if RECORDED[name]["machine"] != machine():
+        tol = OTHER_MACHINE_TOLERANCE[dtype]
+        print(f"{name} {dtype}: recorded on {RECORDED[name]['machine']!r}, running on "
+              f"{machine()!r}: compared to {tol:g}")
     assert sorted(got["losses"]) == sorted(expected["losses"])
     for key, value in expected["losses"].items():
         assert got["losses"][key] == pytest.approx(value, rel=tol, abs=tol), key

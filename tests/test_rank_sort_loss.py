@@ -60,25 +60,62 @@ def test_matches_naive_transcription(kind, seed, delta):
     (ranking + sorting).backward()
     ref_rank, ref_sort, ref_grad = rank_sort_reference(logits, targets, delta)
     assert close(ranking, ref_rank, floor=1.0) and close(sorting, ref_sort, floor=1.0)
-    assert close(x.grad, ref_grad)
+    # Updates are at most 1 / |P| each; relative to that scale, so that rounding noise of
+    # a nearly perfectly sorted case (sorting errors of 1e-8 from differences of ratios)
+    # is not compared relative to itself.
+    assert close(x.grad, ref_grad, floor=1.0 / int((targets > 0).sum()))
     if kind == "sorted" and delta == 0:
         assert float(ranking.detach()) == 0 and abs(float(sorting.detach())) < 1e-12
 
 
-def test_chunked_positive_pass_equals_one_chunk(monkeypatch):
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(400, generator=g, dtype=torch.float64)
-    targets = torch.where(torch.rand(400, generator=g) < 0.3,
-                          torch.rand(400, generator=g, dtype=torch.float64) * 0.99 + 0.01, 0.0)
-    results = []
-    for chunk in (1 << 21, 7 * 120):  # one chunk; 7 rows per chunk
-        monkeypatch.setattr(rank_sort_module, "_CHUNK_ELEMENTS", chunk)
-        x = logits.clone().requires_grad_()
-        ranking, sorting = rank_sort_loss(x, targets)
-        (ranking + sorting).backward()
-        results.append((ranking, sorting, x.grad))
-    (a_rank, a_sort, a_grad), (b_rank, b_sort, b_grad) = results
-    assert close(b_rank, a_rank, 1.0) and close(b_sort, a_sort, 1.0) and close(b_grad, a_grad)
+@st.composite
+def range_queries(draw):
+    p = draw(st.integers(1, 70))
+    keys = draw(st.lists(st.integers(0, p - 1), min_size=p, max_size=p))
+    weights = draw(st.lists(st.integers(-3, 3), min_size=2 * p, max_size=2 * p))
+    bounds = st.lists(st.integers(0, p), min_size=3, max_size=3).map(sorted)
+    queries = draw(st.lists(st.tuples(bounds, st.integers(0, p)), min_size=1, max_size=20))
+    return (torch.tensor(keys), torch.tensor(weights, dtype=torch.float64).view(p, 2),
+            queries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(range_queries())
+def test_dominance_sums_equal_brute_force(case):
+    keys, weights, queries = case
+    bounds = torch.tensor([q[0] for q in queries])  # two adjacent ranges per query
+    limit = torch.tensor([q[1] for q in queries])
+    below, above = rank_sort_module._dominance_sums(keys, weights, bounds, limit)
+    position = torch.arange(keys.numel())
+    for q in range(len(queries)):
+        for r in range(2):
+            in_range = (position >= bounds[q, r]) & (position < bounds[q, r + 1])
+            # Small integer weights: every sum is exact, so equality is exact.
+            smaller = (in_range & (keys < limit[q]))[:, None]
+            assert torch.equal(below[q, r], (weights * smaller).sum(0))
+            assert torch.equal(above[q, r], (weights * (in_range[:, None] & ~smaller)).sum(0))
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5])
+@pytest.mark.parametrize("ties", [False, True])
+def test_many_positives_match_naive_transcription(delta, ties):
+    """Hundreds of positives (many levels of the range sums), ignored entries, ties."""
+    g = torch.Generator().manual_seed(11)
+    m = 1500
+    logits = torch.randn(m, generator=g, dtype=torch.float64) * 2
+    labels = torch.rand(m, generator=g, dtype=torch.float64) * 0.99 + 0.01
+    if ties:
+        logits, labels = torch.round(logits * 4) / 4, torch.ceil(labels * 10) / 10
+    kinds = torch.randint(-1, 2, (m,), generator=g) * (torch.rand(m, generator=g) < 0.6)
+    kinds[torch.rand(m, generator=g) < 0.25] = 1
+    targets = torch.where(kinds == 1, labels, kinds.double())
+    x = logits.clone().requires_grad_()
+    ranking, sorting = rank_sort_loss(x, targets, delta=delta)
+    (ranking + sorting).backward()
+    ref_rank, ref_sort, ref_grad = rank_sort_reference(logits, targets, delta)
+    assert int((targets > 0).sum()) > 300
+    assert close(ranking, ref_rank, floor=1.0) and close(sorting, ref_sort, floor=1.0)
+    assert close(x.grad, ref_grad, floor=1.0 / int((targets > 0).sum()))
 
 
 def test_each_output_carries_its_own_update():
