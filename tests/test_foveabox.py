@@ -1,6 +1,7 @@
 """RankingFoveaBox: its targets, losses (focal, AP, aLRP), gradients and test-time detections
 equal the aLRP authors' FoveaBox heads (tests/reference_fovea.py) on fixed head outputs and
-ground truths; the fovea by hand; the keys it refuses; TorchScript."""
+ground truths; the fovea by hand; the keys it refuses; exported (TorchScript scripted and
+traced, ONNX) it detects as the eager model."""
 
 import math
 import os
@@ -305,3 +306,68 @@ def test_scripted_model_detects_as_the_eager_model(candidates):
     assert torch.equal(fields["pred_classes"], eager.pred_classes)
     torch.testing.assert_close(fields["scores"], eager.scores)
     torch.testing.assert_close(fields["pred_boxes"], eager.pred_boxes.tensor)
+
+
+def small_model(candidates):
+    return model_of("alrp", **{"MODEL.ALRP.TEST_CANDIDATES": candidates,
+                               "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0",
+                               "MODEL.RETINANET.TOPK_CANDIDATES_TEST": "100",
+                               "TEST.DETECTIONS_PER_IMAGE": "30"}).eval()
+
+
+def assert_detects_as(instances, eager, image, rtol=1.3e-6, atol=1e-5):
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    out = detector_postprocess(instances, image.shape[1], image.shape[2])
+    assert len(eager) == 30 and len(out) == len(eager)
+    assert torch.equal(out.pred_classes, eager.pred_classes)
+    torch.testing.assert_close(out.scores, eager.scores, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=rtol, atol=atol)
+
+
+def images_to_export():
+    """A small image to trace on and larger ones to compare on: a trace must serve other
+    sizes (the locations of each level and how many of them are candidates)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(3, 64, 80, generator=g) * 255,
+            [torch.rand(3, h, w, generator=g) * 255 for h, w in ((128, 160), (96, 112))])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("candidates", ["anchors", "pairs"])
+def test_traced_model_detects_as_the_eager_model(candidates, tmp_path):
+    from alrp_d2 import export
+
+    model = small_model(candidates)
+    small, images = images_to_export()
+    adapter, traced = export.trace_model(model, small)
+    torch.jit.save(traced, tmp_path / "model.ts")
+    loaded = torch.jit.load(tmp_path / "model.ts")
+    for image in images:
+        with torch.no_grad():
+            out = adapter.outputs_schema(loaded(image))[0]["instances"]
+            eager = model([{"image": image}])[0]["instances"]
+        assert_detects_as(out, eager, image)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning:torch.onnx")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.onnx")
+def test_onnx_detects_as_the_eager_model(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason='pip install -e ".[export]"')
+    pytest.importorskip("onnx", reason='pip install -e ".[export]"')
+    from alrp_d2 import export
+
+    model = small_model("anchors")
+    small, images = images_to_export()
+    adapter = export.tracing_adapter(model, small)
+    export.write_onnx(model, small, str(tmp_path / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    with torch.no_grad():
+        adapter(small)  # its outputs' schema
+        for image in images:
+            outputs = [torch.from_numpy(o) for o in session.run(None, {"image": image.numpy()})]
+            out = adapter.outputs_schema(outputs)[0]["instances"]
+            eager = model([{"image": image}])[0]["instances"]
+            # ONNX Runtime's kernels round differently from torch's: within 1e-3 pixel
+            assert_detects_as(out, eager, image, rtol=1e-4, atol=1e-3)

@@ -221,8 +221,9 @@ class RankingFoveaBox(DenseDetector):
         }
 
     def _grid(self, features: List[Tensor]) -> Tuple[List[Tuple[int, int]], List[Tensor]]:
-        """Each level's ``(H, W)`` and its locations' centres."""
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        """Each level's ``(H, W)`` and its locations' centres (sizes as the features give
+        them: traced sizes while tracing, so that a trace serves other image sizes)."""
+        sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         return sizes, location_centres(sizes, self.strides, torch.float32, features[0].device)
 
     def _base_edge_per_location(self, sizes: List[Tuple[int, int]], like: Tensor) -> Tensor:
@@ -289,6 +290,14 @@ class RankingFoveaBox(DenseDetector):
             results.append(result[keep[: self.max_detections_per_image]])
         return results
 
+    def _at_most_topk(self, values: Tensor):
+        """How many of the 1-d ``values`` to keep: all, at most ``TOPK_CANDIDATES_TEST``; a
+        tensor while tracing (so the trace serves other image sizes), else an int."""
+        count = values.shape[0]
+        if isinstance(count, Tensor):
+            return torch.clamp(count, max=self.test_topk_candidates)
+        return min(count, self.test_topk_candidates)
+
     def _decode_level(self, centres: Tensor, base_edge: float, scores: Tensor, deltas: Tensor,
                       image_size: Tuple[int, int]) -> Instances:
         """One level's detections of one image before NMS (module docstring). A candidate
@@ -296,20 +305,19 @@ class RankingFoveaBox(DenseDetector):
         infinite box into the whole image); the others are clipped to the image, to its last
         pixel as the authors' code."""
         if self.test_candidates == "anchors":
-            k = min(int(scores.shape[0]), self.test_topk_candidates)
-            top = scores.max(dim=1).values.topk(k).indices
+            best = scores.max(dim=1).values
+            top = best.topk(self._at_most_topk(best)).indices
             rows, classes = (scores[top] > self.test_score_thresh).nonzero().unbind(1)
             locations = top[rows]
         else:
             candidates = (scores > self.test_score_thresh).nonzero()
-            k = min(int(candidates.shape[0]), self.test_topk_candidates)
-            order = scores[candidates[:, 0], candidates[:, 1]].topk(k).indices
+            candidate_scores = scores[candidates[:, 0], candidates[:, 1]]
+            order = candidate_scores.topk(self._at_most_topk(candidate_scores)).indices
             locations, classes = candidates[order].unbind(1)
         kept_scores = scores[locations, classes]
         kept_deltas = deltas[locations]
         finite = torch.isfinite(kept_deltas).all(dim=1)
-        edges = torch.full((int(locations.shape[0]),), base_edge, dtype=centres.dtype,
-                           device=centres.device)
+        edges = torch.full_like(locations, 1, dtype=centres.dtype) * base_edge
         boxes = decode_distances(centres[locations], edges, kept_deltas)[finite]
         height, width = image_size
         boxes = torch.stack([boxes[:, 0].clamp(0, width - 1), boxes[:, 1].clamp(0, height - 1),
