@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .cli import UsageError, add_config_file, add_overrides, run_command
+
 __all__ = [
     "FORMATS",
     "METHODS",
@@ -63,7 +65,7 @@ SCRIPTED_FIELDS = ("proposal_boxes", "objectness_logits", "pred_boxes", "scores"
                    "pred_masks", "pred_keypoints", "pred_keypoint_heatmaps")
 
 
-class ExportError(Exception):
+class ExportError(UsageError):
     """A problem with the command's input, named for the user (exit status 2)."""
 
 
@@ -225,7 +227,7 @@ def _first_test_image(cfg) -> str:
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alrp_d2.export",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", default="", metavar="FILE", help="the model's config")
+    add_config_file(parser, "the model's config (e.g. OUTPUT_DIR/config.yaml)")
     parser.add_argument("--weights", default=None,
                         help="trained weights (.pth, .pkl, .ckpt; default: MODEL.WEIGHTS)")
     parser.add_argument("--output", required=True, help="folder for model.ts / model.onnx")
@@ -235,7 +237,7 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="image to trace on (default: the first of DATASETS.TEST[0])")
     parser.add_argument("--device", default="cpu", help="device the model runs on when exported")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
+    add_overrides(parser)
     return parser
 
 
@@ -297,15 +299,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .engine.launch import UsageError
-    from .predict import PredictError
-
-    args = argument_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ExportError, PredictError, UsageError) as err:  # the config's, the weights' too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(run, argument_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .cli import UsageError, run_command
 from .io import atomic_write
 
 __all__ = ["DEFAULT_NAME", "Scalars", "draw_run", "main", "plot_run", "read_csv_logs",
@@ -371,16 +372,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-o", "--output", metavar="FILE.png",
                         help=f"the picture to write (default: OUTPUT_DIR/{DEFAULT_NAME})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing picture")
-    args = parser.parse_args(argv)
+    return run_command(_run, parser.parse_args(argv))
+
+
+def _run(args) -> int:
     try:
         path = plot_run(args.output_dir, args.output, overwrite=args.overwrite)
     except FileExistsError as e:
-        print(f"{parser.prog}: error: {e.filename} already exists; pass --overwrite to replace it",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{e.filename} already exists; pass --overwrite to replace it") from None
     except FileNotFoundError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     print(path)
     return 0
 

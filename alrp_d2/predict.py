@@ -21,11 +21,13 @@ json (``python -m alrp_d2.evaluation.lrp``, pycocotools):
 Which detections are kept: per class, those scored at least the class's LRP-optimal
 threshold, from (first found) ``--lrp-thresholds FILE``; the thresholds saved in the
 weights file (``model_best.pth`` holds those of the evaluation that made it the best);
-the ``lrp_thresholds.json`` beside the weights; the one that training writes under
-``<weights' folder>/inference/<dataset>/`` (that of the config's first test dataset; several
-others: an error asking to choose). A class whose optimal LRP keeps no detection (threshold
-``null``) shows none. With ``--score-threshold S``, or without any thresholds, one threshold for
-every class (default 0.5).
+the ``lrp_thresholds.json`` beside the weights; the one that an evaluation of these weights
+(``train_net.py --eval-only``) wrote under ``<weights' folder>/eval/<weights' name>/inference/
+<dataset>/``; the one that training writes under ``<weights' folder>/inference/<dataset>/``
+(that of the config's first test dataset; several others: an error asking to choose). A class
+whose optimal LRP keeps no detection (threshold ``null``) shows none. With ``--score-threshold
+S``, one threshold for every class; weights without any thresholds need it (nothing is
+guessed).
 
 Nothing is written over an existing file without ``--overwrite``; bad input (a missing or
 unreadable image, a weights file of another model, a malformed thresholds file) stops
@@ -47,6 +49,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .cli import UsageError, add_config_file, add_overrides, load_config, run_command
+from .run_folder import THRESHOLD_FILES, RunFolder
+
 __all__ = [
     "PredictError",
     "Predictor",
@@ -57,11 +62,10 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-THRESHOLDS_FILE = "lrp_thresholds.json"
 
 
-class PredictError(Exception):
-    """Bad input to the command line: its message names the problem."""
+class PredictError(UsageError):
+    """Bad input to ``predict``: its message names the problem (exit status 2)."""
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:
@@ -87,24 +91,27 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 
 def find_lrp_thresholds(weights: str, dataset: Optional[str] = None) -> Optional[str]:
-    """The ``lrp_thresholds.json`` beside ``weights``, else the one training wrote under
-    their folder's ``inference/<dataset>/`` (``dataset``'s, or the only one); None if
-    there is none. Several and none of ``dataset``: :class:`PredictError` naming them."""
+    """The ``lrp_thresholds.json`` beside ``weights``, else the one an ``--eval-only`` of
+    these weights wrote, else the one their training wrote (in each run folder:
+    ``dataset``'s, or the only one); None if there is none. Several and none of
+    ``dataset``: :class:`PredictError` naming them."""
     folder = os.path.dirname(os.path.abspath(weights))
-    beside = os.path.join(folder, THRESHOLDS_FILE)
+    beside = os.path.join(folder, THRESHOLD_FILES["bbox"])
     if os.path.isfile(beside):
         return beside
-    if dataset is not None:
-        own = os.path.join(folder, "inference", dataset, THRESHOLDS_FILE)
-        if os.path.isfile(own):
-            return own
-    found = sorted(glob.glob(os.path.join(folder, "inference", "*", THRESHOLDS_FILE)))
-    if len(found) > 1:
-        raise PredictError(
-            f"several LRP thresholds files beside the weights ({', '.join(found)}):"
-            " choose one with --lrp-thresholds, or give --score-threshold"
-        )
-    return found[0] if found else None
+    training = RunFolder(folder)
+    for run in (training.evaluation_of(weights), training):
+        if dataset is not None and os.path.isfile(run.lrp_thresholds(dataset)):
+            return run.lrp_thresholds(dataset)
+        found = run.all_lrp_thresholds()
+        if len(found) > 1:
+            raise PredictError(
+                f"several LRP thresholds files for the weights ({', '.join(found)}):"
+                " choose one with --lrp-thresholds, or give --score-threshold"
+            )
+        if found:
+            return found[0]
+    return None
 
 
 def check_lrp_thresholds(table, source: str) -> Dict[int, Dict]:
@@ -200,15 +207,15 @@ class Predictor:
 
 
 def keep_above_thresholds(
-    instances, thresholds: Optional[Dict[int, Optional[float]]], default: float
+    instances, thresholds: Optional[Dict[int, Optional[float]]], default: Optional[float]
 ):
     """The detections scored at least their class's threshold (``thresholds``: contiguous
     class index -> threshold, None: keep none of the class; classes not in it and every
-    class when ``thresholds`` is None: ``default``)."""
+    class when ``thresholds`` is None: ``default``, None: keep none)."""
     import torch
 
     scores, classes = instances.scores, instances.pred_classes
-    limit = torch.full_like(scores, float(default))
+    limit = torch.full_like(scores, math.inf if default is None else float(default))
     if thresholds is not None:
         for index, t in thresholds.items():
             limit[classes == index] = math.inf if t is None else float(t)
@@ -227,11 +234,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m alrp_d2.predict", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--config-file",
-        required=True,
-        help="the config the model was trained with (e.g. OUTPUT_DIR/config.yaml)",
-    )
+    add_config_file(parser, "the config the model was trained with (e.g. OUTPUT_DIR/config.yaml)")
     parser.add_argument(
         "--weights", required=True, help="model_final.pth, model_best.pth or a .ckpt"
     )
@@ -251,7 +254,8 @@ def argument_parser() -> argparse.ArgumentParser:
         "--score-threshold",
         type=float,
         default=None,
-        help="one score threshold for every class instead (default 0.5 without LRP thresholds)",
+        help="one score threshold for every class instead (needed for weights without LRP"
+        " thresholds)",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
@@ -272,21 +276,16 @@ def argument_parser() -> argparse.ArgumentParser:
         help="write the class index plus 1 as category_id where no dataset or thresholds file"
         " maps the classes to the dataset's category ids",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
+    add_overrides(parser)
     return parser
 
 
 def _setup_cfg(args):
-    """``train_net.py``'s config reading (file, then ``KEY VALUE`` overrides), on the
-    device of ``--device``."""
+    """The config as ``train_net.py`` reads it (file, then ``KEY VALUE`` overrides; without
+    Lightning), on the device of ``--device``."""
     import torch
 
-    from .engine.launch import UsageError, setup_cfg
-
-    try:
-        cfg = setup_cfg(args)
-    except UsageError as err:
-        raise PredictError(str(err)) from None
+    cfg = load_config(args.config_file, args.opts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PredictError("--device cuda, but no CUDA device is available")
@@ -489,6 +488,13 @@ def run(args) -> int:
     predictor = Predictor(cfg, args.weights)
     if table is None and args.score_threshold is None:
         table, source = _saved_thresholds(args, cfg, predictor.extra)
+        if table is None:
+            raise PredictError(
+                f"no LRP thresholds for {args.weights}: neither saved in it nor in a"
+                f" {THRESHOLD_FILES['bbox']} beside it or in its run folder (evaluate it with"
+                " train_net.py --eval-only and TEST.LRP_EVALUATOR True), give them with"
+                " --lrp-thresholds FILE, or choose one threshold with --score-threshold S"
+            )
     if table is not None and len(table) != num_classes:
         raise PredictError(
             f"{source} has thresholds of {len(table)} classes, the model has {num_classes}"
@@ -498,7 +504,7 @@ def run(args) -> int:
     dataset_ids = _category_ids(args, table, link)
     image_ids = link.image_ids(images)
     thresholds = {i: table[c]["threshold"] for i, c in enumerate(dataset_ids)} if table else None
-    default = 0.5 if args.score_threshold is None else args.score_threshold
+    default = args.score_threshold
     metadata = Metadata(name="alrp_d2.predict")
     metadata.set(thing_classes=_class_names(table, link))
     Visualizer = _visualizer()
@@ -527,12 +533,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = argument_parser().parse_args(argv)
-    try:
-        return run(args)
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(run, argument_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

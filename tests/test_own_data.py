@@ -161,6 +161,9 @@ def test_predict_without_a_dataset_or_thresholds_asks_how_to_number_the_classes(
               "--device", "cpu"]
     done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "a",
                          "DATASETS.TEST", "()", env_root=own.base)
+    assert done.returncode == 2 and "no LRP thresholds for" in done.stderr  # nothing guessed
+    done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "a",
+                         "--score-threshold", 0.0, "DATASETS.TEST", "()", env_root=own.base)
     assert done.returncode == 2 and "no dataset maps the model's 4 classes" in done.stderr
     assert not (tmp_path / "a").exists()
     done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "b", "--contiguous-ids",

@@ -267,9 +267,14 @@ def test_thresholds_file_beside_the_weights_is_the_default(
         read_predictions(tmp_path / "p"),
         expected_rows(model_outputs, inputs, by_threshold(crafted[1])),
     )
-    # Without any thresholds: one score threshold, 0.5.
+    # Without any thresholds: refused (nothing guessed), nothing written, until the user
+    # chooses one score threshold.
     os.remove(weights.parent / "lrp_thresholds.json")
     code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights))
+    assert code == 2 and f"no LRP thresholds for {weights}" in err and "--score-threshold" in err
+    assert not (tmp_path / "q").exists()
+    code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights)
+                             + ["--score-threshold", "0.5"])
     assert code == 0, err
     assert "score threshold 0.5" in out
     assert read_predictions(tmp_path / "q") == []  # a barely trained model scores about 0.01

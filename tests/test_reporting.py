@@ -263,6 +263,22 @@ def saved(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def test_best_checkpoint_keeps_the_thresholds_of_its_evaluation(tmp_path):
+    """model_best.pth holds the thresholds of the evaluation that chose it (the module's,
+    not a file read back): a later, worse evaluation's thresholds do not replace them, and
+    no thresholds file is needed."""
+    from alrp_d2.engine.best import BestCheckpoint
+
+    callback = BestCheckpoint(str(tmp_path), "bbox/AP")
+    module = FakeModule(tmp_path)
+    for value, threshold in ((30.0, 0.3), (20.0, 0.2)):
+        module.last_lrp_thresholds = {VAL: {"1": {"name": "a", "threshold": threshold}}}
+        evaluate(callback, module, value, step=int(value))
+    assert saved(tmp_path / "model_best.pth")["lrp_thresholds"] == {
+        VAL: {"1": {"name": "a", "threshold": 0.3}}}
+    assert not (tmp_path / "inference").exists()
+
+
 @pytest.mark.parametrize(
     "metric,mode,values,best",
     [
@@ -349,14 +365,10 @@ def test_best_checkpoint_other_cases(tmp_path, monkeypatch):
     assert not (tmp_path / "model_best.pth").exists()
     # The final evaluation after fit counts the epochs trained: epoch = the last one.
     module = FakeModule(out_dir=tmp_path)
-    (tmp_path / "inference" / VAL).mkdir(parents=True)
-    (tmp_path / "inference" / VAL / "lrp_thresholds.json").write_text(
-        '{"1": {"name": "a", "threshold": 0.3}}'
-    )
     evaluate(callback, module, 5.0, step=40, epoch=4, fn="validate")
     data = saved(tmp_path / "model_best.pth")
     assert (data["epoch"], data["iteration"]) == (3, 40)
-    assert data["lrp_thresholds"] == {VAL: {"1": {"name": "a", "threshold": 0.3}}}
+    assert "lrp_thresholds" not in data  # an evaluation without the LRP evaluator
     # Bad modes.
     for mode in ("largest", "", None):
         with pytest.raises(

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 
 from ..io import atomic_write
+from ..run_folder import RunFolder
 
 __all__ = ["BestCheckpoint", "metric_mode"]
 
@@ -35,9 +35,9 @@ class BestCheckpoint(pl.Callback):
     when ``metric`` beats every earlier evaluation of the run, as Detectron2's
     ``BestCheckpointer``: Detectron2's format (``model``, loadable by its
     ``DetectionCheckpointer``) with ``metric``, ``value``, ``mode``, ``epoch`` (the last
-    epoch trained, from 0), ``iteration`` and ``lrp_thresholds`` (``{dataset: the
-    lrp_thresholds.json of that evaluation}``, which ``alrp_d2.predict`` uses), written
-    atomically.
+    epoch trained, from 0), ``iteration`` and ``lrp_thresholds`` (``{dataset: the box
+    thresholds table of that very evaluation}``, from the module's ``last_lrp_thresholds``;
+    ``alrp_d2.predict`` uses them), written atomically.
 
     The best value so far is saved in the training checkpoints, so a resumed run does not
     replace a better model by a worse one. A metric the evaluation does not report is
@@ -50,7 +50,7 @@ class BestCheckpoint(pl.Callback):
         dirpath: str,
         metric: str = "bbox/AP",
         mode: str = "auto",
-        filename: str = "model_best",
+        filename: str = RunFolder.BEST_MODEL,
     ):
         super().__init__()
         self.dirpath, self.metric, self.filename = dirpath, metric, filename
@@ -105,27 +105,11 @@ class BestCheckpoint(pl.Callback):
             "epoch": epoch,
             "iteration": iteration,
         }
-        thresholds = self._lrp_thresholds(pl_module)
+        thresholds = getattr(pl_module, "last_lrp_thresholds", None)
         if thresholds:
-            data["lrp_thresholds"] = thresholds
+            data["lrp_thresholds"] = dict(thresholds)
         with atomic_write(self.path, "wb") as f:
             torch.save(data, f)
-
-    @staticmethod
-    def _lrp_thresholds(pl_module) -> Dict[str, Dict]:
-        """The ``lrp_thresholds.json`` the evaluation just wrote, per test dataset."""
-        cfg = getattr(pl_module, "cfg", None)
-        if cfg is None or not cfg.TEST.LRP_EVALUATOR:
-            return {}
-        out = {}
-        for name in cfg.DATASETS.TEST:
-            path = os.path.join(cfg.OUTPUT_DIR, "inference", name, "lrp_thresholds.json")
-            try:
-                with open(path) as f:
-                    out[name] = json.load(f)
-            except (OSError, ValueError):
-                continue
-        return out
 
     def state_dict(self):
         return {

@@ -27,15 +27,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..data.sampling import DataError
 from ..io import atomic_write, safe_load
+from ..run_folder import RunFolder
 from ..weights import WeightsCheckpointer
 
-__all__ = ["AtomicCheckpointIO", "LAST", "NUMBERED_DIR", "PREVIOUS", "RunCheckpoint", "WeightsCheckpointer"]
+__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "WeightsCheckpointer"]
 
 logger = logging.getLogger("alrp_d2")
 
-LAST = "last.ckpt"
-PREVIOUS = "last.prev.ckpt"
-NUMBERED_DIR = "checkpoints"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -103,7 +101,7 @@ class RunCheckpoint(Checkpoint):
 
     @property
     def path(self) -> str:
-        return os.path.join(self.dirpath, LAST)
+        return RunFolder(self.dirpath).last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_iters <= 0 or trainer.global_step % self.every_n_iters:
@@ -116,7 +114,7 @@ class RunCheckpoint(Checkpoint):
         self._save(trainer)
         epochs = trainer.current_epoch + 1
         if self.every_n_epochs > 0 and epochs % self.every_n_epochs == 0 and trainer.is_global_zero:
-            numbered = os.path.join(self.dirpath, NUMBERED_DIR, f"epoch{epochs:03d}.ckpt")
+            numbered = RunFolder(self.dirpath).numbered_checkpoint(epochs)
             os.makedirs(os.path.dirname(numbered), exist_ok=True)
             _replace_by_link(self.path, numbered)
             logger.info("Checkpoint of epoch %d saved to %s", epochs, numbered)
@@ -136,7 +134,7 @@ class RunCheckpoint(Checkpoint):
         # A rename, not a copy: the previous checkpoint stays a file of its own, and until
         # the new one is complete it is the newest one (what a resume then takes).
         if os.path.isfile(self.path):
-            os.replace(self.path, os.path.join(self.dirpath, PREVIOUS))
+            os.replace(self.path, RunFolder(self.dirpath).previous)
 
     def _save(self, trainer: "pl.Trainer") -> None:
         if trainer.is_global_zero:

@@ -29,14 +29,14 @@ from urllib.parse import urlparse
 import torch.distributed
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
+from ..cli import UsageError  # the commands' one error type, raised here too
+
 __all__ = ["Topology", "UsageError", "install_requeue_handler", "requeue_slurm_job", "resolve_topology",
            "slurm_restarted"]
 
 logger = logging.getLogger("alrp_d2")
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, before anything is written."""
 
 
 @dataclass(frozen=True)

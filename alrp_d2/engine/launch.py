@@ -22,22 +22,24 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..config import get_cfg, model_num_classes
+from ..cli import load_config, run_command
+from ..config import model_num_classes
 from ..data.check import check_datasets
 from ..data.register import datasets_from_env, register_coco_datasets
 from ..data.sampling import DataError
 from ..data.synthetic import register_synthetic
 from ..io import UnsafeFileError, atomic_write
+from ..run_folder import RunFolder
 from ..weights import WeightsError, load_weights
 from .best import metric_mode
 from .checkpoint import WeightsCheckpointer
 from .cluster import UsageError, install_requeue_handler, requeue_slurm_job, resolve_topology, slurm_restarted
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule
-from .resume import config_differences, find_resume_checkpoint, run_files
+from .resume import config_differences, find_resume_checkpoint
 from .trainer import LOGGERS, build_trainer, check_loggers
 
-__all__ = ["UsageError", "argument_parser", "evaluation_dir", "main", "setup_cfg"]
+__all__ = ["UsageError", "argument_parser", "main", "setup_cfg"]
 
 logger = logging.getLogger("alrp_d2")
 
@@ -80,32 +82,9 @@ def register_datasets(args) -> None:
 
 
 def setup_cfg(args):
-    """The config of ``args``: file, then trailing ``KEY VALUE`` overrides; every
-    problem raises :class:`UsageError` naming it."""
-    if not args.config_file:
-        raise UsageError("--config-file is required")
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"config file not found: {args.config_file}")
-    cfg = get_cfg()
-    try:
-        cfg.merge_from_file(args.config_file)
-    except KeyError as err:
-        raise UsageError(f"{args.config_file}: {err.args[0] if err.args else err}") from None
-    except Exception as err:  # yaml syntax, wrong value types
-        raise UsageError(f"{args.config_file}: {err}") from None
-    flags = [o for o in args.opts[::2] if o.startswith("--")]
-    if flags:
-        raise UsageError(f"{flags[0]} comes after the KEY VALUE overrides: flags go first, overrides last"
-                         f" (got the overrides {args.opts})")
-    if len(args.opts) % 2:
-        raise UsageError(f"overrides must come in KEY VALUE pairs, got {args.opts}")
-    try:
-        cfg.merge_from_list(args.opts)
-    except (KeyError, AssertionError) as err:
-        raise UsageError(f"bad override: {err.args[0] if err.args else err}") from None
-    except Exception as err:
-        raise UsageError(f"bad override: {err}") from None
-    return cfg
+    """The config of ``args``: file, then trailing ``KEY VALUE`` overrides
+    (:func:`alrp_d2.cli.load_config`)."""
+    return load_config(args.config_file, args.opts)
 
 
 def check_inputs(cfg, args) -> None:
@@ -127,14 +106,6 @@ def check_inputs(cfg, args) -> None:
     if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value" \
             and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0:
         raise UsageError("norm clipping supports SOLVER.CLIP_GRADIENTS.NORM_TYPE 2.0 only")
-
-
-def evaluation_dir(output_dir: str, weights: str) -> str:
-    """Where ``--eval-only`` of ``weights`` writes (config, metrics, evaluator files, logs):
-    ``OUTPUT_DIR/eval/<weights' file name without extension>/``, never over the records of
-    the training in ``OUTPUT_DIR``."""
-    name = os.path.splitext(os.path.basename(weights.rstrip("/")))[0] or "weights"
-    return os.path.join(output_dir, "eval", name)
 
 
 def check_num_classes(cfg, names, role: str) -> None:
@@ -229,7 +200,7 @@ def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
     out = cfg.OUTPUT_DIR
     resume = args.resume or slurm_restarted()
     if not resume:
-        used = run_files(out)
+        used = RunFolder(out).checkpoints()
         if used:
             raise UsageError(f"OUTPUT_DIR {out} holds another run's checkpoints ({', '.join(sorted(used))}):"
                              " add --resume to continue that run, or choose another OUTPUT_DIR")
@@ -337,7 +308,7 @@ def run(args) -> int:
     cfg.defrost()
     cfg.MODEL.DEVICE = "cuda" if accelerator == "gpu" else "cpu"
     if args.eval_only:
-        cfg.OUTPUT_DIR = evaluation_dir(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS)
+        cfg.OUTPUT_DIR = RunFolder(cfg.OUTPUT_DIR).evaluation_of(cfg.MODEL.WEIGHTS).root
     cfg.freeze()
     if args.check_data:
         return check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
@@ -374,14 +345,15 @@ def run(args) -> int:
     trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger,
                             training=not args.eval_only)
     rank = trainer.global_rank
+    folder = RunFolder(cfg.OUTPUT_DIR)
     _setup_run_logs(cfg.OUTPUT_DIR, rank)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml")) as f:
+        with atomic_write(folder.config) as f:
             f.write(cfg.dump())
-        logger.info("Full config saved to %s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        logger.info("Full config saved to %s", folder.config)
 
-    final_path = os.path.join(cfg.OUTPUT_DIR, "final_metrics.json")
+    final_path = folder.final_metrics
     if args.eval_only:
         metrics = _evaluate(trainer, module, datamodule)
         metrics.update(_self_balance_weights(module))
@@ -397,7 +369,7 @@ def run(args) -> int:
         requeued = rank == 0 and requeue_slurm_job()
         logger.warning("Training stopped by a signal at iteration %d; %s", trainer.global_step,
                        "the requeued job resumes by itself" if requeued
-                       else f"continue with --resume (from {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')})")
+                       else f"continue with --resume (from {folder.last})")
         return EXIT_STOPPED
     except DataError as err:
         # The other processes wait for this one in a collective: end those this one started.
@@ -406,14 +378,14 @@ def run(args) -> int:
             kill(signal.SIGKILL)
         message = _data_error_message(err)
         logger.error("%s", message)
-        print(f"error: {message}\nThe progress so far is saved in {os.path.join(cfg.OUTPUT_DIR, 'last.ckpt')}:"
+        print(f"error: {message}\nThe progress so far is saved in {folder.last}:"
               " repair or remove the image (train_net.py --check-data lists every problem), then continue"
               " with --resume", file=sys.stderr)
         return 1
 
     # The model first, so that a crash in the evaluation loses nothing of the training.
     if rank == 0:
-        WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
+        WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save(RunFolder.FINAL_MODEL)
     period = cfg.TEST.EVAL_PERIOD
     evaluated_at_end = period > 0 and cfg.SOLVER.MAX_EPOCHS % period == 0 and module.last_metrics is not None
     metrics = dict(module.last_metrics) if evaluated_at_end else _evaluate(trainer, module, datamodule)
@@ -427,10 +399,7 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = argument_parser().parse_args(argv)
     try:
-        return run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return run_command(run, args)
     finally:
         while _HELD_LOCKS:
             _HELD_LOCKS.pop().close()

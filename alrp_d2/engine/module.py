@@ -19,6 +19,7 @@ from detectron2.utils.events import EventStorage
 
 from .. import modeling  # noqa: F401  (registers the models)
 from ..evaluation import LRPEvaluator
+from ..run_folder import RunFolder
 
 __all__ = ["DetectionModule", "schedule_in_iterations"]
 
@@ -64,6 +65,9 @@ class DetectionModule(pl.LightningModule):
         self.num_processes_per_machine = num_processes_per_machine
         self.evaluators: List[DatasetEvaluators] = []
         self.last_metrics: Optional[Dict[str, float]] = None
+        # {dataset: lrp_thresholds.json's content} of the last evaluation (main process).
+        self.last_lrp_thresholds: Dict[str, Dict] = {}
+        self._lrp_evaluators: Dict[str, LRPEvaluator] = {}
 
     # -- set-up --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -100,7 +104,7 @@ class DetectionModule(pl.LightningModule):
     def _divergence_message(self, loss_dict) -> str:
         """What to do when the loss is not finite: its likely cause and where to go on from."""
         solver = self.cfg.SOLVER
-        last = os.path.join(self.cfg.OUTPUT_DIR, "last.ckpt")
+        last = RunFolder(self.cfg.OUTPUT_DIR).last
         resume = (f" The last checkpoint, {last}, holds the weights before it: train on from them"
                   f" into a new OUTPUT_DIR with MODEL.WEIGHTS {last} and the lower rate."
                   if os.path.isfile(last) else "")
@@ -119,12 +123,13 @@ class DetectionModule(pl.LightningModule):
     def build_evaluator(self, dataset_name: str) -> DatasetEvaluators:
         """COCO AP and, with ``TEST.LRP_EVALUATOR``, optimal LRP of boxes and, with
         ``MODEL.MASK_ON``, masks (``segm/AP``, ``lrp_segm/oLRP``)."""
-        output_dir = os.path.join(self.cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_dir = RunFolder(self.cfg.OUTPUT_DIR).inference(dataset_name)
         tasks = self.evaluation_tasks(self.cfg)
         evaluators = [COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)]
         if self.cfg.TEST.LRP_EVALUATOR:
-            evaluators.append(LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True,
-                                           tasks=tasks))
+            lrp = LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True, tasks=tasks)
+            self._lrp_evaluators[dataset_name] = lrp
+            evaluators.append(lrp)
         return DatasetEvaluators(evaluators)
 
     def on_validation_epoch_start(self):
@@ -138,8 +143,12 @@ class DetectionModule(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         results = OrderedDict()
+        self.last_lrp_thresholds = {}
         for name, evaluator in zip(self.cfg.DATASETS.TEST, self.evaluators):
             result = evaluator.evaluate()  # gathered on the main process
+            lrp = self._lrp_evaluators.get(name)
+            if lrp is not None and "bbox" in lrp.threshold_tables:
+                self.last_lrp_thresholds[name] = lrp.threshold_tables["bbox"]
             if comm.is_main_process():
                 logger.info("Evaluation results for %s in csv format:", name)
                 print_csv_format(result)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,9 +20,9 @@ from detectron2.config import CfgNode
 
 from ..io import UnsafeFileError, safe_load
 
-from .checkpoint import LAST, NUMBERED_DIR, PREVIOUS
+from ..run_folder import RunFolder
 
-__all__ = ["RESUMABLE_CHANGES", "config_differences", "find_resume_checkpoint", "run_files"]
+__all__ = ["RESUMABLE_CHANGES", "config_differences", "find_resume_checkpoint"]
 
 logger = logging.getLogger("alrp_d2")
 
@@ -42,14 +41,6 @@ def _resumable_change(key: str) -> bool:
     return key in RESUMABLE_CHANGES or key.startswith("TEST.") or key.endswith("_TEST")
 
 
-def run_files(output_dir: str) -> List[str]:
-    """The checkpoints of a run in ``output_dir`` (paths), any order."""
-    names = [os.path.join(output_dir, LAST), os.path.join(output_dir, PREVIOUS)]
-    names += glob.glob(os.path.join(output_dir, NUMBERED_DIR, "*.ckpt"))
-    names += glob.glob(os.path.join(output_dir, "hpc_ckpt_*.ckpt"))
-    return [p for p in names if os.path.isfile(p)]
-
-
 def _read(path: str) -> Dict[str, Any]:
     checkpoint = safe_load(path)
     missing = [k for k in ("state_dict", "loops", "optimizer_states", "alrp_d2") if k not in checkpoint]
@@ -62,7 +53,7 @@ def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, Dict[str, Any
     """``(path, what the run saved about itself)`` of the newest readable checkpoint,
     or None when there is none. Raises ``FileNotFoundError`` when checkpoints exist but
     none can be read, :class:`~alrp_d2.io.UnsafeFileError` for one that would run code."""
-    candidates = sorted(run_files(output_dir), key=os.path.getmtime, reverse=True)
+    candidates = sorted(RunFolder(output_dir).checkpoints(), key=os.path.getmtime, reverse=True)
     for path in candidates:
         try:
             checkpoint = _read(path)

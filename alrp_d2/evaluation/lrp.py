@@ -47,6 +47,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..cli import UsageError, run_command
+
 AREA_RANGES = {
     "all": (0.0, 1e10),
     "small": (0.0, 32.0**2),
@@ -374,13 +376,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="threshold: never split equal scores (default); official: the official"
                              " LRP-Error code's cut anywhere, in image order")
     parser.add_argument("--per-class", action="store_true", help="also print each class's figures")
-    args = parser.parse_args(argv)
+    return run_command(_run, parser.parse_args(argv))
 
+
+def _run(args) -> int:
     try:
         coco_gt, coco_dt = _read_coco_pair(args.gt, args.dets)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     result = lrp_from_coco(coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds,
                            ties=args.ties)
     print(format_summary(result, args.tau, args.max_dets))

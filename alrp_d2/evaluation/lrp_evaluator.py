@@ -15,6 +15,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..run_folder import THRESHOLD_FILES
 from .lrp import empty_results, format_summary, lrp_from_coco
 
 __all__ = ["LRPEvaluator"]
@@ -22,7 +23,6 @@ __all__ = ["LRPEvaluator"]
 _REPORTED = ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large")
 TASKS = ("bbox", "segm")
 RESULT_KEYS = {"bbox": "lrp", "segm": "lrp_segm"}  # the results' key of each task
-THRESHOLD_FILES = {"bbox": "lrp_thresholds.json", "segm": "lrp_thresholds_segm.json"}
 
 
 class LRPEvaluator(COCOEvaluator):
@@ -39,6 +39,10 @@ class LRPEvaluator(COCOEvaluator):
     predictions have masks (``pred_masks``). As for mask AP, mask detections are loaded
     without their boxes, so that the area ranges use the masks' areas. ``thresholds`` and
     ``ties`` are those of :func:`alrp_d2.evaluation.lrp.lrp_from_coco`.
+
+    After :meth:`evaluate`, ``threshold_tables`` holds each task's table (the content of its
+    thresholds file) on the main process: what ``model_best.pth`` keeps of the evaluation
+    that chose it.
     """
 
     def __init__(self, dataset_name, output_dir=None, distributed=True, *, tasks=None,
@@ -52,12 +56,14 @@ class LRPEvaluator(COCOEvaluator):
         super().__init__(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir)
         self._tau, self._max_dets, self._thresholds, self._ties = tau, max_dets, thresholds, ties
         self._logger = logging.getLogger(__name__)
+        self.threshold_tables = {}
 
     def _tasks_from_predictions(self, predictions):
         """``bbox``, plus ``segm`` when the detections have masks (keypoints: no LRP)."""
         return [t for t in super()._tasks_from_predictions(predictions) if t in TASKS]
 
     def evaluate(self, img_ids=None):
+        self.threshold_tables = {}
         if self._distributed:
             comm.synchronize()
             predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
@@ -101,17 +107,22 @@ class LRPEvaluator(COCOEvaluator):
                                img_ids, ties=self._ties)
         self._logger.info("Optimal LRP of %s (thresholds: %s):\n%s", task, self._thresholds,
                           format_summary(result, self._tau, self._max_dets))
+        table = self._threshold_table(result)
+        self.threshold_tables[task] = table
         if self._output_dir:
-            self._write_thresholds(result, THRESHOLD_FILES[task])
+            self._write_thresholds(table, THRESHOLD_FILES[task])
         return result
 
-    def _write_thresholds(self, result, file_name="lrp_thresholds.json"):
+    def _threshold_table(self, result) -> dict:
+        """``{category id: {name, threshold, ...}}``: a ``lrp_thresholds.json``'s content."""
         names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self._coco_api.getCatIds())}
-        table = {
+        return {
             str(cid): {"name": names.get(cid, str(cid)),
                        **{k: (None if math.isnan(v) else v) for k, v in r.items()}}
             for cid, r in result["per_class"].items()
         }
+
+    def _write_thresholds(self, table, file_name):
         PathManager.mkdirs(self._output_dir)
         path = os.path.join(self._output_dir, file_name)
         with PathManager.open(path, "w") as f:
