@@ -4,9 +4,10 @@ training and inference, a batch of one empty and one annotated image, infinite o
 features and predictions at inference (dense heads, RPN and RoI heads), diverged (NaN)
 weights, and autocast's dtypes (CUDA where present; CPU bfloat16 on a small model).
 
-Models are the configs' networks at small inputs (tests/test_models.py ``tiny_cfg``);
-the R-101, X-101 and 800 configs are marked slow (their R-50 500 twin covers the head), and
-so is the IoU-error aLRP RetinaNet (its GIoU twin covers the head and the loss)."""
+Models are the configs' networks at small inputs (tests/test_models.py ``tiny_cfg``). The
+fast lane (``-m "not slow"``) takes one config per detector and loss, ``FAST``: every other
+config (other backbones and sizes, the baselines, loss variants, a config added later) only
+the full run."""
 
 import glob
 import itertools
@@ -29,13 +30,16 @@ if HAS_DETECTRON2:
     from test_models import tiny_cfg
 
 COCO = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml")))
-HEAVY = ("_R_101_", "_X_101_", "_800", "_500_iou")
+# The aLRP ATSS, AP Loss (IoU assigner) and RS-ATSS dense heads, FCOS, the aLRP Faster R-CNN
+# and RS-Mask R-CNN: every head, assigner, test-time rule and ranking loss of the configs.
+FAST = ("alrp_atss_R_50_FPN_500", "aploss_retinanet_R_50_FPN_500", "rs_atss_R_50_FPN_1x",
+        "alrp_fcos_R_50_FPN_1x", "alrp_faster_rcnn_R_50_FPN", "rs_mask_rcnn_R_50_FPN_1x")
 
 
 def params(paths):
-    return [pytest.param(p, id=os.path.basename(p)[:-5],
-                         marks=[pytest.mark.slow] if any(h in p for h in HEAVY) else [])
-            for p in paths]
+    names = [os.path.basename(p)[:-5] for p in paths]
+    return [pytest.param(p, id=n, marks=[] if n in FAST else [pytest.mark.slow])
+            for p, n in zip(paths, names)]
 
 
 EVERY = params(COCO)
