@@ -217,9 +217,14 @@ def main(argv=None):
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="P:M pairs, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-limit", type=float, default=60.0, help="seconds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: torch's choice); 1 compares losses"
+                             " fairly on a machine other jobs share")
     parser.add_argument("--rank-sort", action="store_true",
                         help="time rank_sort_loss against its loop, aLRP and focal loss")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [(int(float(a)), int(float(b))) for a, b in (s.split(":") for s in args.sizes.split(","))]
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}", flush=True)
     run, table = (run_rank_sort_size, markdown_rank_sort) if args.rank_sort else (run_size, markdown)
