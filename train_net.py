@@ -4,7 +4,7 @@
     python train_net.py --config-file configs/quickstart/alrp_retinanet_synthetic.yaml
     python train_net.py --config-file CONFIG --num-gpus 8                 # one node, DDP
     python train_net.py --config-file CONFIG --accelerator cpu --devices 2  # 2 CPU processes
-    python train_net.py --config-file CONFIG --resume                     # from OUTPUT_DIR/last.ckpt
+    python train_net.py --config-file CONFIG --resume                     # OUTPUT_DIR/last.ckpt
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS OUTPUT_DIR/model_final.pth
 
 Detectron2's flags (--num-machines, --machine-rank, --dist-url) and trailing

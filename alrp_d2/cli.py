@@ -19,8 +19,14 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["EXIT_USAGE", "UsageError", "add_config_file", "add_overrides", "load_config",
-           "run_command"]
+__all__ = [
+    "EXIT_USAGE",
+    "UsageError",
+    "add_config_file",
+    "add_overrides",
+    "load_config",
+    "run_command",
+]
 
 EXIT_USAGE = 2  # argparse's own status for bad arguments
 
@@ -47,8 +53,12 @@ def add_config_file(parser: argparse.ArgumentParser, help: str) -> None:
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     """The trailing ``KEY VALUE`` config overrides (``opts``), as Detectron2's; add it last."""
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="KEY VALUE config overrides (last, after every flag)")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE config overrides (last, after every flag)",
+    )
 
 
 def load_config(config_file: str, opts: Sequence[str]):
@@ -70,8 +80,10 @@ def load_config(config_file: str, opts: Sequence[str]):
         raise UsageError(f"{config_file}: {err}") from None
     flags = [o for o in opts[::2] if o.startswith("--")]
     if flags:
-        raise UsageError(f"{flags[0]} comes after the KEY VALUE overrides: flags go first,"
-                         f" overrides last (got the overrides {opts})")
+        raise UsageError(
+            f"{flags[0]} comes after the KEY VALUE overrides: flags go first,"
+            f" overrides last (got the overrides {opts})"
+        )
     if len(opts) % 2:
         raise UsageError(f"overrides must come in KEY VALUE pairs, got {opts}")
     try:

@@ -61,8 +61,16 @@ METHODS = ("tracing", "scripting")
 # RoIAlign's half-pixel alignment, which Detectron2's R-CNNs use, needs 16.
 ONNX_OPSET = 16
 # The Instances fields an exported model may return (export_model.py's).
-SCRIPTED_FIELDS = ("proposal_boxes", "objectness_logits", "pred_boxes", "scores", "pred_classes",
-                   "pred_masks", "pred_keypoints", "pred_keypoint_heatmaps")
+SCRIPTED_FIELDS = (
+    "proposal_boxes",
+    "objectness_logits",
+    "pred_boxes",
+    "scores",
+    "pred_classes",
+    "pred_masks",
+    "pred_keypoints",
+    "pred_keypoint_heatmaps",
+)
 
 
 class ExportError(UsageError):
@@ -130,11 +138,19 @@ def write_onnx(model: nn.Module, image: Tensor, f) -> List[str]:
         # dynamo exporter, torch's default, cannot follow Detectron2's data-dependent shapes
         # (score thresholds, NMS).
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX",
-                                    DeprecationWarning)
-            torch.onnx.export(adapter, (image,), f, opset_version=ONNX_OPSET, dynamo=False,
-                              input_names=["image"], output_names=names,
-                              dynamic_axes={"image": {1: "height", 2: "width"}})
+            warnings.filterwarnings(
+                "ignore", "You are using the legacy TorchScript-based ONNX", DeprecationWarning
+            )
+            torch.onnx.export(
+                adapter,
+                (image,),
+                f,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+                input_names=["image"],
+                output_names=names,
+                dynamic_axes={"image": {1: "height", 2: "width"}},
+            )
     model.eval()  # the exporter restores the adapter's mode into the model
     return names
 
@@ -211,30 +227,41 @@ def _first_test_image(cfg) -> str:
     except ValueError as err:
         raise ExportError(str(err)) from None
     if not cfg.DATASETS.TEST:
-        raise ExportError("tracing needs a sample image: give --sample-image (the config has no"
-                          " DATASETS.TEST to take one from)")
+        raise ExportError(
+            "tracing needs a sample image: give --sample-image (the config has no"
+            " DATASETS.TEST to take one from)"
+        )
     name = cfg.DATASETS.TEST[0]
     try:
         records = DatasetCatalog.get(name)
     except Exception as err:
-        raise ExportError(f"tracing needs a sample image: give --sample-image (the test dataset"
-                          f" {name} cannot be read: {err})") from None
+        raise ExportError(
+            f"tracing needs a sample image: give --sample-image (the test dataset"
+            f" {name} cannot be read: {err})"
+        ) from None
     if not records:
         raise ExportError(f"tracing needs a sample image: give --sample-image ({name} is empty)")
     return records[0]["file_name"]
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m alrp_d2.export",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alrp_d2.export", description=__doc__.split("\n")[0]
+    )
     add_config_file(parser, "the model's config (e.g. OUTPUT_DIR/config.yaml)")
-    parser.add_argument("--weights", default=None,
-                        help="trained weights (.pth, .pkl, .ckpt; default: MODEL.WEIGHTS)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="trained weights (.pth, .pkl, .ckpt; default: MODEL.WEIGHTS)",
+    )
     parser.add_argument("--output", required=True, help="folder for model.ts / model.onnx")
     parser.add_argument("--format", choices=FORMATS, default="torchscript")
     parser.add_argument("--export-method", choices=METHODS, default="tracing")
-    parser.add_argument("--sample-image", default=None,
-                        help="image to trace on (default: the first of DATASETS.TEST[0])")
+    parser.add_argument(
+        "--sample-image",
+        default=None,
+        help="image to trace on (default: the first of DATASETS.TEST[0])",
+    )
     parser.add_argument("--device", default="cpu", help="device the model runs on when exported")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     add_overrides(parser)
@@ -246,11 +273,13 @@ def run(args) -> int:
     from .predict import Predictor, _setup_cfg
 
     if args.export_method == "scripting" and args.format != "torchscript":
-        raise ExportError("scripting exports TorchScript only: use --export-method tracing for"
-                          f" {args.format}")
+        raise ExportError(
+            f"scripting exports TorchScript only: use --export-method tracing for {args.format}"
+        )
     if args.format == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise ExportError('ONNX export needs the onnx package: pip install -e ".[export]"'
-                          " (or pip install onnx)")
+        raise ExportError(
+            'ONNX export needs the onnx package: pip install -e ".[export]" (or pip install onnx)'
+        )
     if args.sample_image is not None and not os.path.isfile(args.sample_image):
         raise ExportError(f"sample image not found: {args.sample_image}")
     cfg = _setup_cfg(args)
@@ -271,7 +300,8 @@ def run(args) -> int:
             "the model has deformable convolutions (MODEL.RESNETS.DEFORM_ON_PER_STAGE): they"
             " export by TorchScript tracing only (TorchScript cannot script them, and torch's"
             " ONNX exporter has no operator for torchvision's deform_conv2d); use"
-            " --export-method tracing --format torchscript")
+            " --export-method tracing --format torchscript"
+        )
     image = None
     if args.export_method == "tracing":
         image = sample_input(cfg, args.sample_image or _first_test_image(cfg))
@@ -281,8 +311,10 @@ def run(args) -> int:
         scripted = script_model(model)
         with atomic_write(path, "wb") as f:
             torch.jit.save(scripted, f)
-        print(f"{type(model).__name__} scripted -> {path}: takes [{{'image': (3, H, W)"
-              " tensor}, ...], returns per image the fields of its Instances")
+        print(
+            f"{type(model).__name__} scripted -> {path}: takes [{{'image': (3, H, W)"
+            " tensor}, ...], returns per image the fields of its Instances"
+        )
         return 0
     image = image.to(cfg.MODEL.DEVICE)
     if args.format == "onnx":
@@ -293,8 +325,10 @@ def run(args) -> int:
         with atomic_write(path, "wb") as f:
             torch.jit.save(traced, f)
         names = output_names(adapter.outputs_schema)
-    print(f"{type(model).__name__} traced on a {tuple(image.shape)} image -> {path}: takes one"
-          f" (3, H, W) {cfg.INPUT.FORMAT} image, returns {', '.join(names)}")
+    print(
+        f"{type(model).__name__} traced on a {tuple(image.shape)} image -> {path}: takes one"
+        f" (3, H, W) {cfg.INPUT.FORMAT} image, returns {', '.join(names)}"
+    )
     return 0
 
 

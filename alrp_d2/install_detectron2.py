@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         "Install it later with:\n"
         f"  python -m pip install --no-build-isolation '{url}'\n"
         "or from a local clone: python -m pip install --no-build-isolation ./detectron2\n"
-        + "!" * 78,
+        + "!"
+        * 78,
         file=sys.stderr,
     )
     return 1 if args.strict else 0

@@ -67,8 +67,11 @@ def safe_load(file, map_location="cpu"):
             ) from None
         # A torch archive the weights-only reader refuses: a named object, or instructions
         # it does not take (pickle protocol 4 and above), which may name objects too.
-        what = (f"it names the Python object {found.group(1)}" if found
-                else f"its pickle holds more than weights: {reason.group(1).strip() if reason else err}")
+        what = (
+            f"it names the Python object {found.group(1)}"
+            if found
+            else f"its pickle holds more than weights: {reason.group(1).strip() if reason else err}"
+        )
         raise UnsafeFileError(
             f"{name} was refused: reading it {'would' if found else 'could'} run code ({what})."
             " alrp_d2 reads weights and"

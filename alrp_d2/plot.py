@@ -51,8 +51,17 @@ from matplotlib.ticker import MaxNLocator
 from .cli import UsageError, run_command
 from .io import atomic_write
 
-__all__ = ["DEFAULT_NAME", "Scalars", "draw_run", "main", "plot_run", "read_csv_logs",
-           "read_scalars", "read_tensorboard_logs", "running_median"]
+__all__ = [
+    "DEFAULT_NAME",
+    "Scalars",
+    "draw_run",
+    "main",
+    "plot_run",
+    "read_csv_logs",
+    "read_scalars",
+    "read_tensorboard_logs",
+    "running_median",
+]
 
 Scalars = Dict[str, List[Tuple[int, float]]]  # tag: [(step, value), ...] by step
 
@@ -67,13 +76,17 @@ _VERSION = re.compile(r"version_(\d+)")
 
 # -- reading -----------------------------------------------------------------------
 
+
 def _version_folders(root: str) -> List[str]:
     """``root``'s ``version_*`` folders in version order (numbered ones by number)."""
+
     def order(path):
         match = _VERSION.fullmatch(os.path.basename(path))
         return (0, int(match.group(1)), "") if match else (1, 0, os.path.basename(path))
-    return sorted((p for p in glob.glob(os.path.join(root, "version_*")) if os.path.isdir(p)),
-                  key=order)
+
+    return sorted(
+        (p for p in glob.glob(os.path.join(root, "version_*")) if os.path.isdir(p)), key=order
+    )
 
 
 def _csv_files(output_dir: str) -> List[str]:
@@ -82,8 +95,11 @@ def _csv_files(output_dir: str) -> List[str]:
 
 
 def _event_folders(output_dir: str) -> List[str]:
-    return [f for f in _version_folders(os.path.join(output_dir, "tensorboard"))
-            if glob.glob(os.path.join(f, "events.out.tfevents.*"))]
+    return [
+        f
+        for f in _version_folders(os.path.join(output_dir, "tensorboard"))
+        if glob.glob(os.path.join(f, "events.out.tfevents.*"))
+    ]
 
 
 def _merge(points: Iterable[Tuple[str, int, float]]) -> Scalars:
@@ -112,7 +128,7 @@ def _complete_lines(path: str) -> str:
             text = f.read()
     except FileNotFoundError:
         return ""
-    return text[:text.rfind("\n") + 1]
+    return text[: text.rfind("\n") + 1]
 
 
 def _csv_points(path: str) -> Iterator[Tuple[str, int, float]]:
@@ -147,6 +163,7 @@ def read_tensorboard_logs(output_dir: str) -> Scalars:
             for tag in accumulator.Tags()[SCALARS]:
                 for event in accumulator.Scalars(tag):
                     yield tag, int(event.step), float(event.value)
+
     return _merge(points())
 
 
@@ -170,7 +187,8 @@ def _read(output_dir: str) -> Tuple[str, Scalars]:
         return "", {}
     raise FileNotFoundError(
         f"no logs found in {output_dir}: expected csv/version_*/metrics.csv or "
-        f"tensorboard/version_*/events.out.tfevents.* there")
+        f"tensorboard/version_*/events.out.tfevents.* there"
+    )
 
 
 def read_scalars(output_dir: str) -> Scalars:
@@ -183,6 +201,7 @@ def read_scalars(output_dir: str) -> Scalars:
 
 # -- drawing -----------------------------------------------------------------------
 
+
 def running_median(values: Sequence[float], window: int) -> np.ndarray:
     """The median of each value with the ``window - 1`` before it (fewer at the start);
     NaNs are left out."""
@@ -192,11 +211,11 @@ def running_median(values: Sequence[float], window: int) -> np.ndarray:
     padded = np.concatenate([np.full(window - 1, np.nan), values])
     windows = np.lib.stride_tricks.sliding_window_view(padded, window)
     out = np.empty(len(values))
-    chunk = max(1, 2 ** 20 // window)  # nanmedian copies what it is given
+    chunk = max(1, 2**20 // window)  # nanmedian copies what it is given
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a window of NaNs only
         for start in range(0, len(values), chunk):
-            out[start:start + chunk] = np.nanmedian(windows[start:start + chunk], axis=1)
+            out[start : start + chunk] = np.nanmedian(windows[start : start + chunk], axis=1)
     return out
 
 
@@ -220,8 +239,16 @@ def _epochs(scalars: Scalars, steps: np.ndarray) -> Optional[np.ndarray]:
 
 def _no_data(ax, title: str) -> None:
     ax.set_title(title)
-    ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center",
-            color="gray", fontsize="large")
+    ax.text(
+        0.5,
+        0.5,
+        "no data yet",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        color="gray",
+        fontsize="large",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -233,7 +260,8 @@ def _legend(ax, count: int) -> None:
 def _loss_keys(scalars: Scalars) -> List[str]:
     """``total_loss``, every ``loss_*``, then the unweighted ``*/cls`` and ``*/loc``."""
     keys = (["total_loss"] if "total_loss" in scalars else []) + sorted(
-        k for k in scalars if k.startswith("loss_"))
+        k for k in scalars if k.startswith("loss_")
+    )
     return [k for k in keys + sorted(k for k in scalars if _COMPONENT.fullmatch(k)) if scalars[k]]
 
 
@@ -245,8 +273,9 @@ def _plot_losses(ax, scalars: Scalars) -> None:
     for key in keys:
         steps, values = _arrays(scalars[key])
         window = _window(len(values))
-        (line,) = ax.plot(steps, running_median(values, window), "--" if "/" in key else "-",
-                          lw=1.3, label=key)
+        (line,) = ax.plot(
+            steps, running_median(values, window), "--" if "/" in key else "-", lw=1.3, label=key
+        )
         if window > 1:
             ax.plot(steps, values, color=line.get_color(), alpha=0.2, lw=0.6)
             smoothed = True
@@ -260,8 +289,13 @@ def _plot_losses(ax, scalars: Scalars) -> None:
 
 
 def _lr_keys(scalars: Scalars) -> List[str]:
-    return [k for k in sorted(scalars) if (k == "lr" or k.startswith("lr-")) and scalars[k]
-            and not k.endswith(("-momentum", "-weight_decay"))]
+    return [
+        k
+        for k in sorted(scalars)
+        if (k == "lr" or k.startswith("lr-"))
+        and scalars[k]
+        and not k.endswith(("-momentum", "-weight_decay"))
+    ]
 
 
 def _plot_lr(ax, scalars: Scalars) -> None:
@@ -297,23 +331,35 @@ def _plot_self_balance(ax, scalars: Scalars) -> None:
     keys = [k for k in sorted(scalars) if k.endswith("/sb_weight") and scalars[k]]
     if not keys and scalars and not any("alrp" in k for k in scalars):  # Rank & Sort, AP, focal
         ax.set_title("self-balance weight")
-        ax.text(0.5, 0.5, "none in this run\n(only aLRP Loss balances itself per epoch)",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "none in this run\n(only aLRP Loss balances itself per epoch)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
         return
 
     def draw(ax, x, values, key):
         ax.step(x, values, where="post", marker="o", ms=3, lw=1.3, label=key)
+
     _per_epoch(ax, scalars, keys, "self-balance weight (set at the end of the epoch)", draw)
 
 
 def _plot_evaluation(ax, scalars: Scalars) -> None:
-    keys = [k for name in EVAL_KEYS for k in sorted(scalars)
-            if (k == name or k.endswith("/" + name)) and scalars[k]]
+    keys = [
+        k
+        for name in EVAL_KEYS
+        for k in sorted(scalars)
+        if (k == name or k.endswith("/" + name)) and scalars[k]
+    ]
 
     def draw(ax, x, values, key):
         lower = key.endswith(LOWER_IS_BETTER)
         ax.plot(x, values, "o-", ms=3, lw=1.3, label=key + (" (lower is better)" if lower else ""))
+
     _per_epoch(ax, scalars, keys, "evaluation (%)", draw)
 
 
@@ -366,11 +412,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m alrp_d2.plot",
         description="Draw a training run (losses, learning rate, self-balance weight, AP and "
-                    "oLRP) from the logs in its OUTPUT_DIR, as one PNG.")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR",
-                        help="the run's folder (cfg.OUTPUT_DIR)")
-    parser.add_argument("-o", "--output", metavar="FILE.png",
-                        help=f"the picture to write (default: OUTPUT_DIR/{DEFAULT_NAME})")
+        "oLRP) from the logs in its OUTPUT_DIR, as one PNG.",
+    )
+    parser.add_argument(
+        "output_dir", metavar="OUTPUT_DIR", help="the run's folder (cfg.OUTPUT_DIR)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE.png",
+        help=f"the picture to write (default: OUTPUT_DIR/{DEFAULT_NAME})",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing picture")
     return run_command(_run, parser.parse_args(argv))
 

@@ -314,7 +314,9 @@ class DatasetLink:
         self._by_name: Dict[str, List[int]] = {}  # file name -> image ids
         for name in names:
             if name not in DatasetCatalog.list():  # needed only where nothing else maps the classes
-                self.tried.append(f"{name} (not registered: give it with --dataset NAME JSON IMAGE_ROOT)")
+                self.tried.append(
+                    f"{name} (not registered: give it with --dataset NAME JSON IMAGE_ROOT)"
+                )
                 continue
             try:
                 dicts = DatasetCatalog.get(name)  # also completes the metadata of a COCO json

@@ -94,8 +94,9 @@ class RunFolder:
 
     def all_lrp_thresholds(self, task: str = "bbox") -> List[str]:
         """The box (or mask) thresholds files of every dataset evaluated, sorted."""
-        return sorted(glob.glob(os.path.join(self.root, self.INFERENCE_DIR, "*",
-                                             THRESHOLD_FILES[task])))
+        return sorted(
+            glob.glob(os.path.join(self.root, self.INFERENCE_DIR, "*", THRESHOLD_FILES[task]))
+        )
 
     def evaluation_of(self, weights: str) -> "RunFolder":
         """The folder ``--eval-only`` of ``weights`` writes (config, metrics, evaluator

@@ -151,7 +151,9 @@ def plot(result: Dict[str, object], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["outputs"])
-    fig, axes = plt.subplots(len(IOU_THRESHOLDS), len(names), figsize=(9, 10), sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(IOU_THRESHOLDS), len(names), figsize=(9, 10), sharex=True, sharey=True
+    )
     for row, threshold in enumerate(IOU_THRESHOLDS):
         for col, name in enumerate(names):
             out = result["outputs"][name]
@@ -165,7 +167,10 @@ def plot(result: Dict[str, object], path: str) -> None:
             ax.step(xs, ys, where="pre")
             ax.set_xlim(0, 1.02)
             ax.set_ylim(0, 1.05)
-            ax.set_title(f"{name}, AP{round(float(threshold) * 100)} = {out['ap'][threshold]:.2f}", fontsize=9)
+            ax.set_title(
+                f"{name}, AP{round(float(threshold) * 100)} = {out['ap'][threshold]:.2f}",
+                fontsize=9,
+            )
             if row == len(IOU_THRESHOLDS) - 1:
                 ax.set_xlabel("recall")
             if col == 0:
@@ -176,14 +181,19 @@ def plot(result: Dict[str, object], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alrp_d2.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m alrp_d2.toy", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--json", action="store_true", help="print unrounded numbers as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the PR curves of Figure S2")
     args = parser.parse_args(argv)
     result = compute()
     if args.json:
         keep = {"alrp", "ap_iou", "ap", "lrp_per_positive"}
-        slim = {name: {k: v for k, v in out.items() if k in keep} for name, out in result["outputs"].items()}
+        slim = {
+            name: {k: v for k, v in out.items() if k in keep}
+            for name, out in result["outputs"].items()
+        }
         print(json.dumps({**result, "outputs": slim}, indent=2))
     else:
         print(format_tables(result))

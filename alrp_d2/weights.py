@@ -43,7 +43,9 @@ class WeightsCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename} is not a Lightning checkpoint (no 'state_dict')")
         n = len(LIGHTNING_MODEL_PREFIX)
         weights = {
-            k[n:]: v for k, v in checkpoint["state_dict"].items() if k.startswith(LIGHTNING_MODEL_PREFIX)
+            k[n:]: v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith(LIGHTNING_MODEL_PREFIX)
         }
         return {"model": weights, "matching_heuristics": False}
 

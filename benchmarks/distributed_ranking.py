@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_speed import make_batch  # noqa: E402
+from loss_speed import make_batch
 
-from alrp_d2.losses import alrp_loss  # noqa: E402
+from alrp_d2.losses import alrp_loss
 
 WORLD = 2
 
@@ -96,17 +96,25 @@ def main(argv=None):
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(os.path.join(tmp, "init"), sizes, args.repeats, queue),
-                           nprocs=WORLD, start_method="spawn")
+        mp.start_processes(
+            worker,
+            args=(os.path.join(tmp, "init"), sizes, args.repeats, queue),
+            nprocs=WORLD,
+            start_method="spawn",
+        )
     results = dict(queue.get() for _ in range(WORLD))
     print(f"{WORLD} gloo processes, 1 thread each; medians of {args.repeats}; rank 0 (rank 1)")
-    print("| P per process | M per process | \"process\" scope | \"global\" scope | global / process "
-          "| bytes sent per call |")
+    print(
+        '| P per process | M per process | "process" scope | "global" scope | global / process '
+        "| bytes sent per call |"
+    )
     print("|---|---|---|---|---|---|")
     for row0, row1 in zip(results[0], results[1]):
         p, m, local, shared, sent = row0
-        print(f"| {p} | {m:.0e} | {local:.3f} s ({row1[2]:.3f} s) | {shared:.3f} s ({row1[3]:.3f} s) "
-              f"| {shared / local:.2f}x | {sent} ({row1[4]}) |")
+        print(
+            f"| {p} | {m:.0e} | {local:.3f} s ({row1[2]:.3f} s) | {shared:.3f} s ({row1[3]:.3f} s) "
+            f"| {shared / local:.2f}x | {sent} ({row1[4]}) |"
+        )
 
 
 if __name__ == "__main__":

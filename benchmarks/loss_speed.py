@@ -24,10 +24,10 @@ import torch
 from fvcore.nn import sigmoid_focal_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from naive_loop import alrp_loop, ap_loop  # noqa: E402
-from rank_sort_loop import rank_sort_loop  # noqa: E402
+from naive_loop import alrp_loop, ap_loop
+from rank_sort_loop import rank_sort_loop
 
-from alrp_d2.losses import alrp_loss, ap_loss, rank_sort_loss  # noqa: E402
+from alrp_d2.losses import alrp_loss, ap_loss, rank_sort_loss
 
 DEFAULT_SIZES = "100:1e5,1000:2e6,1000:1e7,3000:3e7"
 
@@ -95,6 +95,7 @@ def run_size(p, m, device, repeats, loop_limit):
     row["alrp"] = timed(alrp, device, repeats)
     row["ap"] = timed(ap, device, repeats)
     row["focal"] = timed(focal, device, repeats)
+
     # Predict the loop's time from runs on a few positives (its cost is linear in P).
     def loop_on(count):
         sub = targets.clone()
@@ -145,7 +146,8 @@ def run_rank_sort_size(p, m, device, repeats, loop_limit):
 
     row = {"P": p, "M": m}
     row["rs"], row["alrp"], row["focal"] = timed_interleaved(
-        [rank_sort, alrp, focal], device, repeats)
+        [rank_sort, alrp, focal], device, repeats
+    )
 
     def loop_on(count):
         sub = rs_targets.clone()
@@ -160,24 +162,30 @@ def run_rank_sort_size(p, m, device, repeats, loop_limit):
     t_few, t_more = loop_on(few), loop_on(more)
     predicted = t_more + (t_more - t_few) / max(more - few, 1) * (p - more)
     if predicted <= loop_limit:
-        row["loop"] = timed(lambda: rank_sort_loop(logits, rs_targets), device,
-                            1 if predicted > 5 else repeats)
+        row["loop"] = timed(
+            lambda: rank_sort_loop(logits, rs_targets), device, 1 if predicted > 5 else repeats
+        )
     else:
         row["loop"], row["loop_predicted"] = None, predicted
     return row
 
 
 def markdown_rank_sort(rows) -> str:
-    out = ["| P | M | RS Loss (s) | aLRP (s) | focal (s) | loop RS (s) | loop/RS | RS/aLRP "
-           "| RS/focal |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| P | M | RS Loss (s) | aLRP (s) | focal (s) | loop RS (s) | loop/RS | RS/aLRP "
+        "| RS/focal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["loop"] is None:
             loop, speedup = f"skipped (~{r['loop_predicted']:.0f} s predicted)", "-"
         else:
             loop, speedup = f"{r['loop']:.4f}", f"{r['loop'] / r['rs']:.1f}x"
-        out.append(f"| {r['P']} | {r['M']:.0e} | {r['rs']:.4f} | {r['alrp']:.4f} | "
-                   f"{r['focal']:.4f} | {loop} | {speedup} | {r['rs'] / r['alrp']:.2f}x | "
-                   f"{r['rs'] / r['focal']:.2f}x |")
+        out.append(
+            f"| {r['P']} | {r['M']:.0e} | {r['rs']:.4f} | {r['alrp']:.4f} | "
+            f"{r['focal']:.4f} | {loop} | {speedup} | {r['rs'] / r['alrp']:.2f}x | "
+            f"{r['rs'] / r['focal']:.2f}x |"
+        )
     return "\n".join(out)
 
 
@@ -188,6 +196,7 @@ def markdown(rows) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+
         def fmt(v):
             return "skipped" if v is None else f"{v:.4f}"
 
@@ -200,7 +209,8 @@ def markdown(rows) -> str:
             loops = f"{fmt(r['loop_alrp'])} | {fmt(r['loop_ap'])}"
         out.append(
             f"| {r['P']} | {r['M']:.0e} | {r['alrp']:.4f} | {r['ap']:.4f} | {r['focal']:.4f} | "
-            f"{loops} | {loop_a} | {loop_b} | {r['alrp'] / r['focal']:.2f}x | {r['ap'] / r['focal']:.2f}x |"
+            f"{loops} | {loop_a} | {loop_b} | {r['alrp'] / r['focal']:.2f}x | "
+            f"{r['ap'] / r['focal']:.2f}x |"
         )
     return "\n".join(out)
 
@@ -217,17 +227,28 @@ def main(argv=None):
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="P:M pairs, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-limit", type=float, default=60.0, help="seconds")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch's CPU threads (default: torch's choice); 1 compares losses"
-                             " fairly on a machine other jobs share")
-    parser.add_argument("--rank-sort", action="store_true",
-                        help="time rank_sort_loss against its loop, aLRP and focal loss")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's CPU threads (default: torch's choice); 1 compares losses"
+        " fairly on a machine other jobs share",
+    )
+    parser.add_argument(
+        "--rank-sort",
+        action="store_true",
+        help="time rank_sort_loss against its loop, aLRP and focal loss",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [(int(float(a)), int(float(b))) for a, b in (s.split(":") for s in args.sizes.split(","))]
+    sizes = [
+        (int(float(a)), int(float(b))) for a, b in (s.split(":") for s in args.sizes.split(","))
+    ]
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}", flush=True)
-    run, table = (run_rank_sort_size, markdown_rank_sort) if args.rank_sort else (run_size, markdown)
+    run, table = (
+        (run_rank_sort_size, markdown_rank_sort) if args.rank_sort else (run_size, markdown)
+    )
     rows = []
     for p, m in sizes:
         rows.append(run(p, m, args.device, args.repeats, args.loop_limit))

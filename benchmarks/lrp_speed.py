@@ -28,8 +28,15 @@ def synthetic(images: int, dets_per_image: int, classes: int, seed: int = 0):
         wh = np.exp(rng.uniform(np.log(8), np.log(300), (n_gt, 2)))
         cats = rng.integers(1, classes + 1, n_gt)
         for (x, y), (w, h), c in zip(xy, wh, cats):
-            gts.append({"image_id": img, "category_id": int(c), "bbox": [x, y, w, h], "area": w * h,
-                        "iscrowd": int(rng.random() < 0.02)})
+            gts.append(
+                {
+                    "image_id": img,
+                    "category_id": int(c),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(rng.random() < 0.02),
+                }
+            )
         # Detections: jittered copies of the ground truths, the rest scattered.
         src = rng.integers(0, n_gt, dets_per_image)
         near = rng.random(dets_per_image) < 0.4
@@ -38,20 +45,34 @@ def synthetic(images: int, dets_per_image: int, classes: int, seed: int = 0):
             if near[k]:
                 x, y = xy[src[k]]
                 w, h = wh[src[k]]
-                box = [x + jitter[k, 0] * w, y + jitter[k, 1] * h, w * np.exp(jitter[k, 2]), h * np.exp(jitter[k, 3])]
+                box = [
+                    x + jitter[k, 0] * w,
+                    y + jitter[k, 1] * h,
+                    w * np.exp(jitter[k, 2]),
+                    h * np.exp(jitter[k, 3]),
+                ]
                 cat = int(cats[src[k]]) if rng.random() < 0.8 else int(rng.integers(1, classes + 1))
                 score = float(rng.beta(4, 2))
             else:
                 box = [*rng.uniform(0, 500, 2), *np.exp(rng.uniform(np.log(8), np.log(300), 2))]
                 cat = int(rng.integers(1, classes + 1))
                 score = float(rng.beta(2, 4))
-            dets.append({"image_id": img, "category_id": cat, "bbox": [float(v) for v in box], "score": score})
+            dets.append(
+                {
+                    "image_id": img,
+                    "category_id": cat,
+                    "bbox": [float(v) for v in box],
+                    "score": score,
+                }
+            )
     for i, g in enumerate(gts, 1):
         g["id"] = i
     gt = COCO()
-    gt.dataset = {"images": [{"id": i} for i in range(1, images + 1)],
-                  "categories": [{"id": c, "name": str(c)} for c in range(1, classes + 1)],
-                  "annotations": gts}
+    gt.dataset = {
+        "images": [{"id": i} for i in range(1, images + 1)],
+        "categories": [{"id": c, "name": str(c)} for c in range(1, classes + 1)],
+        "annotations": gts,
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         dt = gt.loadRes(dets)
@@ -77,7 +98,10 @@ def main(argv=None):
         ev.accumulate()
     coco_time = time.perf_counter() - start
 
-    print(f"machine: {platform.machine()}, {args.images} images x {args.dets} detections, {args.classes} classes")
+    print(
+        f"machine: {platform.machine()}, {args.images} images x {args.dets} detections,"
+        f" {args.classes} classes"
+    )
     print("| evaluation | time (s) | ratio to COCOeval |")
     print("|---|---|---|")
     print(f"| COCOeval evaluate + accumulate | {coco_time:.2f} | 1.00x |")

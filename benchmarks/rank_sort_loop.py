@@ -25,8 +25,9 @@ def rank_sort_loop(logits, targets, delta=0.5, eps=1e-10):
             rank_pos, num_fp = h_pos.sum(), h_neg.sum()
             ranking[i] = num_fp / (rank_pos + num_fp)
             in_target = (labels >= labels[i]) * h_pos
-            sorting[i] = ((h_pos * (1 - labels)).sum() / rank_pos
-                          - (in_target * (1 - labels)).sum() / in_target.sum())
+            sorting[i] = (h_pos * (1 - labels)).sum() / rank_pos - (
+                in_target * (1 - labels)
+            ).sum() / in_target.sum()
             if num_fp > eps:  # a host synchronisation per positive, as in the authors' code
                 pos_grad[i] -= ranking[i]
                 neg_grad += h_neg * (ranking[i] / num_fp)

@@ -6,7 +6,8 @@ by aLRP Loss against the same network trained by focal loss.
 
 Random initialisation, random images of --size x --size with a few boxes each; the
 aLRP model uses the IoU assigner and the anchors of the focal model, so that the two
-differ in their loss computation only (both built from the aLRPLoss500 GIoU config). Prints a markdown row with medians.
+differ in their loss computation only (both built from the aLRPLoss500 GIoU config).
+Prints a markdown row with medians.
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     focal = time_steps("RetinaNet", args)
     alrp = time_steps("ALRPRetinaNet", args)
     print(f"device: {name}; batch {args.batch}, {args.size} px, median of {args.steps} steps")

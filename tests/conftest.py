@@ -3,7 +3,6 @@ import os
 import sys
 
 import pytest
-
 from runs import tiny_training
 
 # The naive reference implementations live beside the tests.

@@ -28,9 +28,10 @@ import pytorch_lightning as pl
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from alrp_d2.engine import checkpoint as checkpoint_module  # noqa: E402
-from alrp_d2.engine import launch, trainer as trainer_module  # noqa: E402
-from alrp_d2.io import atomic_write  # noqa: E402
+from alrp_d2.engine import checkpoint as checkpoint_module
+from alrp_d2.engine import launch
+from alrp_d2.engine import trainer as trainer_module
+from alrp_d2.io import atomic_write
 
 
 class Faults(pl.Callback):
@@ -42,8 +43,16 @@ class Faults(pl.Callback):
         if self.opts.trace:
             path = os.path.join(self.opts.trace, f"trace_rank{trainer.global_rank}.jsonl")
             with open(path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": trainer.current_epoch,
-                                    "ids": [d["image_id"] for d in batch]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "epoch": trainer.current_epoch,
+                            "ids": [d["image_id"] for d in batch],
+                        }
+                    )
+                    + "\n"
+                )
         if self.opts.kill_at_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.opts.signal_at_step == step and trainer.global_rank == self.opts.signal_rank:
@@ -92,7 +101,7 @@ def main():
 
         checkpoint_module.AtomicCheckpointIO.save_checkpoint = dying_save
 
-    sys.exit(launch.main(sys.argv[split + 1:]))
+    sys.exit(launch.main(sys.argv[split + 1 :]))
 
 
 if __name__ == "__main__":

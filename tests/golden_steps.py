@@ -86,7 +86,6 @@ def training_step(path, dtype):
 def _training_step(path, dtype):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-
     from test_models import batch, tiny_cfg
 
     torch.manual_seed(0)
@@ -105,7 +104,9 @@ def _training_step(path, dtype):
         if param.grad is None:
             continue
         g = param.grad.double()
-        probe = torch.randn(g.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+        probe = torch.randn(
+            g.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64
+        )
         grads[name] = [g.sum().item(), g.norm().item(), (g * probe).sum().item()]
     return {"losses": {k: v.item() for k, v in losses.items()}, "grads": grads}
 
@@ -114,7 +115,6 @@ def state_dict_keys(path):
     """``{key: shape}`` of the state_dict of the model ``path`` builds (tiny_cfg)."""
     sys.path.insert(0, HERE)
     from detectron2.modeling import build_model
-
     from test_models import tiny_cfg
 
     return {k: list(v.shape) for k, v in build_model(tiny_cfg(path)).state_dict().items()}
@@ -142,8 +142,12 @@ def record(missing_only: bool = False, only: str = ""):
         if (missing_only and name in golden) or only not in name:
             continue
         golden[name] = {"machine": machine(), "float64": training_step(path, torch.float64)}
-        if any(k.startswith(("loss_alrp", "loss_rs", "loss_ap", "loss_rpn_alrp", "loss_rpn_rs",
-                             "loss_roi_rs")) for k in golden[name]["float64"]["losses"]):
+        if any(
+            k.startswith(
+                ("loss_alrp", "loss_rs", "loss_ap", "loss_rpn_alrp", "loss_rpn_rs", "loss_roi_rs")
+            )
+            for k in golden[name]["float64"]["losses"]
+        ):
             golden[name]["float32"] = training_step(path, torch.float32)
         print(name, golden[name]["float64"]["losses"], flush=True)
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)

@@ -72,12 +72,19 @@ def ref_image_targets(boxes, classes, sizes, grids, strides, edges, ranges, sigm
 def ref_targets(gt_boxes, gt_classes, sizes, strides, edges, ranges, sigma, num_classes):
     """The batch's labels (M,) and log target distances (M, 4), level-major."""
     grids = ref_grid(sizes)
-    per_image = [ref_image_targets(b, c, sizes, grids, strides, edges, ranges, sigma, num_classes)
-                 for b, c in zip(gt_boxes, gt_classes)]
-    labels = torch.cat([torch.cat([lab[level].flatten() for lab, _ in per_image])
-                        for level in range(len(sizes))])
-    targets = torch.cat([torch.cat([tgt[level].reshape(-1, 4) for _, tgt in per_image])
-                         for level in range(len(sizes))])
+    per_image = [
+        ref_image_targets(b, c, sizes, grids, strides, edges, ranges, sigma, num_classes)
+        for b, c in zip(gt_boxes, gt_classes)
+    ]
+    labels = torch.cat(
+        [torch.cat([lab[level].flatten() for lab, _ in per_image]) for level in range(len(sizes))]
+    )
+    targets = torch.cat(
+        [
+            torch.cat([tgt[level].reshape(-1, 4) for _, tgt in per_image])
+            for level in range(len(sizes))
+        ]
+    )
     return labels, targets
 
 
@@ -175,10 +182,19 @@ def ref_decode_as_authors(log_distances, sizes, strides, edges, num_images):
     boxes, start = [], 0
     for _ in range(num_images):
         for (h, w), (gy, gx), stride, edge in zip(sizes, grids, strides, edges):
-            rows = d[start:start + h * w]
+            rows = d[start : start + h * w]
             x, y = (stride * gx).reshape(-1).to(d.dtype), (stride * gy).reshape(-1).to(d.dtype)
-            boxes.append(torch.stack([x - edge * rows[:, 0], y - edge * rows[:, 1],
-                                      x + edge * rows[:, 2], y + edge * rows[:, 3]], dim=1))
+            boxes.append(
+                torch.stack(
+                    [
+                        x - edge * rows[:, 0],
+                        y - edge * rows[:, 1],
+                        x + edge * rows[:, 2],
+                        y + edge * rows[:, 3],
+                    ],
+                    dim=1,
+                )
+            )
             start += h * w
     return torch.cat(boxes)
 
@@ -188,9 +204,13 @@ def ref_giou_loss(pred, target, eps=1e-6):
     lt = torch.max(pred[:, :2], target[:, :2])
     rb = torch.min(pred[:, 2:], target[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
-    union = ((pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
-             + (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1]) - inter + eps)
-    hull = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2]))
+    union = (
+        (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+        + (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+        - inter
+        + eps
+    )
+    hull = torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])
     hull = hull.clamp(min=0).prod(1) + eps
     return 1 - (inter / union - (hull - union) / hull)
 
@@ -200,15 +220,17 @@ def _carrying(value, logits, grad):
     return value + (logits * grad).sum() - (logits * grad).sum().detach()
 
 
-def ref_fovea_losses(kind, cls_out, box_out, gt_boxes, gt_classes, strides, edges, ranges,
-                     sigma=0.4):
+def ref_fovea_losses(
+    kind, cls_out, box_out, gt_boxes, gt_classes, strides, edges, ranges, sigma=0.4
+):
     """The authors' FoveaBox head losses for raw outputs ``cls_out[l]`` ``(N, K, H, W)`` and
     ``box_out[l]`` ``(N, 4, H, W)``: ``kind`` ``"focal"``, ``"ap"`` or ``"alrp"``; a dict
     of losses differentiable in the outputs, and the (M,) labels (level-major)."""
     num_images, num_classes = cls_out[0].shape[:2]
     sizes = [tuple(o.shape[-2:]) for o in cls_out]
-    labels, targets = ref_targets(gt_boxes, gt_classes, sizes, strides, edges, ranges, sigma,
-                                  num_classes)
+    labels, targets = ref_targets(
+        gt_boxes, gt_classes, sizes, strides, edges, ranges, sigma, num_classes
+    )
     targets = targets.to(box_out[0].dtype)
     logits = ref_flatten(cls_out, num_classes)
     deltas = ref_flatten(box_out, 4)
@@ -233,8 +255,18 @@ def ref_fovea_losses(kind, cls_out, box_out, gt_boxes, gt_classes, strides, edge
     return {"cls": _carrying(value, flat, grad), "loc": SB_WEIGHT * loc}, labels
 
 
-def ref_fovea_detections(cls_out, box_out, image, image_shape, strides, edges, nms_pre=1000,
-                         score_thr=0.05, iou_thr=0.5, max_per_img=100):
+def ref_fovea_detections(
+    cls_out,
+    box_out,
+    image,
+    image_shape,
+    strides,
+    edges,
+    nms_pre=1000,
+    score_thr=0.05,
+    iou_thr=0.5,
+    max_per_img=100,
+):
     """The authors' test-time boxes of image ``image``: (boxes, scores, classes), sorted by
     decreasing score."""
     num_classes = cls_out[0].shape[1]
@@ -249,10 +281,17 @@ def ref_fovea_detections(cls_out, box_out, image, image_shape, strides, edges, n
             top = scores.max(dim=1).values.topk(nms_pre).indices
             scores, d, y, x = scores[top], d[top], y[top], x[top]
         height, width = image_shape
-        all_boxes.append(torch.stack([(stride * x - edge * d[:, 0]).clamp(0, width - 1),
-                                      (stride * y - edge * d[:, 1]).clamp(0, height - 1),
-                                      (stride * x + edge * d[:, 2]).clamp(0, width - 1),
-                                      (stride * y + edge * d[:, 3]).clamp(0, height - 1)], dim=1))
+        all_boxes.append(
+            torch.stack(
+                [
+                    (stride * x - edge * d[:, 0]).clamp(0, width - 1),
+                    (stride * y - edge * d[:, 1]).clamp(0, height - 1),
+                    (stride * x + edge * d[:, 2]).clamp(0, width - 1),
+                    (stride * y + edge * d[:, 3]).clamp(0, height - 1),
+                ],
+                dim=1,
+            )
+        )
         all_scores.append(scores)
     boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
     rows, classes = (scores > score_thr).nonzero().unbind(1)

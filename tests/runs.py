@@ -71,8 +71,16 @@ def tiny_training(base):
         generate_split(os.path.join(base / "data", "alrp_synthetic"), split)
     out = base / "out"
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "--logger", "csv", *TRAINING,
-        "OUTPUT_DIR", out, env_root=base / "data",
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "csv",
+        *TRAINING,
+        "OUTPUT_DIR",
+        out,
+        env_root=base / "data",
     )
     return types.SimpleNamespace(
         base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr

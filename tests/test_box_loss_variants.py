@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torchvision.ops import box_iou, generalized_box_iou
-
 from conftest import HAS_DETECTRON2
+from torchvision.ops import box_iou, generalized_box_iou
 
 pytestmark = pytest.mark.detectron2
 
@@ -18,12 +17,11 @@ if HAS_DETECTRON2:
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
     from fvcore.nn import smooth_l1_loss
+    from test_models import batch, tiny_cfg
 
     from alrp_d2.engine import SelfBalanceCallback
     from alrp_d2.losses import ap_loss
     from alrp_d2.modeling import APHeadLoss, HeadOutputs, SelfBalance
-
-    from test_models import batch, tiny_cfg
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO = os.path.join(ROOT, "configs", "COCO-Detection")
@@ -45,9 +43,16 @@ def outputs(num_pos=5, seed=0, dtype=torch.float64):
         shift[0] += 100  # a prediction not touching its target: IoU 0, GIoU < 0
     pred = (target + shift).requires_grad_()
     deltas = torch.randn(num_pos, 4, generator=g, dtype=dtype, requires_grad=True)
-    return HeadOutputs(logits=logits, targets=targets, pred_boxes=pred, target_boxes=target,
-                       scores=torch.rand(num_pos, generator=g, dtype=dtype), num_images=2,
-                       pred_deltas=deltas, target_deltas=torch.randn(num_pos, 4, generator=g, dtype=dtype))
+    return HeadOutputs(
+        logits=logits,
+        targets=targets,
+        pred_boxes=pred,
+        target_boxes=target,
+        scores=torch.rand(num_pos, generator=g, dtype=dtype),
+        num_images=2,
+        pred_deltas=deltas,
+        target_deltas=torch.randn(num_pos, 4, generator=g, dtype=dtype),
+    )
 
 
 def expected_box(out, kind, beta=1.0):
@@ -65,8 +70,9 @@ def expected_box(out, kind, beta=1.0):
 @pytest.mark.parametrize("kind", ["smooth_l1", "iou", "giou"])
 @pytest.mark.parametrize("balance", [False, True], ids=["constant", "self_balance"])
 def test_ap_head_loss_box_terms(kind, balance):
-    head_loss = APHeadLoss(prefix="ap", smooth_l1_beta=1.0, box_loss=kind, self_balance=balance,
-                           sb_init=7.0)
+    head_loss = APHeadLoss(
+        prefix="ap", smooth_l1_beta=1.0, box_loss=kind, self_balance=balance, sb_init=7.0
+    )
     out = outputs()
     with EventStorage():
         losses = head_loss(out)
@@ -77,8 +83,11 @@ def test_ap_head_loss_box_terms(kind, balance):
     assert box > 0.1
     # The box loss trains the boxes of its kind only (deltas for smooth L1, boxes else).
     losses["loss_box_reg"].backward()
-    trained, untouched = ((out.pred_deltas, out.pred_boxes) if kind == "smooth_l1"
-                          else (out.pred_boxes, out.pred_deltas))
+    trained, untouched = (
+        (out.pred_deltas, out.pred_boxes)
+        if kind == "smooth_l1"
+        else (out.pred_boxes, out.pred_deltas)
+    )
     assert trained.grad.abs().sum() > 0 and untouched.grad is None and out.logits.grad is None
     if balance:
         assert head_loss.modules == {"self_balance": head_loss.balance}
@@ -98,8 +107,11 @@ def test_ap_head_loss_without_positives_is_zero_and_connected():
 
 
 def test_ap_box_loss_refuses_what_it_does_not_compute():
-    with pytest.raises(ValueError, match=r"MODEL.RETINANET.BBOX_REG_LOSS_TYPE\) must be one of"
-                                         r" \('smooth_l1', 'iou', 'giou'\), got 'diou'"):
+    with pytest.raises(
+        ValueError,
+        match=r"MODEL.RETINANET.BBOX_REG_LOSS_TYPE\) must be one of"
+        r" \('smooth_l1', 'iou', 'giou'\), got 'diou'",
+    ):
         build_model(tiny_cfg(AP_GIOU_SB, **{"MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "diou"}))
 
 
@@ -149,10 +161,12 @@ def test_ce_giou_faster_rcnn_box_loss():
     assert predictor.box_reg_loss_type == "giou" and predictor.loss_weight["loss_box_reg"] == 10.0
     assert model.proposal_generator.box_reg_loss_type == "smooth_l1"
     proposals = Instances((100, 100))
-    proposals.proposal_boxes = Boxes(torch.tensor([[10.0, 10, 50, 60], [20, 30, 70, 90],
-                                                   [0, 0, 30, 30], [40, 40, 90, 95]]))
-    proposals.gt_boxes = Boxes(torch.tensor([[12.0, 8, 48, 64], [25, 30, 75, 85],
-                                             [0, 0, 1, 1], [45, 38, 88, 99]]))
+    proposals.proposal_boxes = Boxes(
+        torch.tensor([[10.0, 10, 50, 60], [20, 30, 70, 90], [0, 0, 30, 30], [40, 40, 90, 95]])
+    )
+    proposals.gt_boxes = Boxes(
+        torch.tensor([[12.0, 8, 48, 64], [25, 30, 75, 85], [0, 0, 1, 1], [45, 38, 88, 99]])
+    )
     proposals.gt_classes = torch.tensor([0, 2, 3, 1])  # 3 positives, 1 background (class 3)
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(4, 4, generator=g)
@@ -161,7 +175,9 @@ def test_ce_giou_faster_rcnn_box_loss():
         losses = predictor.losses((scores, deltas), [proposals])
     fg = torch.tensor([0, 1, 3])
     class_deltas = deltas.view(4, 3, 4)[fg, proposals.gt_classes[fg]]
-    boxes = predictor.box2box_transform.apply_deltas(class_deltas, proposals.proposal_boxes.tensor[fg])
+    boxes = predictor.box2box_transform.apply_deltas(
+        class_deltas, proposals.proposal_boxes.tensor[fg]
+    )
     giou = generalized_box_iou(boxes, proposals.gt_boxes.tensor[fg]).diagonal()
     torch.testing.assert_close(losses["loss_box_reg"], 10.0 * (1 - giou).sum() / 4)
     model.train()

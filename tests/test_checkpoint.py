@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2  # the engine package imports detectron2

@@ -11,9 +11,21 @@ pytestmark = pytest.mark.detectron2
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 
-CLUSTER_VARS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "NODE_RANK", "SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_NNODES",
-                "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES")
+CLUSTER_VARS = (
+    "TORCHELASTIC_RUN_ID",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "SLURM_NTASKS",
+    "SLURM_JOB_NAME",
+    "SLURM_NNODES",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_JOB_NUM_NODES",
+)
 
 
 @pytest.fixture()
@@ -39,7 +51,9 @@ def test_torchrun_topology_comes_from_its_environment(env):
     # Detectron2's default --dist-url (127.0.0.1) is not read: the master stays the launcher's.
     assert resolve_topology(args_of()) == Topology(8, 2, "torchrun")
     assert os.environ["MASTER_ADDR"] == "10.0.0.7"
-    with pytest.raises(UsageError, match="torchrun starts 8 processes per node, but the flags ask for 4"):
+    with pytest.raises(
+        UsageError, match="torchrun starts 8 processes per node, but the flags ask for 4"
+    ):
         resolve_topology(args_of("--num-gpus", "4"))
 
 
@@ -51,7 +65,9 @@ def test_srun_topology_comes_from_slurm(env):
     env.setenv("SLURM_NNODES", "2")
     assert resolve_topology(args_of()) == Topology(4, 2, "slurm")
     env.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
-    assert resolve_topology(args_of("--num-gpus", "4", "--num-machines", "2")) == Topology(4, 2, "slurm")
+    assert resolve_topology(args_of("--num-gpus", "4", "--num-machines", "2")) == Topology(
+        4, 2, "slurm"
+    )
     with pytest.raises(UsageError, match="runs on 2 nodes, but --num-machines is 3"):
         resolve_topology(args_of("--num-machines", "3"))
     # One task asking for 8 processes by the flags: Lightning starts them, not SLURM.
@@ -68,11 +84,18 @@ def test_flags_never_let_the_default_dist_url_override_a_cluster_master(env):
         resolve_topology(args_of("--num-machines", "2", "--machine-rank", "1"))
     env.setenv("MASTER_ADDR", "10.0.0.9")
     env.setenv("MASTER_PORT", "29400")
-    topology = resolve_topology(args_of("--num-machines", "2", "--machine-rank", "1", "--num-gpus", "8"))
+    topology = resolve_topology(
+        args_of("--num-machines", "2", "--machine-rank", "1", "--num-gpus", "8")
+    )
     assert topology == Topology(8, 2, "flags")
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["NODE_RANK"]) == \
-        ("10.0.0.9", "29400", "1")
-    resolve_topology(args_of("--num-machines", "2", "--machine-rank", "0", "--dist-url", "tcp://10.0.0.5:23456"))
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["NODE_RANK"]) == (
+        "10.0.0.9",
+        "29400",
+        "1",
+    )
+    resolve_topology(
+        args_of("--num-machines", "2", "--machine-rank", "0", "--dist-url", "tcp://10.0.0.5:23456")
+    )
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.5", "23456")
 
 
@@ -81,10 +104,33 @@ def test_torchrun_launches_two_cpu_processes(tmp_path):
     for name in CLUSTER_VARS:
         env.pop(name, None)
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29517", "train_net.py", "--config-file", TINY, "--accelerator", "cpu",
-                          "SOLVER.MAX_EPOCHS", "1", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "train_net.py",
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            "SOLVER.MAX_EPOCHS",
+            "1",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert "Starting with 2 processes" in run.stdout + run.stderr
     assert (out / "model_final.pth").is_file() and (out / "self_balance_rank1.jsonl").is_file()

@@ -17,7 +17,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
@@ -86,13 +85,24 @@ PIPELINE_500 = {  # coco500_detection_augm.py
     "INPUT.MAX_SIZE_TEST": 833,
     "TEST.DETECTIONS_PER_IMAGE": 100,  # max_per_img
 }
-SCALES_2 = [[32, 45.254834], [64, 90.509668], [128, 181.019336], [256, 362.038672],
-            [512, 724.077344]]  # octave_base_scale=4, scales_per_octave=2, strides 8-128
-SCALES_3 = [[32, 40.317474, 50.796834], [64, 80.634947, 101.593667],
-            [128, 161.269894, 203.187335], [256, 322.539789, 406.374669],
-            [512, 645.079578, 812.749339]]  # scales_per_octave=3
+SCALES_2 = [
+    [32, 45.254834],
+    [64, 90.509668],
+    [128, 181.019336],
+    [256, 362.038672],
+    [512, 724.077344],
+]  # octave_base_scale=4, scales_per_octave=2, strides 8-128
+SCALES_3 = [
+    [32, 40.317474, 50.796834],
+    [64, 80.634947, 101.593667],
+    [128, 161.269894, 203.187335],
+    [256, 322.539789, 406.374669],
+    [512, 645.079578, 812.749339],
+]  # scales_per_octave=3
 RETINANET_500 = {  # alrp_loss_retinanet_r50_fpn_100e_coco500.py and retinanet_r50_fpn.py
-    **R50, **SOLVER, **PIPELINE_500,
+    **R50,
+    **SOLVER,
+    **PIPELINE_500,
     "MODEL.META_ARCHITECTURE": "ALRPRetinaNet",
     "MODEL.BACKBONE.NAME": "build_alrp_retinanet_resnet_fpn_backbone",  # no ReLU before P7
     "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
@@ -140,7 +150,9 @@ ATSS_800 = {  # alrp_loss_retinanet_*_ATSS_100e_coco800.py, coco800_detection_au
     "SOLVER.STEPS_EPOCHS": [60, 80],
 }
 FASTER_RCNN = {  # faster_rcnn_r50_fpn(_100e_coco500).py
-    **R50, **SOLVER, **PIPELINE_500,
+    **R50,
+    **SOLVER,
+    **PIPELINE_500,
     "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
     "MODEL.MASK_ON": False,
     "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
@@ -270,32 +282,34 @@ EXPECTED = {
     },
 }
 
-EXPECTED.update({
-    # alrp_loss_retinanet_x101_64x4d_fpn_dcn_ATSS_100e_coco800.py: the X101 800 config with
-    # dcn=dict(type='DCNv2', deformable_groups=1, fallback_on_stride=False) and
-    # stage_with_dcn=(False, True, True, True)
-    "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml": {
-        **EXPECTED["alrp_atss_X_101_64x4d_FPN_800.yaml"],
-        "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, True, True, True],
-        "MODEL.RESNETS.DEFORM_MODULATED": True,
-        "MODEL.RESNETS.DEFORM_NUM_GROUPS": 1,
-    },
-    # faster_rcnn_r50_fpn_giou_100e_coco500.py: the CE config with reg_decoded_bbox=True and
-    # loss_bbox=GIoULoss(loss_weight=10.0) in the RoI head
-    "ce_faster_rcnn_R_50_FPN_giou.yaml": {
-        **FASTER_RCNN,
-        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": "giou",
-        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 10.0,
-    },
-    # Table S4's best AP Loss (supplementary S7.1; the ablation code's GIoULoss, divided by
-    # 4 per positive, and self-balance): the AP Loss config with these
-    "aploss_retinanet_R_50_FPN_500_giou_sb.yaml": {
-        **EXPECTED["aploss_retinanet_R_50_FPN_500.yaml"],
-        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "giou",
-        "MODEL.ALRP.AP_SELF_BALANCE": True,
-        "MODEL.ALRP.SB_INIT": 50.0,
-    },
-})
+EXPECTED.update(
+    {
+        # alrp_loss_retinanet_x101_64x4d_fpn_dcn_ATSS_100e_coco800.py: the X101 800 config with
+        # dcn=dict(type='DCNv2', deformable_groups=1, fallback_on_stride=False) and
+        # stage_with_dcn=(False, True, True, True)
+        "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml": {
+            **EXPECTED["alrp_atss_X_101_64x4d_FPN_800.yaml"],
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, True, True, True],
+            "MODEL.RESNETS.DEFORM_MODULATED": True,
+            "MODEL.RESNETS.DEFORM_NUM_GROUPS": 1,
+        },
+        # faster_rcnn_r50_fpn_giou_100e_coco500.py: the CE config with reg_decoded_bbox=True and
+        # loss_bbox=GIoULoss(loss_weight=10.0) in the RoI head
+        "ce_faster_rcnn_R_50_FPN_giou.yaml": {
+            **FASTER_RCNN,
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": "giou",
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 10.0,
+        },
+        # Table S4's best AP Loss (supplementary S7.1; the ablation code's GIoULoss, divided by
+        # 4 per positive, and self-balance): the AP Loss config with these
+        "aploss_retinanet_R_50_FPN_500_giou_sb.yaml": {
+            **EXPECTED["aploss_retinanet_R_50_FPN_500.yaml"],
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "giou",
+            "MODEL.ALRP.AP_SELF_BALANCE": True,
+            "MODEL.ALRP.SB_INIT": 50.0,
+        },
+    }
+)
 
 # Rank & Sort Loss (kemaloksuz/RankSortLoss, configs/ranksort_loss/ and the _base_ files
 # they inherit: schedule_1x.py, coco_detection.py / coco_instance.py).
@@ -315,10 +329,16 @@ PIPELINE_1X = {  # Resize (1333, 800) keep_ratio, RandomFlip 0.5
     "INPUT.MAX_SIZE_TEST": 1333,
     "TEST.DETECTIONS_PER_IMAGE": 100,
 }
-RANK_SORT = {"MODEL.RANK_SORT.DELTA": 0.5, "MODEL.RANK_SORT.EPS": 1e-10,
-             "MODEL.ALRP.RANKING_SCOPE": "process"}
+RANK_SORT = {
+    "MODEL.RANK_SORT.DELTA": 0.5,
+    "MODEL.RANK_SORT.EPS": 1e-10,
+    "MODEL.ALRP.RANKING_SCOPE": "process",
+}
 RS_RCNN = {  # ranksort_faster_rcnn_r50_fpn_1x_coco.py
-    **FASTER_RCNN, **SOLVER_1X, **PIPELINE_1X, **RANK_SORT,
+    **FASTER_RCNN,
+    **SOLVER_1X,
+    **PIPELINE_1X,
+    **RANK_SORT,
     "MODEL.PROPOSAL_GENERATOR.NAME": "RankSortRPN",  # RankBasedRPNHead, PseudoSampler
     "MODEL.RPN.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
     "MODEL.RANK_SORT.RPN_LOSS_WEIGHT": 0.2,  # head_weight
@@ -328,62 +348,69 @@ RS_RCNN = {  # ranksort_faster_rcnn_r50_fpn_1x_coco.py
     "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": True,  # 80 sigmoid classifiers
     "SOLVER.BASE_LR": 0.012,
 }
-EXPECTED.update({
-    "rs_atss_R_50_FPN_1x.yaml": {  # ranksort_atss_r50_fpn_1x_coco.py
-        **R50, **SOLVER_1X, **PIPELINE_1X, **RANK_SORT,
-        "MODEL.META_ARCHITECTURE": "RankSortRetinaNet",
-        "MODEL.BACKBONE.NAME": "build_rs_atss_resnet_fpn_backbone",  # add_extra_convs on_output
-        "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
-        "MODEL.FPN.IN_FEATURES": ["res3", "res4", "res5"],
-        "MODEL.RETINANET.IN_FEATURES": ["p3", "p4", "p5", "p6", "p7"],
-        "MODEL.ANCHOR_GENERATOR.SIZES": SCALES_3,  # octave_base_scale=4, scales_per_octave=3
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0]],
-        "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
-        "MODEL.RETINANET.NUM_CONVS": 4,  # stacked_convs=4
-        "MODEL.RETINANET.NORM": "GN",  # norm_cfg GN(32)
-        "MODEL.RETINANET.PRIOR_PROB": 0.01,
-        "MODEL.RETINANET.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
-        "MODEL.RANK_SORT.LEARNED_BOX_SCALES": True,  # Scale(1.0) per level
-        "MODEL.ALRP.ASSIGNER": "atss",  # ATSSAssigner(topk=9)
-        "MODEL.ALRP.ATSS_TOPK": 9,
-        "MODEL.ALRP.TEST_CANDIDATES": "anchors",
-        "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,
-        "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,  # nms_pre
-        "MODEL.RETINANET.NMS_THRESH_TEST": 0.6,  # nms iou_threshold=0.6
-        "SOLVER.BASE_LR": 0.008,
-    },
-    "rs_faster_rcnn_R_50_FPN_1x.yaml": RS_RCNN,
-    # Detectron2's FCOS 1x (upstream configs/COCO-Detection/fcos_R_50_FPN_1x.py and
-    # common/models/fcos.py), each loss with its authors' ATSS settings.
-    "alrp_fcos_R_50_FPN_1x.yaml": FCOS_1X,
-    "rs_fcos_R_50_FPN_1x.yaml": {
-        **FCOS_1X,
-        "MODEL.RANKING_LOSS.NAME": "RankSortHeadLoss",
-        "MODEL.RANK_SORT.DELTA": 0.5,
-        "MODEL.RANK_SORT.EPS": 1e-10,
-        "SOLVER.BASE_LR": 0.008,  # RS-ATSS at 16 images
-        "SOLVER.WEIGHT_DECAY_NORM": 0.0001,
-    },
-    "rs_mask_rcnn_R_50_FPN_1x.yaml": {  # ranksort_mask_rcnn_r50_fpn_1x_coco.py
-        **RS_RCNN,
-        "MODEL.MASK_ON": True,
-        "MODEL.ROI_MASK_HEAD.NAME": "RankSortMaskHead",  # RankBasedFCNMaskHead: Dice loss
-        "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
-        "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
-        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,  # mask_roi_extractor output_size=14
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
-        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
-        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,  # 80 class-wise masks
-        "MODEL.RANK_SORT.MAX_MASKS": 200,  # resample_for_mask_head(max_mask=200)
-        "INPUT.MASK_FORMAT": "bitmask",
-    },
-})
+EXPECTED.update(
+    {
+        "rs_atss_R_50_FPN_1x.yaml": {  # ranksort_atss_r50_fpn_1x_coco.py
+            **R50,
+            **SOLVER_1X,
+            **PIPELINE_1X,
+            **RANK_SORT,
+            "MODEL.META_ARCHITECTURE": "RankSortRetinaNet",
+            "MODEL.BACKBONE.NAME": "build_rs_atss_resnet_fpn_backbone",  # add_extra_convs on_output
+            "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
+            "MODEL.FPN.IN_FEATURES": ["res3", "res4", "res5"],
+            "MODEL.RETINANET.IN_FEATURES": ["p3", "p4", "p5", "p6", "p7"],
+            "MODEL.ANCHOR_GENERATOR.SIZES": SCALES_3,  # octave_base_scale=4, scales_per_octave=3
+            "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0]],
+            "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
+            "MODEL.RETINANET.NUM_CONVS": 4,  # stacked_convs=4
+            "MODEL.RETINANET.NORM": "GN",  # norm_cfg GN(32)
+            "MODEL.RETINANET.PRIOR_PROB": 0.01,
+            "MODEL.RETINANET.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+            "MODEL.RANK_SORT.LEARNED_BOX_SCALES": True,  # Scale(1.0) per level
+            "MODEL.ALRP.ASSIGNER": "atss",  # ATSSAssigner(topk=9)
+            "MODEL.ALRP.ATSS_TOPK": 9,
+            "MODEL.ALRP.TEST_CANDIDATES": "anchors",
+            "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,
+            "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,  # nms_pre
+            "MODEL.RETINANET.NMS_THRESH_TEST": 0.6,  # nms iou_threshold=0.6
+            "SOLVER.BASE_LR": 0.008,
+        },
+        "rs_faster_rcnn_R_50_FPN_1x.yaml": RS_RCNN,
+        # Detectron2's FCOS 1x (upstream configs/COCO-Detection/fcos_R_50_FPN_1x.py and
+        # common/models/fcos.py), each loss with its authors' ATSS settings.
+        "alrp_fcos_R_50_FPN_1x.yaml": FCOS_1X,
+        "rs_fcos_R_50_FPN_1x.yaml": {
+            **FCOS_1X,
+            "MODEL.RANKING_LOSS.NAME": "RankSortHeadLoss",
+            "MODEL.RANK_SORT.DELTA": 0.5,
+            "MODEL.RANK_SORT.EPS": 1e-10,
+            "SOLVER.BASE_LR": 0.008,  # RS-ATSS at 16 images
+            "SOLVER.WEIGHT_DECAY_NORM": 0.0001,
+        },
+        "rs_mask_rcnn_R_50_FPN_1x.yaml": {  # ranksort_mask_rcnn_r50_fpn_1x_coco.py
+            **RS_RCNN,
+            "MODEL.MASK_ON": True,
+            "MODEL.ROI_MASK_HEAD.NAME": "RankSortMaskHead",  # RankBasedFCNMaskHead: Dice loss
+            "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+            "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,  # mask_roi_extractor output_size=14
+            "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
+            "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
+            "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,  # 80 class-wise masks
+            "MODEL.RANK_SORT.MAX_MASKS": 200,  # resample_for_mask_head(max_mask=200)
+            "INPUT.MASK_FORMAT": "bitmask",
+        },
+    }
+)
 
 # FoveaBox (kemaloksuz/aLRPLoss, configs/alrp_loss/*fovea_r50_fpn_4x4_100e_coco500.py: FOVEA
 # with the FoveaHead, APLossFoveaHead and aLRPLossFoveaHead); heads checked against a
 # transcription of theirs in tests/test_foveabox.py.
 FOVEABOX_500 = {
-    **R50, **SOLVER, **PIPELINE_500,
+    **R50,
+    **SOLVER,
+    **PIPELINE_500,
     "MODEL.META_ARCHITECTURE": "RankingFoveaBox",
     # FPN start_level=1, num_outs=5, add_extra_convs='on_input' (P6 from C5), no ReLU
     "MODEL.BACKBONE.NAME": "build_alrp_retinanet_resnet_fpn_backbone",
@@ -403,35 +430,37 @@ FOVEABOX_500 = {
     "SOLVER.IMS_PER_BATCH": 32,  # 4 GPUs x samples_per_gpu=8 (the dataset config's)
     "SOLVER.STEPS_EPOCHS": [75, 95],  # lr_config step=[75, 95], total_epochs=100
 }
-EXPECTED.update({
-    "focal_foveabox_R_50_FPN_500.yaml": {  # fovea_r50_fpn_4x4_100e_coco500.py
-        **FOVEABOX_500,
-        "MODEL.RANKING_LOSS.NAME": "FocalHeadLoss",
-        "MODEL.RETINANET.FOCAL_LOSS_GAMMA": 1.5,  # FocalLoss gamma=1.50, alpha=0.4
-        "MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.4,
-        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
-        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
-        "SOLVER.BASE_LR": 0.02,
-    },
-    "aploss_foveabox_R_50_FPN_500.yaml": {  # ap_loss_fovea_r50_fpn_4x4_100e_coco500.py
-        **FOVEABOX_500,
-        "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
-        "MODEL.ALRP.DELTA": 1.0,  # APLoss delta=1
-        "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
-        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
-        "SOLVER.BASE_LR": 0.002,
-    },
-    "alrp_foveabox_R_50_FPN_500.yaml": {  # alrp_loss_fovea_r50_fpn_4x4_100e_coco500.py
-        **FOVEABOX_500,
-        "MODEL.RANKING_LOSS.NAME": "ALRPHeadLoss",
-        "MODEL.ALRP.LOC_ERROR": "giou",  # GIoULoss
-        "MODEL.ALRP.TAU": 0.5,
-        "MODEL.ALRP.DELTA": 1.0,
-        "MODEL.ALRP.EPS": 1e-5,
-        "MODEL.ALRP.SB_INIT": 50.0,  # SB_weight = 50
-        "SOLVER.BASE_LR": 0.008,
-    },
-})
+EXPECTED.update(
+    {
+        "focal_foveabox_R_50_FPN_500.yaml": {  # fovea_r50_fpn_4x4_100e_coco500.py
+            **FOVEABOX_500,
+            "MODEL.RANKING_LOSS.NAME": "FocalHeadLoss",
+            "MODEL.RETINANET.FOCAL_LOSS_GAMMA": 1.5,  # FocalLoss gamma=1.50, alpha=0.4
+            "MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.4,
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
+            "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
+            "SOLVER.BASE_LR": 0.02,
+        },
+        "aploss_foveabox_R_50_FPN_500.yaml": {  # ap_loss_fovea_r50_fpn_4x4_100e_coco500.py
+            **FOVEABOX_500,
+            "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
+            "MODEL.ALRP.DELTA": 1.0,  # APLoss delta=1
+            "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "smooth_l1",  # SmoothL1Loss beta=0.11
+            "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.11,
+            "SOLVER.BASE_LR": 0.002,
+        },
+        "alrp_foveabox_R_50_FPN_500.yaml": {  # alrp_loss_fovea_r50_fpn_4x4_100e_coco500.py
+            **FOVEABOX_500,
+            "MODEL.RANKING_LOSS.NAME": "ALRPHeadLoss",
+            "MODEL.ALRP.LOC_ERROR": "giou",  # GIoULoss
+            "MODEL.ALRP.TAU": 0.5,
+            "MODEL.ALRP.DELTA": 1.0,
+            "MODEL.ALRP.EPS": 1e-5,
+            "MODEL.ALRP.SB_INIT": 50.0,  # SB_weight = 50
+            "SOLVER.BASE_LR": 0.008,
+        },
+    }
+)
 
 
 def _plain(value):
@@ -523,19 +552,25 @@ def test_test_candidates_are_the_authors_top_anchors():
     _, model = small_model("alrp_atss_R_50_FPN_500.yaml")
     assert model.test_candidates == "anchors"
     anchors = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 5 + [[90.0, 90.0, 110.0, 110.0]]))
-    scores = torch.tensor([
-        [0.90, 0.80, 0.01],  # best 0.90: kept, two classes above 0.05
-        [0.04, 0.03, 0.02],  # best 0.04: in the top 3 anchors, but no class above 0.05
-        [0.30, 0.00, 0.00],  # best 0.30: kept
-        [0.06, 0.07, 0.08],  # best 0.08: 4th anchor, outside the top 3
-        [0.00, 0.00, 0.01],
-        [0.00, 0.50, 0.00],  # best 0.50: kept; its box is clipped to the 100 x 100 image
-    ])
+    scores = torch.tensor(
+        [
+            [0.90, 0.80, 0.01],  # best 0.90: kept, two classes above 0.05
+            [0.04, 0.03, 0.02],  # best 0.04: in the top 3 anchors, but no class above 0.05
+            [0.30, 0.00, 0.00],  # best 0.30: kept
+            [0.06, 0.07, 0.08],  # best 0.08: 4th anchor, outside the top 3
+            [0.00, 0.00, 0.01],
+            [0.00, 0.50, 0.00],  # best 0.50: kept; its box is clipped to the 100 x 100 image
+        ]
+    )
     deltas = torch.zeros(6, 4)
     out = model._decode_multi_level_predictions([anchors], [scores], [deltas], 0.05, 3, (100, 100))
     got = sorted(zip(out.scores.tolist(), out.pred_classes.tolist()))
-    assert got == [(pytest.approx(0.3), 0), (pytest.approx(0.5), 1), (pytest.approx(0.8), 1),
-                   (pytest.approx(0.9), 0)]
+    assert got == [
+        (pytest.approx(0.3), 0),
+        (pytest.approx(0.5), 1),
+        (pytest.approx(0.8), 1),
+        (pytest.approx(0.9), 0),
+    ]
     assert out.pred_boxes.tensor.max() <= 100
     # Detectron2's rule would have kept the top 3 pairs: 0.9, 0.8, 0.5.
     model.test_candidates = "pairs"
@@ -544,11 +579,13 @@ def test_test_candidates_are_the_authors_top_anchors():
 
 
 def test_max_iou_matcher_minimum_and_later_ground_truth_wins():
-    iou = torch.tensor([
-        [0.45, 0.20, 0.10, 0.00],  # gt 0: best anchor 0 (0.45)
-        [0.42, 0.35, 0.00, 0.00],  # gt 1: best anchor 0 too (0.42)
-        [0.00, 0.00, 0.25, 0.05],  # gt 2: best anchor 2 (0.25)
-    ])
+    iou = torch.tensor(
+        [
+            [0.45, 0.20, 0.10, 0.00],  # gt 0: best anchor 0 (0.45)
+            [0.42, 0.35, 0.00, 0.00],  # gt 1: best anchor 0 too (0.42)
+            [0.00, 0.00, 0.25, 0.05],  # gt 2: best anchor 2 (0.25)
+        ]
+    )
     matched, labels = MaxIoUMatcher(0.3, 0.7, min_pos_iou=0.3)(iou)
     # anchor 0: a low-quality match of gts 0 and 1; the later gt takes it, although the
     #   anchor overlaps gt 0 more (Detectron2's Matcher would keep gt 0)
@@ -611,7 +648,7 @@ def ref_atss_assign(anchors, per_level, gts, topk=9):
     dist = (a_ctr[:, None, :] - g_ctr[None, :, :]).pow(2).sum(-1).sqrt()
     cands, start = [], 0
     for n in per_level:
-        cands.append(dist[start:start + n].topk(topk, dim=0, largest=False).indices + start)
+        cands.append(dist[start : start + n].topk(topk, dim=0, largest=False).indices + start)
         start += n
     cands = torch.cat(cands, dim=0)  # (levels * k, gts)
     best = torch.full_like(iou, -1.0)
@@ -655,7 +692,7 @@ def ref_loc_error(pred, target, kind, eps=1e-6):
     iou = inter / union
     if kind == "iou":  # ablation code: (1 - IoU) / (1 - tau), tau = 0.5
         return (1 - iou) / 0.5
-    hull = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2]))
+    hull = torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])
     hull_area = hull.clamp(min=0).prod(1) + eps
     giou = iou - (hull_area - union) / hull_area
     return 1 - giou  # (1 - GIoU) / 2 / (1 - tau) with tau = 0.5
@@ -697,8 +734,17 @@ def ref_alrp(logits, targets, loc_err, delta=1.0, eps=1e-5):
     return cls, loc, grad
 
 
-def ref_head(cls_out, box_out, anchors_per_level, gt_boxes, gt_classes, num_classes, assigner,
-             loc_kind, topk=9):
+def ref_head(
+    cls_out,
+    box_out,
+    anchors_per_level,
+    gt_boxes,
+    gt_classes,
+    num_classes,
+    assigner,
+    loc_kind,
+    topk=9,
+):
     """The authors' loss of a RetinaNet head for raw head outputs ``cls_out[l]``
     ``(N, A*K, H, W)`` and ``box_out[l]`` ``(N, A*4, H, W)``. Returns (cls, loc, labels
     (N, R) in (image, anchor) order), the losses differentiable in the head outputs."""
@@ -723,8 +769,8 @@ def ref_head(cls_out, box_out, anchors_per_level, gt_boxes, gt_classes, num_clas
     # Flatten level by level: (image, y, x, anchor) rows, classes innermost.
     flat_labels, flat_targets, flat_logits, flat_deltas, start = [], [], [], [], 0
     for n, c, b in zip(per_level, cls_out, box_out):
-        flat_labels.append(labels[:, start:start + n].reshape(-1))
-        flat_targets.append(targets[:, start:start + n].reshape(-1, 4))
+        flat_labels.append(labels[:, start : start + n].reshape(-1))
+        flat_targets.append(targets[:, start : start + n].reshape(-1, 4))
         flat_logits.append(c.permute(0, 2, 3, 1).reshape(-1, num_classes))
         flat_deltas.append(b.permute(0, 2, 3, 1).reshape(-1, 4))
         start += n
@@ -764,15 +810,27 @@ def test_alrp_retinanet_losses_equal_the_authors_head(case):
     anchors = model.anchor_generator(features)
     a = model.anchor_generator.num_anchors[0]
     g = torch.Generator().manual_seed(3)
-    cls_out = [(torch.randn(num_images, a * num_classes, *f.shape[2:], generator=g) * 2 - 3)
-               .double().requires_grad_() for f in features]
-    box_out = [(torch.randn(num_images, a * 4, *f.shape[2:], generator=g) * 0.5)
-               .double().requires_grad_() for f in features]
+    cls_out = [
+        (torch.randn(num_images, a * num_classes, *f.shape[2:], generator=g) * 2 - 3)
+        .double()
+        .requires_grad_()
+        for f in features
+    ]
+    box_out = [
+        (torch.randn(num_images, a * 4, *f.shape[2:], generator=g) * 0.5).double().requires_grad_()
+        for f in features
+    ]
     # Centres off the anchor grid and off its diagonals: no two anchor locations are
     # equally near a ground truth (ATSS's candidates are then unambiguous).
     gt_boxes = [
-        torch.tensor([[21.3, 30.9, 119.1, 108.5], [100.2, 90.7, 261.5, 300.1],
-                      [300.6, 40.1, 314.2, 54.9], [110.4, 101.3, 249.8, 291.1]]),
+        torch.tensor(
+            [
+                [21.3, 30.9, 119.1, 108.5],
+                [100.2, 90.7, 261.5, 300.1],
+                [300.6, 40.1, 314.2, 54.9],
+                [110.4, 101.3, 249.8, 291.1],
+            ]
+        ),
         torch.tensor([[3.7, 1.9, 380.2, 377.6], [50.3, 200.8, 90.1, 330.4]]),
         torch.zeros(0, 4),
     ]
@@ -792,8 +850,16 @@ def test_alrp_retinanet_losses_equal_the_authors_head(case):
 
     # The authors' head on the same anchors, outputs and ground truth.
     ref_cls, ref_loc, ref_labels = ref_head(
-        cls_out, box_out, [x.tensor.double() for x in anchors],
-        [b.double() for b in gt_boxes], gt_classes, num_classes, assigner, loc_kind, topk)
+        cls_out,
+        box_out,
+        [x.tensor.double() for x in anchors],
+        [b.double() for b in gt_boxes],
+        gt_classes,
+        num_classes,
+        assigner,
+        loc_kind,
+        topk,
+    )
 
     ours = torch.stack(labels)
     assert torch.equal(ours, ref_labels)  # same positives, negatives, ignored, classes
@@ -805,8 +871,10 @@ def test_alrp_retinanet_losses_equal_the_authors_head(case):
     assert losses["loss_alrp_loc"].item() == pytest.approx(sb * ref_loc.item(), rel=1e-5)
 
     # Gradients with respect to the raw head outputs.
-    for ours_loss, ref_loss, params in ((losses["loss_alrp_cls"], ref_cls, cls_out),
-                                        (losses["loss_alrp_loc"], sb * ref_loc, box_out)):
+    for ours_loss, ref_loss, params in (
+        (losses["loss_alrp_cls"], ref_cls, cls_out),
+        (losses["loss_alrp_loc"], sb * ref_loc, box_out),
+    ):
         got = torch.autograd.grad(ours_loss, params, retain_graph=True)
         want = torch.autograd.grad(ref_loss, params, retain_graph=True)
         for x, y in zip(got, want):

@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
@@ -14,8 +13,13 @@ if HAS_DETECTRON2:
     from detectron2.data import transforms as T
 
     from alrp_d2.config import get_cfg
-    from alrp_d2.data import (Expand, MinIoURandomCrop, PhotometricDistortion, build_alrp_augmentation,
-                              build_mapper)
+    from alrp_d2.data import (
+        Expand,
+        MinIoURandomCrop,
+        PhotometricDistortion,
+        build_alrp_augmentation,
+        build_mapper,
+    )
     from alrp_d2.data.synthetic import CLASSES, generate_split
 
 
@@ -29,7 +33,7 @@ def test_expand_moves_boxes_with_the_image_and_fills_the_mean():
     assert 40 <= h <= 60 and 60 <= w <= 90
     x0, y0 = transform.transforms[0].x0, transform.transforms[0].y0
     assert np.allclose(aug.boxes, boxes + [x0, y0, x0, y0])
-    assert (aug.image[y0:y0 + 20, x0:x0 + 30] == 200).all()
+    assert (aug.image[y0 : y0 + 20, x0 : x0 + 30] == 200).all()
     corner = aug.image[0, 0] if (x0, y0) != (0, 0) else aug.image[-1, -1]
     assert corner.tolist() == [10, 20, 30]
 
@@ -47,8 +51,9 @@ def test_min_iou_crop_keeps_iou_and_drops_boxes_whose_centre_is_outside(monkeypa
             continue
         cropped += 1
         x0, y0, w, h = transform.x0, transform.y0, transform.w, transform.h
-        inter = (np.clip(np.minimum(boxes[:, 2], x0 + w) - np.maximum(boxes[:, 0], x0), 0, None)
-                 * np.clip(np.minimum(boxes[:, 3], y0 + h) - np.maximum(boxes[:, 1], y0), 0, None))
+        inter = np.clip(
+            np.minimum(boxes[:, 2], x0 + w) - np.maximum(boxes[:, 0], x0), 0, None
+        ) * np.clip(np.minimum(boxes[:, 3], y0 + h) - np.maximum(boxes[:, 1], y0), 0, None)
         union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + w * h - inter
         assert (inter / union).min() >= 0.3 - 0.05  # integer crop edges shave a little
         out = transform.apply_box(boxes)
@@ -76,11 +81,19 @@ def test_training_pipeline_gives_fixed_size_images(tmp_path):
     cfg.INPUT.ALRP_AUG.ENABLED = True
     cfg.INPUT.ALRP_AUG.SIZE = (64, 64)
     augs = build_alrp_augmentation(cfg, True)
-    assert [type(a).__name__ for a in augs] == ["PhotometricDistortion", "Expand", "MinIoURandomCrop", "Resize", "RandomFlip"]
+    assert [type(a).__name__ for a in augs] == [
+        "PhotometricDistortion",
+        "Expand",
+        "MinIoURandomCrop",
+        "Resize",
+        "RandomFlip",
+    ]
     generate_split(str(tmp_path), "tiny_train")
     from detectron2.data.datasets import load_coco_json
 
-    dicts = load_coco_json(str(tmp_path / "annotations" / "tiny_train.json"), str(tmp_path / "tiny_train"))
+    dicts = load_coco_json(
+        str(tmp_path / "annotations" / "tiny_train.json"), str(tmp_path / "tiny_train")
+    )
     mapper = build_mapper(cfg, True)
     for d in dicts[:8]:
         out = mapper(d)
@@ -99,7 +112,9 @@ def test_synthetic_dataset_is_deterministic_with_crowds_and_empty_images(tmp_pat
     annotated = {ann["image_id"] for ann in a["annotations"]}
     assert len(annotated) < len(a["images"])  # some images are empty
     assert any(ann["iscrowd"] for ann in a["annotations"])
-    assert (tmp_path / "a" / "val" / "00000.png").read_bytes() == (tmp_path / "b" / "val" / "00000.png").read_bytes()
+    assert (tmp_path / "a" / "val" / "00000.png").read_bytes() == (
+        tmp_path / "b" / "val" / "00000.png"
+    ).read_bytes()
 
 
 def test_centre_filtered_crop_empties_boxes_whose_centre_is_outside():

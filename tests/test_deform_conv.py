@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
@@ -18,16 +17,20 @@ if HAS_DETECTRON2:
     from detectron2.modeling import build_model
     from detectron2.modeling.backbone.resnet import DeformBottleneckBlock, build_resnet_backbone
     from detectron2.utils.events import EventStorage
-
-    from alrp_d2.config import get_cfg
-    from alrp_d2.modeling import (TorchvisionDeformConv, TorchvisionModulatedDeformConv,
-                                  convert_deform_convs)
-    from alrp_d2.modeling.backbone import resnet_fpn
-
     from test_models import batch, tiny_cfg
 
+    from alrp_d2.config import get_cfg
+    from alrp_d2.modeling import (
+        TorchvisionDeformConv,
+        TorchvisionModulatedDeformConv,
+        convert_deform_convs,
+    )
+    from alrp_d2.modeling.backbone import resnet_fpn
+
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-DCN_CONFIG = os.path.join(ROOT, "configs", "COCO-Detection", "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml")
+DCN_CONFIG = os.path.join(
+    ROOT, "configs", "COCO-Detection", "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"
+)
 
 
 def bilinear(x, py, px):
@@ -73,8 +76,18 @@ def reference(x, offset, mask, weight, bias, stride, padding, dilation):
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
-def inputs(c=8, o=8, size=(9, 11), dg=1, groups=1, stride=1, dilation=1, seed=0,
-           dtype=torch.float64, fractional=False):
+def inputs(
+    c=8,
+    o=8,
+    size=(9, 11),
+    dg=1,
+    groups=1,
+    stride=1,
+    dilation=1,
+    seed=0,
+    dtype=torch.float64,
+    fractional=False,
+):
     """Random input, offsets (some reaching outside the image), masks, weights and bias."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
@@ -82,8 +95,11 @@ def inputs(c=8, o=8, size=(9, 11), dg=1, groups=1, stride=1, dilation=1, seed=0,
     x = torch.randn(1 if fractional else 2, c, h, w, generator=g, dtype=dtype)
     shape = (x.shape[0], 2 * dg * 9, ho, wo)
     if fractional:  # gradcheck: sample away from the integer grid, where bilinear has kinks
-        offset = torch.randint(-2, 3, shape, generator=g).to(dtype) + 0.2 + 0.6 * torch.rand(
-            shape, generator=g, dtype=dtype)
+        offset = (
+            torch.randint(-2, 3, shape, generator=g).to(dtype)
+            + 0.2
+            + 0.6 * torch.rand(shape, generator=g, dtype=dtype)
+        )
     else:
         offset = torch.randn(shape, generator=g, dtype=dtype) * 2
     mask = torch.rand(x.shape[0], dg * 9, ho, wo, generator=g, dtype=dtype)
@@ -93,9 +109,17 @@ def inputs(c=8, o=8, size=(9, 11), dg=1, groups=1, stride=1, dilation=1, seed=0,
 
 
 def modulated(weight, bias, dg, groups, stride, dilation):
-    conv = TorchvisionModulatedDeformConv(weight.shape[1] * groups, weight.shape[0], 3, stride=stride,
-                                          padding=dilation, dilation=dilation, groups=groups,
-                                          deformable_groups=dg, bias=bias is not None)
+    conv = TorchvisionModulatedDeformConv(
+        weight.shape[1] * groups,
+        weight.shape[0],
+        3,
+        stride=stride,
+        padding=dilation,
+        dilation=dilation,
+        groups=groups,
+        deformable_groups=dg,
+        bias=bias is not None,
+    )
     conv = conv.to(weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight)
@@ -123,8 +147,9 @@ def test_plain_equals_its_definition(dg, groups):
     conv = TorchvisionDeformConv(8, 8, 3, padding=1, groups=groups, deformable_groups=dg).double()
     with torch.no_grad():
         conv.weight.copy_(weight)
-    torch.testing.assert_close(conv(x, offset), reference(x, offset, None, weight, None, 1, 1, 1),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        conv(x, offset), reference(x, offset, None, weight, None, 1, 1, 1), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -167,11 +192,15 @@ def test_block_equal_to_detectron2_on_the_cpu():
     assert block.conv2_offset.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Detectron2's modulated kernel is CUDA only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Detectron2's modulated kernel is CUDA only"
+)
 @pytest.mark.parametrize("dg,groups", [(1, 1), (4, 2)])
 def test_modulated_equal_to_detectron2_on_cuda(dg, groups):
     x, offset, mask, weight, bias = inputs(dg=dg, groups=groups, stride=2, dtype=torch.float32)
-    theirs = ModulatedDeformConv(8, 8, 3, stride=2, padding=1, groups=groups, deformable_groups=dg).cuda()
+    theirs = ModulatedDeformConv(
+        8, 8, 3, stride=2, padding=1, groups=groups, deformable_groups=dg
+    ).cuda()
     with torch.no_grad():
         theirs.weight.copy_(weight)
         theirs.bias.copy_(bias)
@@ -188,8 +217,9 @@ def test_modulated_equal_to_detectron2_on_cuda(dg, groups):
 def test_gradients_pass_gradcheck(dg, groups):
     """Every input's gradient (image, offsets, masks, weight, bias) against finite
     differences, in float64, sampling away from the pixel grid (bilinear's kinks)."""
-    x, offset, mask, weight, bias = inputs(c=4, o=4, size=(5, 6), dg=dg, groups=groups,
-                                           fractional=True)
+    x, offset, mask, weight, bias = inputs(
+        c=4, o=4, size=(5, 6), dg=dg, groups=groups, fractional=True
+    )
     conv = modulated(weight, bias, dg, groups, 1, 1)
 
     def f(x, offset, mask, weight, bias):
@@ -262,7 +292,9 @@ def test_backbone_trains_and_autocasts_on_the_cpu():
             res5 = backbone.bottom_up(x)["res5"]
     assert all(f.dtype == torch.bfloat16 for f in low.values()) and res5.dtype == torch.bfloat16
     for name, value in full.items():  # bfloat16's 8 bits of mantissa, through 16 layers
-        torch.testing.assert_close(low[name].float(), value, rtol=0.05, atol=0.05 * value.abs().max())
+        torch.testing.assert_close(
+            low[name].float(), value, rtol=0.05, atol=0.05 * value.abs().max()
+        )
 
 
 def test_mismatched_offsets_are_refused():
@@ -327,4 +359,6 @@ def test_dcn_config_trains_one_step_and_infers():
     model.eval()
     with torch.no_grad():
         outputs = model([{"image": x["image"]} for x in batch()])
-    assert len(outputs) == 2 and all(o["instances"].pred_boxes.tensor.shape[1] == 4 for o in outputs)
+    assert len(outputs) == 2 and all(
+        o["instances"].pred_boxes.tensor.shape[1] == 4 for o in outputs
+    )

@@ -55,8 +55,9 @@ def evaluate(loss_name, logits, targets, loc, delta, group):
     elif loss_name == "ap":
         value = ap_loss(x, targets, delta=delta, process_group=group)
     elif loss_name == "rank_sort":
-        ranking, sorting = rank_sort_loss(x, continuous_labels(targets, loc), delta=delta,
-                                          process_group=group)
+        ranking, sorting = rank_sort_loss(
+            x, continuous_labels(targets, loc), delta=delta, process_group=group
+        )
         value = torch.stack([ranking, sorting])
         (ranking + sorting).backward()
         return value.detach(), x.grad, torch.zeros_like(e)
@@ -70,12 +71,21 @@ def disagreement(actual, expected, floor=0.0):
     scale = max(float(expected.abs().max()) if expected.numel() else 0.0, floor)
     if not actual.numel():
         return 0.0
-    return float((actual - expected).abs().max()) / scale if scale else float((actual - expected).abs().max())
+    return (
+        float((actual - expected).abs().max()) / scale
+        if scale
+        else float((actual - expected).abs().max())
+    )
 
 
 KINDS = ["random", "ties", "no_positive_on_rank1", "no_positive_anywhere"]
-CASES = [(loss, kind, seed, delta) for loss in ("alrp", "ap", "ndcg", "rank_sort") for kind in KINDS
-         for seed in range(2) for delta in (0.0, 0.5, 1.0)]
+CASES = [
+    (loss, kind, seed, delta)
+    for loss in ("alrp", "ap", "ndcg", "rank_sort")
+    for kind in KINDS
+    for seed in range(2)
+    for delta in (0.0, 0.5, 1.0)
+]
 
 
 def worker(rank, init_file, out_dir):
@@ -91,8 +101,8 @@ def worker(rank, init_file, out_dir):
         loc_start = sum(len(p[2]) for p in parts[:rank])
         results[f"{loss_name}-{kind}-{seed}-{delta}"] = {
             "value": disagreement(value.reshape(-1), ref_value.reshape(-1), floor=1.0),
-            "grad": disagreement(grad, ref_grad[start:start + len(logits)]),
-            "grad_loc": disagreement(grad_loc, ref_grad_loc[loc_start:loc_start + len(loc)]),
+            "grad": disagreement(grad, ref_grad[start : start + len(logits)]),
+            "grad_loc": disagreement(grad_loc, ref_grad_loc[loc_start : loc_start + len(loc)]),
             "zero": bool((value == 0).all()) if kind == "no_positive_anywhere" else True,
         }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -103,7 +113,9 @@ def worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn"
+    )
     merged = {}
     for rank in range(WORLD):
         with open(out / f"rank{rank}.json") as f:
@@ -114,7 +126,9 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("rank", range(WORLD))
 @pytest.mark.parametrize("loss_name,kind,seed,delta", CASES)
-def test_global_ranking_equals_one_process_with_the_whole_batch(results, rank, loss_name, kind, seed, delta):
+def test_global_ranking_equals_one_process_with_the_whole_batch(
+    results, rank, loss_name, kind, seed, delta
+):
     result = results[(rank, f"{loss_name}-{kind}-{seed}-{delta}")]
     assert result["value"] <= RTOL
     assert result["grad"] <= RTOL

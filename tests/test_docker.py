@@ -11,7 +11,6 @@ import tempfile
 import pytest
 import yaml
 
-
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 COMPOSE = os.path.join(ROOT, "docker", "docker-compose.yml")
 
@@ -58,32 +57,55 @@ def open_dir():
     shutil.rmtree(path)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
 def test_entrypoint_makes_a_missing_output_folder_writable_for_the_training_user(open_dir):
     output = open_dir / "host" / "output"  # does not exist yet, as a fresh bind mount's host path
     script = 'id -u; touch "$ALRP_OUTPUT/written"'
-    run = subprocess.run([ENTRYPOINT, "sh", "-c", script], env=dict(os.environ, ALRP_OUTPUT=str(output)),
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [ENTRYPOINT, "sh", "-c", script],
+        env=dict(os.environ, ALRP_OUTPUT=str(output)),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["1000"]  # not root
     assert (output / "written").stat().st_uid == 1000
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
 def test_entrypoint_writes_as_the_owner_of_an_existing_output_folder(open_dir):
     output = open_dir / "output"
     output.mkdir()
     os.chown(output, 1234, 1234)
-    run = subprocess.run([ENTRYPOINT, "sh", "-c", 'id -u; touch "$ALRP_OUTPUT/written"'],
-                         env=dict(os.environ, ALRP_OUTPUT=str(output)), capture_output=True, text=True)
+    run = subprocess.run(
+        [ENTRYPOINT, "sh", "-c", 'id -u; touch "$ALRP_OUTPUT/written"'],
+        env=dict(os.environ, ALRP_OUTPUT=str(output)),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["1234"]
     assert (output / "written").stat().st_uid == 1234
 
 
 @pytest.mark.detectron2
-@pytest.mark.parametrize("env", [{}, {"NUM_MACHINES": "2", "MACHINE_RANK": "1", "MASTER_ADDR": "10.1.2.3",
-                                      "RESUME": "--resume", "OPTS": "SOLVER.IMS_PER_BATCH 16"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {
+            "NUM_MACHINES": "2",
+            "MACHINE_RANK": "1",
+            "MASTER_ADDR": "10.1.2.3",
+            "RESUME": "--resume",
+            "OPTS": "SOLVER.IMS_PER_BATCH 16",
+        },
+    ],
+)
 def test_compose_commands_parse_with_train_net(env):
     from alrp_d2.engine.launch import argument_parser, setup_cfg
 

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-
 pytestmark = pytest.mark.detectron2
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -16,8 +15,14 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 
 def train_net(*args, env_root, timeout=240):
     env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # A model this briefly trained scores every anchor about 0.01: evaluate its 20 best
@@ -37,18 +42,35 @@ def ddp_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("engine")
     out = base / "out"
     common = ["--config-file", TINY, "--accelerator", "cpu", "--devices", 2]
-    first = train_net(*common, "SOLVER.MAX_EPOCHS", 1, *EVALUATE_ALL, "OUTPUT_DIR", out,
-                      env_root=base / "data")
+    first = train_net(
+        *common, "SOLVER.MAX_EPOCHS", 1, *EVALUATE_ALL, "OUTPUT_DIR", out, env_root=base / "data"
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     after_first = {r: records(out, r) for r in (0, 1)}
     with open(out / "final_metrics.json") as f:
         first_metrics = json.load(f)
     # The resumed run also evaluates every epoch (TEST.EVAL_PERIOD 1) inside the fit loop.
-    second = train_net(*common, "--resume", "SOLVER.MAX_EPOCHS", 2, "TEST.EVAL_PERIOD", 1, *EVALUATE_ALL,
-                       "OUTPUT_DIR", out, env_root=base / "data")
+    second = train_net(
+        *common,
+        "--resume",
+        "SOLVER.MAX_EPOCHS",
+        2,
+        "TEST.EVAL_PERIOD",
+        1,
+        *EVALUATE_ALL,
+        "OUTPUT_DIR",
+        out,
+        env_root=base / "data",
+    )
     assert second.returncode == 0, second.stderr[-3000:]
-    return {"base": base, "out": out, "first": after_first, "first_metrics": first_metrics,
-            "all": {r: records(out, r) for r in (0, 1)}, "second_log": second.stderr + second.stdout}
+    return {
+        "base": base,
+        "out": out,
+        "first": after_first,
+        "first_metrics": first_metrics,
+        "all": {r: records(out, r) for r in (0, 1)},
+        "second_log": second.stderr + second.stdout,
+    }
 
 
 def epoch_weights(rows):
@@ -61,7 +83,9 @@ def test_ranks_agree_and_weight_is_the_mean_over_all_iterations(ddp_runs):
     assert set(w0) == set(w1) == {0, 1}
     for epoch in (0, 1):
         assert w0[epoch]["weight"] == w1[epoch]["weight"]
-        per_rank = [[r for r in rows[rank] if r["epoch"] == epoch and "cls" in r] for rank in (0, 1)]
+        per_rank = [
+            [r for r in rows[rank] if r["epoch"] == epoch and "cls" in r] for rank in (0, 1)
+        ]
         assert len(per_rank[0]) == len(per_rank[1]) > 1  # the same number of batches on each rank
         iters = per_rank[0] + per_rank[1]
         mean_cls = sum(r["cls"] for r in iters) / len(iters)
@@ -73,7 +97,7 @@ def test_ranks_agree_and_weight_is_the_mean_over_all_iterations(ddp_runs):
 def test_resume_continues_at_epoch_two_with_the_saved_weight(ddp_runs):
     first = epoch_weights(ddp_runs["first"][0])
     assert set(first) == {0}
-    resumed = [r for r in ddp_runs["all"][0][len(ddp_runs["first"][0]):]]
+    resumed = [r for r in ddp_runs["all"][0][len(ddp_runs["first"][0]) :]]
     assert resumed and all(r["epoch"] == 1 for r in resumed)  # no epoch trained twice
     assert epoch_weights(resumed)[1]["weight_used"] == first[0]["weight"]
     assert "Resuming from" in ddp_runs["second_log"]
@@ -81,8 +105,14 @@ def test_resume_continues_at_epoch_two_with_the_saved_weight(ddp_runs):
 
 def test_outputs(ddp_runs):
     out = ddp_runs["out"]
-    for name in ("config.yaml", "last.ckpt", "model_final.pth", "final_metrics.json", "log.txt",
-                 "model_best.pth"):
+    for name in (
+        "config.yaml",
+        "last.ckpt",
+        "model_final.pth",
+        "final_metrics.json",
+        "log.txt",
+        "model_best.pth",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "csv").rglob("metrics.csv")) and any((out / "tensorboard").rglob("events.*"))
     metrics = json.loads((out / "final_metrics.json").read_text())
@@ -95,8 +125,17 @@ def test_outputs(ddp_runs):
 def test_eval_only_reproduces_the_metrics(ddp_runs):
     out = ddp_runs["out"]
     evaluated = ddp_runs["base"] / "eval"
-    run = train_net("--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", out / "model_final.pth",
-                    *EVALUATE_ALL, "OUTPUT_DIR", evaluated, env_root=ddp_runs["base"] / "data")
+    run = train_net(
+        "--config-file",
+        TINY,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        out / "model_final.pth",
+        *EVALUATE_ALL,
+        "OUTPUT_DIR",
+        evaluated,
+        env_root=ddp_runs["base"] / "data",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     evaluated = evaluated / "eval" / "model_final"  # a folder of its own, named by the weights
     trained = json.loads((out / "final_metrics.json").read_text())
@@ -112,10 +151,22 @@ def test_eval_only_reproduces_the_metrics(ddp_runs):
     [
         (["--config-file", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
         (["--config-file", TINY, "MODEL.ALRP.NOT_A_KEY", "1"], "MODEL.ALRP.NOT_A_KEY"),
-        (["--config-file", TINY, "DATASETS.TRAIN", "('no_such_dataset',)"], "unknown dataset name 'no_such_dataset'"),
-        (["--config-file", TINY, "MODEL.WEIGHTS", "missing/weights.pth"], "weights file not found: missing/weights.pth"),
-        (["--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", "missing.pth"], "weights file not found: missing.pth"),
-        (["--config-file", TINY, "SOLVER.LOG_PERIOD", "0"], "SOLVER.LOG_PERIOD must be at least 1 iteration"),
+        (
+            ["--config-file", TINY, "DATASETS.TRAIN", "('no_such_dataset',)"],
+            "unknown dataset name 'no_such_dataset'",
+        ),
+        (
+            ["--config-file", TINY, "MODEL.WEIGHTS", "missing/weights.pth"],
+            "weights file not found: missing/weights.pth",
+        ),
+        (
+            ["--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", "missing.pth"],
+            "weights file not found: missing.pth",
+        ),
+        (
+            ["--config-file", TINY, "SOLVER.LOG_PERIOD", "0"],
+            "SOLVER.LOG_PERIOD must be at least 1 iteration",
+        ),
     ],
 )
 def test_bad_input_exits_with_a_message_and_touches_nothing(tmp_path, args, message):
@@ -133,10 +184,25 @@ def test_bad_input_exits_with_a_message_and_touches_nothing(tmp_path, args, mess
 
 def test_single_process_with_mixed_precision_and_clipping(tmp_path):
     out = tmp_path / "out"
-    run = train_net("--config-file", TINY, "--accelerator", "cpu", "SOLVER.MAX_EPOCHS", 1,
-                    "SOLVER.AMP.ENABLED", True, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
-                    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
-                    "OUTPUT_DIR", out, env_root=tmp_path / "data")
+    run = train_net(
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "SOLVER.MAX_EPOCHS",
+        1,
+        "SOLVER.AMP.ENABLED",
+        True,
+        "SOLVER.CLIP_GRADIENTS.ENABLED",
+        True,
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+        "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+        1.0,
+        "OUTPUT_DIR",
+        out,
+        env_root=tmp_path / "data",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert "bbox/AP50" in metrics and metrics["alrp/sb_weight"] > 0
@@ -185,4 +251,7 @@ def test_steps_after_the_last_epoch_are_named_in_the_users_key():
         logging.getLogger("alrp_d2").removeHandler(handler)
     assert tuple(solver.SOLVER.STEPS) == (20,)
     (record,) = records
-    assert "SOLVER.STEPS_EPOCHS (2, 5): the steps at epochs [5] come after the last epoch" in record.getMessage()
+    assert (
+        "SOLVER.STEPS_EPOCHS (2, 5): the steps at epochs [5] come after the last epoch"
+        in record.getMessage()
+    )

@@ -18,9 +18,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import HAS_DETECTRON2
+from PIL import Image
 from runs import ROOT
 
 pytestmark = [
@@ -82,10 +81,18 @@ def quickstart(run, variant):
 def rcnn(name):
     from test_models import tiny_cfg
 
-    cfg = tiny_cfg(os.path.join(COCO, name), **{
-        "MODEL.RESNETS.DEPTH": 18, "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
-        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN", "MODEL.FPN.OUT_CHANNELS": 64,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0, "TEST.DETECTIONS_PER_IMAGE": 20})
+    cfg = tiny_cfg(
+        os.path.join(COCO, name),
+        **{
+            "MODEL.RESNETS.DEPTH": 18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+            "MODEL.RESNETS.NORM": "GN",
+            "MODEL.FPN.NORM": "GN",
+            "MODEL.FPN.OUT_CHANNELS": 64,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
+            "TEST.DETECTIONS_PER_IMAGE": 20,
+        },
+    )
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -95,14 +102,15 @@ MODELS = ["alrp", "rank_sort", "focal", "fcos", "faster_rcnn", "mask_rcnn", "ce_
 # models (the focal RetinaNet, the cross-entropy R-CNN), the aLRP quickstart (the command's
 # tests below trace it to TorchScript and ONNX; scripting RS-ATSS compiles its inference
 # code) and FCOS by ONNX (traced in the fast lane, which exports the R-CNN and RS-ATSS).
-SLOW = {"traced": {"alrp", "focal", "mask_rcnn", "ce_faster_rcnn"},
-        "scripted": {"alrp", "focal", "mask_rcnn", "ce_faster_rcnn"},
-        "onnx": {"alrp", "focal", "fcos", "mask_rcnn", "ce_faster_rcnn"}}
+SLOW = {
+    "traced": {"alrp", "focal", "mask_rcnn", "ce_faster_rcnn"},
+    "scripted": {"alrp", "focal", "mask_rcnn", "ce_faster_rcnn"},
+    "onnx": {"alrp", "focal", "fcos", "mask_rcnn", "ce_faster_rcnn"},
+}
 
 
 def params(method):
-    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW[method] else [])
-            for n in MODELS]
+    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW[method] else []) for n in MODELS]
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +136,14 @@ def models(trained_run):
 def images(trained_run):
     """Three validation images (BGR, ``(3, H, W)`` float) and a smaller one to trace on."""
     val = trained_run.data / "alrp_synthetic" / "tiny_val"
-    full = [torch.as_tensor(np.asarray(Image.open(val / f"0000{i}.png").convert("RGB"))[:, :, ::-1]
-                            .astype("float32").transpose(2, 0, 1)) for i in range(3)]
+    full = [
+        torch.as_tensor(
+            np.asarray(Image.open(val / f"0000{i}.png").convert("RGB"))[:, :, ::-1]
+            .astype("float32")
+            .transpose(2, 0, 1)
+        )
+        for i in range(3)
+    ]
     small = torch.nn.functional.interpolate(full[0][None], size=(96, 112), mode="bilinear")[0]
     return full, small
 
@@ -150,8 +164,9 @@ def assert_same(exported, eager, rtol=1.3e-6, atol=1e-5):
     assert len(exported) == len(eager)
     assert torch.equal(exported.pred_classes, eager.pred_classes)
     torch.testing.assert_close(exported.scores, eager.scores, rtol=rtol, atol=atol)
-    torch.testing.assert_close(exported.pred_boxes.tensor, eager.pred_boxes.tensor,
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        exported.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=rtol, atol=atol
+    )
 
 
 @pytest.mark.parametrize("name", params("traced"))
@@ -177,8 +192,12 @@ def test_scripted_torchscript_detects_as_the_eager_model(name, models, images, t
         with torch.no_grad():
             fields = loaded([{"image": image}])[0]
         size = tuple(image.shape[1:])
-        out = Instances(size, pred_boxes=Boxes(fields["pred_boxes"]), scores=fields["scores"],
-                        pred_classes=fields["pred_classes"])
+        out = Instances(
+            size,
+            pred_boxes=Boxes(fields["pred_boxes"]),
+            scores=fields["scores"],
+            pred_classes=fields["pred_classes"],
+        )
         assert_same(as_detections(out, image), eager_detections(model, image))
 
 
@@ -208,10 +227,18 @@ def dcn():
     ResNet-50 of group norm (the X-101's 64 groups cost the test time, not coverage)."""
     from test_models import tiny_cfg
 
-    cfg = tiny_cfg(os.path.join(COCO, "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"), **{
-        "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
-        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN", "MODEL.RETINANET.NUM_CONVS": 1,
-        "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0, "TEST.DETECTIONS_PER_IMAGE": 20})
+    cfg = tiny_cfg(
+        os.path.join(COCO, "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"),
+        **{
+            "MODEL.RESNETS.NUM_GROUPS": 1,
+            "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
+            "MODEL.RESNETS.NORM": "GN",
+            "MODEL.FPN.NORM": "GN",
+            "MODEL.RETINANET.NUM_CONVS": 1,
+            "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0,
+            "TEST.DETECTIONS_PER_IMAGE": 20,
+        },
+    )
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval()
 
@@ -232,17 +259,32 @@ def test_deformable_convolutions_trace(images, tmp_path):
         assert_same(as_detections(out, image), eager_detections(model, image))
 
 
-@pytest.mark.parametrize("how", [
-    ["--export-method", "scripting"],
-    pytest.param(["--format", "onnx"], marks=pytest.mark.skipif(not HAS_ONNX, reason=ONNX_MISSING)),
-], ids=["scripting", "onnx"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--export-method", "scripting"],
+        pytest.param(
+            ["--format", "onnx"], marks=pytest.mark.skipif(not HAS_ONNX, reason=ONNX_MISSING)
+        ),
+    ],
+    ids=["scripting", "onnx"],
+)
 def test_command_refuses_deformable_convolutions_but_by_tracing(how, tmp_path, capsys):
     cfg, model = dcn()
     (tmp_path / "config.yaml").write_text(cfg.dump())
     torch.save({"model": model.state_dict()}, tmp_path / "dcn.pth")
     out = tmp_path / "out"
-    code = export.main(["--config-file", str(tmp_path / "config.yaml"), "--weights",
-                        str(tmp_path / "dcn.pth"), "--output", str(out)] + how)
+    code = export.main(
+        [
+            "--config-file",
+            str(tmp_path / "config.yaml"),
+            "--weights",
+            str(tmp_path / "dcn.pth"),
+            "--output",
+            str(out),
+        ]
+        + how
+    )
     assert code == 2
     assert "deformable convolutions" in capsys.readouterr().err
     assert not out.exists()
@@ -255,8 +297,16 @@ def test_command_traces_the_trained_run(trained_run, models, images, tmp_path, c
     """The tiny training's weights and config, traced by the command on a validation image:
     the saved model detects as the eager aLRP model on the others; the outputs are named."""
     val = trained_run.data / "alrp_synthetic" / "tiny_val"
-    args = ["--config-file", trained_run.out / "config.yaml", "--output", tmp_path,
-            "--weights", trained_run.out / "model_final.pth", "--sample-image", val / "00003.png"]
+    args = [
+        "--config-file",
+        trained_run.out / "config.yaml",
+        "--output",
+        tmp_path,
+        "--weights",
+        trained_run.out / "model_final.pth",
+        "--sample-image",
+        val / "00003.png",
+    ]
     assert export.main([str(a) for a in args]) == 0
     assert "returns pred_boxes, pred_classes, scores, image_size" in capsys.readouterr().out
     loaded = torch.jit.load(tmp_path / "model.ts")
@@ -279,41 +329,66 @@ def test_command_exports_onnx_on_the_first_test_image(trained_run, models, image
     image (a process of its own: the datasets' root is registered once per process); ONNX
     Runtime runs the file by its outputs' names, detecting as the eager model."""
     import onnxruntime
-
     from runs import python_module
 
-    done = python_module("alrp_d2.export", "--config-file", trained_run.out / "config.yaml",
-                         "--weights", trained_run.out / "model_final.pth", "--output", tmp_path,
-                         "--format", "onnx", env_root=trained_run.data)
+    done = python_module(
+        "alrp_d2.export",
+        "--config-file",
+        trained_run.out / "config.yaml",
+        "--weights",
+        trained_run.out / "model_final.pth",
+        "--output",
+        tmp_path,
+        "--format",
+        "onnx",
+        env_root=trained_run.data,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "returns pred_boxes, pred_classes, scores, image_size" in done.stdout
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
     model = models("alrp")
     full, _ = images
     for image in full:
-        outputs = dict(zip([o.name for o in session.get_outputs()],
-                           session.run(None, {"image": image.numpy()})))
-        out = Instances(tuple(outputs["image_size"].tolist()),
-                        pred_boxes=Boxes(torch.from_numpy(outputs["pred_boxes"])),
-                        scores=torch.from_numpy(outputs["scores"]),
-                        pred_classes=torch.from_numpy(outputs["pred_classes"]))
+        outputs = dict(
+            zip(
+                [o.name for o in session.get_outputs()], session.run(None, {"image": image.numpy()})
+            )
+        )
+        out = Instances(
+            tuple(outputs["image_size"].tolist()),
+            pred_boxes=Boxes(torch.from_numpy(outputs["pred_boxes"])),
+            scores=torch.from_numpy(outputs["scores"]),
+            pred_classes=torch.from_numpy(outputs["pred_classes"]),
+        )
         assert_same(as_detections(out, image), eager_detections(model, image), rtol=1e-4, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
 def command_args(trained_run):
-    return ["--config-file", str(trained_run.out / "config.yaml"),
-            "--weights", str(trained_run.out / "model_final.pth")]
+    return [
+        "--config-file",
+        str(trained_run.out / "config.yaml"),
+        "--weights",
+        str(trained_run.out / "model_final.pth"),
+    ]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--format", "onnx", "--export-method", "scripting"], "scripting exports TorchScript only"),
-    (["--weights", "missing.pth"], "weights file not found: missing.pth"),
-    (["--sample-image", "missing.png"], "sample image not found: missing.png"),
-    (["--export-method", "scripting", "MODEL.ALRP.NOT_A_KEY", "1"], "MODEL.ALRP.NOT_A_KEY"),
-], ids=["onnx_by_scripting", "weights", "sample_image", "config_key"])
-def test_command_refuses_bad_input_and_writes_nothing(extra, message, command_args, tmp_path,
-                                                      capsys):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--format", "onnx", "--export-method", "scripting"],
+            "scripting exports TorchScript only",
+        ),
+        (["--weights", "missing.pth"], "weights file not found: missing.pth"),
+        (["--sample-image", "missing.png"], "sample image not found: missing.png"),
+        (["--export-method", "scripting", "MODEL.ALRP.NOT_A_KEY", "1"], "MODEL.ALRP.NOT_A_KEY"),
+    ],
+    ids=["onnx_by_scripting", "weights", "sample_image", "config_key"],
+)
+def test_command_refuses_bad_input_and_writes_nothing(
+    extra, message, command_args, tmp_path, capsys
+):
     out = tmp_path / "out"
     assert export.main(command_args + ["--output", str(out)] + extra) == 2
     assert message in capsys.readouterr().err
@@ -322,10 +397,11 @@ def test_command_refuses_bad_input_and_writes_nothing(extra, message, command_ar
 
 def test_command_without_onnx_names_the_extra(command_args, tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(export.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    monkeypatch.setattr(
+        export.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnx" else real(name, *a),
+    )
     assert export.main(command_args + ["--output", str(tmp_path / "out"), "--format", "onnx"]) == 2
     assert 'pip install -e ".[export]"' in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-

@@ -13,9 +13,11 @@ LIGHTNING_RANGE = ">=2.6,<2.7"  # pyproject.toml's pin
 
 
 def missing(owner, name, where, framework, version):
-    return (f"{framework} {version}: {owner} has no {name!r}, which {where} relies on; this"
-            f" project is tested with pytorch-lightning{LIGHTNING_RANGE} and Detectron2's"
-            " pinned commit (alrp_d2/install_detectron2.py)")
+    return (
+        f"{framework} {version}: {owner} has no {name!r}, which {where} relies on; this"
+        f" project is tested with pytorch-lightning{LIGHTNING_RANGE} and Detectron2's"
+        " pinned commit (alrp_d2/install_detectron2.py)"
+    )
 
 
 def test_lightning_version_is_the_tested_range():
@@ -23,7 +25,8 @@ def test_lightning_version_is_the_tested_range():
     from packaging.specifiers import SpecifierSet
 
     assert pl.__version__ in SpecifierSet(LIGHTNING_RANGE), (
-        f"pytorch-lightning {pl.__version__} is outside the tested range {LIGHTNING_RANGE}")
+        f"pytorch-lightning {pl.__version__} is outside the tested range {LIGHTNING_RANGE}"
+    )
     with open(__file__.replace("tests/test_framework_private_api.py", "pyproject.toml")) as f:
         assert f'"pytorch-lightning{LIGHTNING_RANGE}"' in f.read()
 
@@ -31,66 +34,168 @@ def test_lightning_version_is_the_tested_range():
 def test_lightning_trainer_internals():
     import pytorch_lightning as pl
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     version = pl.__version__
     # alrp_d2/engine/signals.py: stop all ranks at one step boundary after a signal.
     connector = getattr(trainer, "_signal_connector", None)
-    assert connector is not None, missing("Trainer", "_signal_connector",
-                                          "alrp_d2/engine/signals.py", "pytorch-lightning",
-                                          version)
+    assert connector is not None, missing(
+        "Trainer", "_signal_connector", "alrp_d2/engine/signals.py", "pytorch-lightning", version
+    )
     assert hasattr(connector, "received_sigterm"), missing(
-        "Trainer._signal_connector", "received_sigterm", "alrp_d2/engine/signals.py",
-        "pytorch-lightning", version)
+        "Trainer._signal_connector",
+        "received_sigterm",
+        "alrp_d2/engine/signals.py",
+        "pytorch-lightning",
+        version,
+    )
     # alrp_d2/engine/checkpoint.py: the whole training state, written by our own writer.
     checkpoints = getattr(trainer, "_checkpoint_connector", None)
     assert checkpoints is not None and hasattr(checkpoints, "dump_checkpoint"), missing(
-        "Trainer", "_checkpoint_connector.dump_checkpoint", "alrp_d2/engine/checkpoint.py",
-        "pytorch-lightning", version)
+        "Trainer",
+        "_checkpoint_connector.dump_checkpoint",
+        "alrp_d2/engine/checkpoint.py",
+        "pytorch-lightning",
+        version,
+    )
     assert "weights_only" in inspect.signature(checkpoints.dump_checkpoint).parameters
 
 
 # (module, class, name, kind, the project's module that relies on it); kind "method": an
 # attribute of the class; "attribute": set on instances by the class's methods.
 DETECTRON2_PRIVATE = [
-    ("detectron2.evaluation", "COCOEvaluator", "_tasks_from_predictions", "method",
-     "alrp_d2/evaluation/lrp_evaluator.py"),
-    *[("detectron2.evaluation", "COCOEvaluator", name, "attribute",
-       "alrp_d2/evaluation/lrp_evaluator.py")
-      for name in ("_coco_api", "_distributed", "_do_evaluation", "_metadata", "_output_dir",
-                   "_predictions", "_tasks", "_logger")],
-    ("detectron2.modeling.meta_arch.dense_detector", "DenseDetector",
-     "_transpose_dense_predictions", "method", "alrp_d2/modeling"),
-    ("detectron2.modeling.meta_arch.dense_detector", "DenseDetector",
-     "_decode_per_level_predictions", "method", "alrp_d2/modeling/retinanet.py"),
-    ("detectron2.modeling.meta_arch.dense_detector", "DenseDetector",
-     "_decode_multi_level_predictions", "method", "alrp_d2/modeling/retinanet.py"),
-    ("detectron2.modeling.meta_arch.retinanet", "RetinaNetHead", "_num_features", "attribute",
-     "alrp_d2/modeling/retinanet.py"),
-    ("detectron2.modeling.meta_arch.fcos", "FCOSHead", "_num_features", "attribute",
-     "alrp_d2/modeling/fcos.py"),
-    ("detectron2.modeling.proposal_generator.rpn", "RPN", "_decode_proposals", "method",
-     "alrp_d2/modeling/rcnn.py"),
-    ("detectron2.modeling.proposal_generator.rpn", "RPN", "_subsample_labels", "method",
-     "alrp_d2/modeling/rcnn.py"),
-    ("detectron2.modeling.roi_heads.roi_heads", "ROIHeads", "_sample_proposals", "method",
-     "alrp_d2/modeling/rcnn.py"),
-    ("detectron2.modeling.roi_heads.roi_heads", "StandardROIHeads", "_init_box_head", "method",
-     "alrp_d2/modeling/rcnn.py"),
-    ("detectron2.checkpoint", "DetectionCheckpointer", "_load_file", "method",
-     "alrp_d2/weights.py"),
-    ("detectron2.checkpoint", "DetectionCheckpointer", "_torch_load", "method",
-     "alrp_d2/weights.py"),
-    ("detectron2.checkpoint", "DetectionCheckpointer", "_load_model", "method",
-     "alrp_d2/weights.py"),
-    ("detectron2.checkpoint", "DetectionCheckpointer", "_log_incompatible_keys", "method",
-     "alrp_d2/weights.py"),
+    (
+        "detectron2.evaluation",
+        "COCOEvaluator",
+        "_tasks_from_predictions",
+        "method",
+        "alrp_d2/evaluation/lrp_evaluator.py",
+    ),
+    *[
+        (
+            "detectron2.evaluation",
+            "COCOEvaluator",
+            name,
+            "attribute",
+            "alrp_d2/evaluation/lrp_evaluator.py",
+        )
+        for name in (
+            "_coco_api",
+            "_distributed",
+            "_do_evaluation",
+            "_metadata",
+            "_output_dir",
+            "_predictions",
+            "_tasks",
+            "_logger",
+        )
+    ],
+    (
+        "detectron2.modeling.meta_arch.dense_detector",
+        "DenseDetector",
+        "_transpose_dense_predictions",
+        "method",
+        "alrp_d2/modeling",
+    ),
+    (
+        "detectron2.modeling.meta_arch.dense_detector",
+        "DenseDetector",
+        "_decode_per_level_predictions",
+        "method",
+        "alrp_d2/modeling/retinanet.py",
+    ),
+    (
+        "detectron2.modeling.meta_arch.dense_detector",
+        "DenseDetector",
+        "_decode_multi_level_predictions",
+        "method",
+        "alrp_d2/modeling/retinanet.py",
+    ),
+    (
+        "detectron2.modeling.meta_arch.retinanet",
+        "RetinaNetHead",
+        "_num_features",
+        "attribute",
+        "alrp_d2/modeling/retinanet.py",
+    ),
+    (
+        "detectron2.modeling.meta_arch.fcos",
+        "FCOSHead",
+        "_num_features",
+        "attribute",
+        "alrp_d2/modeling/fcos.py",
+    ),
+    (
+        "detectron2.modeling.proposal_generator.rpn",
+        "RPN",
+        "_decode_proposals",
+        "method",
+        "alrp_d2/modeling/rcnn.py",
+    ),
+    (
+        "detectron2.modeling.proposal_generator.rpn",
+        "RPN",
+        "_subsample_labels",
+        "method",
+        "alrp_d2/modeling/rcnn.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.roi_heads",
+        "ROIHeads",
+        "_sample_proposals",
+        "method",
+        "alrp_d2/modeling/rcnn.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.roi_heads",
+        "StandardROIHeads",
+        "_init_box_head",
+        "method",
+        "alrp_d2/modeling/rcnn.py",
+    ),
+    (
+        "detectron2.checkpoint",
+        "DetectionCheckpointer",
+        "_load_file",
+        "method",
+        "alrp_d2/weights.py",
+    ),
+    (
+        "detectron2.checkpoint",
+        "DetectionCheckpointer",
+        "_torch_load",
+        "method",
+        "alrp_d2/weights.py",
+    ),
+    (
+        "detectron2.checkpoint",
+        "DetectionCheckpointer",
+        "_load_model",
+        "method",
+        "alrp_d2/weights.py",
+    ),
+    (
+        "detectron2.checkpoint",
+        "DetectionCheckpointer",
+        "_log_incompatible_keys",
+        "method",
+        "alrp_d2/weights.py",
+    ),
 ]
 
 
 @pytest.mark.detectron2
-@pytest.mark.parametrize("module,cls,name,kind,where", DETECTRON2_PRIVATE,
-                         ids=[f"{c}.{n}" for _, c, n, _, _ in DETECTRON2_PRIVATE])
+@pytest.mark.parametrize(
+    "module,cls,name,kind,where",
+    DETECTRON2_PRIVATE,
+    ids=[f"{c}.{n}" for _, c, n, _, _ in DETECTRON2_PRIVATE],
+)
 def test_detectron2_private_api(module, cls, name, kind, where):
     import importlib
 
@@ -117,12 +222,15 @@ def test_every_private_name_the_project_uses_is_listed():
     import detectron2.modeling
 
     known = set()
-    for base in (detectron2.evaluation.COCOEvaluator, detectron2.checkpoint.DetectionCheckpointer,
-                 detectron2.modeling.meta_arch.dense_detector.DenseDetector,
-                 detectron2.modeling.meta_arch.retinanet.RetinaNetHead,
-                 detectron2.modeling.meta_arch.fcos.FCOSHead,
-                 detectron2.modeling.proposal_generator.rpn.RPN,
-                 detectron2.modeling.roi_heads.roi_heads.StandardROIHeads):
+    for base in (
+        detectron2.evaluation.COCOEvaluator,
+        detectron2.checkpoint.DetectionCheckpointer,
+        detectron2.modeling.meta_arch.dense_detector.DenseDetector,
+        detectron2.modeling.meta_arch.retinanet.RetinaNetHead,
+        detectron2.modeling.meta_arch.fcos.FCOSHead,
+        detectron2.modeling.proposal_generator.rpn.RPN,
+        detectron2.modeling.roi_heads.roi_heads.StandardROIHeads,
+    ):
         for klass in inspect.getmro(base):
             if not klass.__module__.startswith(("detectron2", "fvcore")):
                 continue

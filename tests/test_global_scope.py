@@ -79,17 +79,26 @@ def worker(rank, init_file, out_dir):
     batch = images()
     results = {}
     for architecture in ARCHITECTURES:
-        losses, grads, ranked = step(build("global", architecture), batch[2 * rank: 2 * rank + 2],
-                                     architecture)
+        losses, grads, ranked = step(
+            build("global", architecture), batch[2 * rank : 2 * rank + 2], architecture
+        )
         for grad in grads.values():  # what DDP applies: the mean over the processes
             dist.all_reduce(grad)
             grad /= WORLD
         # group None: no collective
         ref_losses, ref_grads, _ = step(build("process", architecture), batch, architecture)
-        worst = max(float((grads[k] - ref_grads[k]).abs().max())
-                    / max(float(ref_grads[k].abs().max()), 1e-300) for k in ref_grads)
-        results[architecture] = {"losses": losses, "ref_losses": ref_losses, "grad": worst,
-                                 "ranked": ranked, "same_params": sorted(grads) == sorted(ref_grads)}
+        worst = max(
+            float((grads[k] - ref_grads[k]).abs().max())
+            / max(float(ref_grads[k].abs().max()), 1e-300)
+            for k in ref_grads
+        )
+        results[architecture] = {
+            "losses": losses,
+            "ref_losses": ref_losses,
+            "grad": worst,
+            "ranked": ranked,
+            "same_params": sorted(grads) == sorted(ref_grads),
+        }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -98,7 +107,9 @@ def worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("global_scope")
-    mp.start_processes(worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn"
+    )
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -17,15 +17,14 @@ import json
 import os
 
 import pytest
-
 from golden_steps import (
     CONFIGS,
     DTYPES,
     GOLDEN,
     STATE_KEYS,
     config_name,
-    state_dict_keys,
     machine,
+    state_dict_keys,
     training_step,
 )
 
@@ -40,9 +39,15 @@ with open(GOLDEN) as f:
     RECORDED = json.load(f)["configs"]
 
 CASES = [
-    pytest.param(name, dtype, marks=[pytest.mark.slow] if any(h in name for h in HEAVY) else [],
-                 id=f"{name}-{dtype}")
-    for name in sorted(RECORDED) for dtype in sorted(DTYPES) if dtype in RECORDED[name]
+    pytest.param(
+        name,
+        dtype,
+        marks=[pytest.mark.slow] if any(h in name for h in HEAVY) else [],
+        id=f"{name}-{dtype}",
+    )
+    for name in sorted(RECORDED)
+    for dtype in sorted(DTYPES)
+    if dtype in RECORDED[name]
 ]
 
 
@@ -67,8 +72,10 @@ def test_training_step_keeps_the_recorded_numbers(name, dtype):
     tol = TOLERANCE[dtype]
     if RECORDED[name]["machine"] != machine():
         tol = OTHER_MACHINE_TOLERANCE[dtype]
-        print(f"{name} {dtype}: recorded on {RECORDED[name]['machine']!r}, running on "
-              f"{machine()!r}: compared to {tol:g}")
+        print(
+            f"{name} {dtype}: recorded on {RECORDED[name]['machine']!r}, running on "
+            f"{machine()!r}: compared to {tol:g}"
+        )
     assert sorted(got["losses"]) == sorted(expected["losses"])
     for key, value in expected["losses"].items():
         assert got["losses"][key] == pytest.approx(value, rel=tol, abs=tol), key

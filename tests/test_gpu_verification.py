@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-
 from runs import ROOT
 
 GPU = os.path.join(ROOT, "benchmarks", "gpu")
@@ -57,8 +56,11 @@ def test_sync_counter_attributes_each_synchronisation(monkeypatch):
     assert [str(w.message) for w in shown] == ["not a sync"]
     assert modes == ["warn", "default"]
     assert counter.count == 4
-    assert counter.by_place() == {"alrp_d2/losses/ranking.py:2": 2,
-                                  "detectron2/modeling/meta_arch/retinanet.py:2": 1, "other": 1}
+    assert counter.by_place() == {
+        "alrp_d2/losses/ranking.py:2": 2,
+        "detectron2/modeling/meta_arch/retinanet.py:2": 1,
+        "other": 1,
+    }
     assert [verify.in_ranking_losses(p) for p in counter.by_place()] == [True, False, False]
     assert verify.SyncCounter(torch.device("cpu")).count is None  # nothing to count off CUDA
 
@@ -68,8 +70,14 @@ def test_sync_counter_attributes_each_synchronisation(monkeypatch):
 def test_cpu_dry_run_writes_a_measured_report(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    done = subprocess.run(["bash", os.path.join(GPU, "run.sh"), "--cpu-dry-run"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", os.path.join(GPU, "run.sh"), "--cpu-dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     assert sorted(os.listdir(out)) == ["quickstart.log", "report.json", "report.md", "run.log"]
     with open(out / "report.json") as f:
@@ -78,9 +86,14 @@ def test_cpu_dry_run_writes_a_measured_report(tmp_path):
     sections = report["sections"]
     # Every section ran within the dry run's budget (none skipped for time, none failed).
     assert {k: v["status"] for k, v in sections.items()} == {
-        "environment": "done", "loss_equality": "done", "loss_sync": "n/a",
-        "training_steps": "done", "loss_benchmark": "done", "train_benchmark": "done",
-        "quickstart": "done"}
+        "environment": "done",
+        "loss_equality": "done",
+        "loss_sync": "n/a",
+        "training_steps": "done",
+        "loss_benchmark": "done",
+        "train_benchmark": "done",
+        "quickstart": "done",
+    }
 
     losses = sections["loss_equality"]["results"]
     assert len(losses) == 12  # 4 losses x 3 dtypes
@@ -89,11 +102,19 @@ def test_cpu_dry_run_writes_a_measured_report(tmp_path):
     assert len(sections["training_steps"]["families"]) >= 10
     assert all(s["pass"] and s["seconds"] > 0 for s in steps.values())
     for row in sections["loss_benchmark"]["rows"]:
-        assert set(row["seconds"]) == {"aLRP", "AP", "Rank & Sort", "focal (torchvision)", "focal (fvcore)"}
+        assert set(row["seconds"]) == {
+            "aLRP",
+            "AP",
+            "Rank & Sort",
+            "focal (torchvision)",
+            "focal (fvcore)",
+        }
         assert all(t > 0 for t in row["seconds"].values())
     bench = sections["train_benchmark"]["rows"]
     assert [r["precision"] for r in bench] == ["fp32", "bf16", "fp32"]
-    assert all(r["ranking"]["seconds"] > 0 and r["focal"]["seconds"] > 0 and r["ratio"] > 0 for r in bench)
+    assert all(
+        r["ranking"]["seconds"] > 0 and r["focal"]["seconds"] > 0 and r["ratio"] > 0 for r in bench
+    )
     quickstart = sections["quickstart"]
     assert quickstart["returncode"] == 0
     assert 0 <= quickstart["bbox/AP50"] <= 100 and 0 <= quickstart["lrp/oLRP"] <= 100
@@ -109,21 +130,35 @@ def test_cpu_dry_run_writes_a_measured_report(tmp_path):
 
 def test_prepare_refuses_a_missing_detectron2_source(tmp_path):
     env = dict(os.environ, DETECTRON2_SOURCE=str(tmp_path / "nowhere"))
-    done = subprocess.run(["bash", os.path.join(GPU, "prepare.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", os.path.join(GPU, "prepare.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "neither a git repository nor a .tar.gz" in done.stderr
 
 
 def test_run_refuses_an_unknown_argument():
-    done = subprocess.run(["bash", os.path.join(GPU, "run.sh"), "--cpu"], capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ, OUT=os.devnull + "-not-used"))
+    done = subprocess.run(
+        ["bash", os.path.join(GPU, "run.sh"), "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, OUT=os.devnull + "-not-used"),
+    )
     assert done.returncode == 2
     assert "unknown argument: --cpu" in done.stderr and "--cpu-dry-run" in done.stderr
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean():
-    done = subprocess.run(["shellcheck", os.path.join(GPU, "prepare.sh"), os.path.join(GPU, "run.sh")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["shellcheck", os.path.join(GPU, "prepare.sh"), os.path.join(GPU, "run.sh")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout

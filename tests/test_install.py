@@ -22,7 +22,11 @@ def test_failed_build_warns(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(installer, "detectron2_importable", lambda: False)
     monkeypatch.setattr(installer, "reachable", lambda url, timeout=10.0: True)
-    monkeypatch.setattr(installer.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type("R", (), {"returncode": 1})())
+    monkeypatch.setattr(
+        installer.subprocess,
+        "run",
+        lambda cmd, **kw: calls.append(cmd) or type("R", (), {"returncode": 1})(),
+    )
     assert installer.main(["--commit", "abc123"]) == 0
     assert calls and calls[0][-1].endswith("@abc123") and "--no-build-isolation" in calls[0]
     assert "could not be installed" in capsys.readouterr().err

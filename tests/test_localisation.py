@@ -45,7 +45,8 @@ def test_the_plain_formula_overflows_where_the_target_frame_does_not():
 eighths = st.integers(-1600, 1600).map(lambda v: v / 8)
 sizes = st.integers(4, 2400).map(lambda v: v / 8)
 boxes = st.tuples(eighths, eighths, sizes, sizes).map(
-    lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]])
+    lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+)
 
 
 @settings(max_examples=200, deadline=None)

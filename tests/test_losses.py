@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from reference import alrp_reference, ap_reference, ndcg_reference
 
 from alrp_d2.losses import ALRPLoss, APLoss, NDCGLoss, alrp_loss, ap_loss, ndcg_loss
-from reference import alrp_reference, ap_reference, ndcg_reference
 
 RTOL = 1e-9
 DELTAS = [0.0, 0.5, 1.0]
@@ -114,7 +114,9 @@ def test_low_precision_logits_follow_float64(dtype):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5000, generator=g).to(dtype)
     targets = torch.randint(-1, 2, (5000,), generator=g)
-    targets[targets == 1] = torch.where(torch.rand(int((targets == 1).sum()), generator=g) < 0.05, 1, 0)
+    targets[targets == 1] = torch.where(
+        torch.rand(int((targets == 1).sum()), generator=g) < 0.05, 1, 0
+    )
     loc = torch.rand(int((targets == 1).sum()), generator=g)
     x = logits.clone().requires_grad_()
     cls, reg = alrp_loss(x, targets, loc)
@@ -137,13 +139,17 @@ def test_any_shape_is_flattened():
     logits, targets, loc = make_case("random", 2)
     m = logits.numel() - logits.numel() % 2
     flat = alrp_loss(logits[:m], targets[:m], loc[: int((targets[:m] == 1).sum())])
-    shaped = alrp_loss(logits[:m].view(2, -1), targets[:m].view(2, -1), loc[: int((targets[:m] == 1).sum())])
+    shaped = alrp_loss(
+        logits[:m].view(2, -1), targets[:m].view(2, -1), loc[: int((targets[:m] == 1).sum())]
+    )
     assert torch.equal(flat[0], shaped[0]) and torch.equal(flat[1], shaped[1])
 
 
 def test_modules_wrap_functions():
     logits, targets, loc = make_case("ties", 0)
-    assert torch.equal(ALRPLoss(delta=0.5)(logits, targets, loc)[0], alrp_loss(logits, targets, loc, 0.5)[0])
+    assert torch.equal(
+        ALRPLoss(delta=0.5)(logits, targets, loc)[0], alrp_loss(logits, targets, loc, 0.5)[0]
+    )
     assert torch.equal(APLoss()(logits, targets), ap_loss(logits, targets))
     assert torch.equal(NDCGLoss()(logits, targets), ndcg_loss(logits, targets))
 
@@ -170,10 +176,19 @@ def _good():
         (lambda lg, t, e: (lg[:3], t, e), "shape mismatch"),
         (lambda lg, t, e: (lg, torch.tensor([1, 0, 2, 0]), e), "targets must contain only"),
         (lambda lg, t, e: (lg, t.float() * 0.5, e), "targets must contain only"),
-        (lambda lg, t, e: (lg, t, torch.tensor([0.3, 0.1])), "loc_errors has 2 entries but targets has 1"),
+        (
+            lambda lg, t, e: (lg, t, torch.tensor([0.3, 0.1])),
+            "loc_errors has 2 entries but targets has 1",
+        ),
         (lambda lg, t, e: (lg, t, torch.zeros(0)), "loc_errors has 0 entries but targets has 1"),
-        (lambda lg, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e), "logits contain NaN or Inf"),
-        (lambda lg, t, e: (torch.tensor([0, float("inf"), 0, 0]), t, e), "logits contain NaN or Inf"),
+        (
+            lambda lg, t, e: (torch.tensor([float("nan"), 0, 0, 0]), t, e),
+            "logits contain NaN or Inf",
+        ),
+        (
+            lambda lg, t, e: (torch.tensor([0, float("inf"), 0, 0]), t, e),
+            "logits contain NaN or Inf",
+        ),
         (lambda lg, t, e: (lg, t, torch.tensor([float("nan")])), "loc_errors contain NaN or Inf"),
         (lambda lg, t, e: (lg, t, torch.tensor([[0.3]])), "loc_errors must be a 1-D tensor"),
         (lambda lg, t, e: (lg.long(), t, e), "logits must be floating point"),
@@ -297,8 +312,11 @@ def test_module_forms_take_the_functional_arguments():
     for module, args in ((ALRPLoss(), (loc,)), (APLoss(), ()), (NDCGLoss(), ())):
         with pytest.raises(ValueError, match="logits contain NaN"):
             module(logits, targets, *args)
-    for module, args in ((ALRPLoss(validate=False), (loc,)), (APLoss(validate=False), ()),
-                         (NDCGLoss(validate=False), ())):
+    for module, args in (
+        (ALRPLoss(validate=False), (loc,)),
+        (APLoss(validate=False), ()),
+        (NDCGLoss(validate=False), ()),
+    ):
         module(logits, targets, *args)  # no check, no synchronisation
     for cls, fn in ((ALRPLoss, alrp_loss), (APLoss, ap_loss), (NDCGLoss, ndcg_loss)):
         module_args = set(inspect.signature(cls.__init__).parameters) - {"self"}

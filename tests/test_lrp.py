@@ -36,17 +36,25 @@ def make_coco(images, categories, gts, dets):
             dt = gt.loadRes(copy.deepcopy(dets))
         else:
             dt = COCO()
-            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "categories": gt.dataset["categories"],
+                "annotations": [],
+            }
             dt.createIndex()
     return gt, dt
 
 
 def test_worked_example_a():
-    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
-           {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10]}]
-    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
-            {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.8},
-            {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 8], "score": 0.7}]
+    gts = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10]},
+    ]
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.8},
+        {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 8], "score": 0.7},
+    ]
     r = lrp_from_coco(*make_coco([1], [1], gts, dets))
     assert r["oLRP"] == pytest.approx(0.4667, abs=1e-4)
     assert r["oLRP_loc"] == pytest.approx(0.100, abs=1e-6)
@@ -73,21 +81,46 @@ def random_case(seed, n_images=4, n_cats=3, crowd=True):
     for img in range(1, n_images + 1):
         for _ in range(rng.randint(0, 5)):
             x, y = rng.uniform(0, 200), rng.uniform(0, 200)
-            w, h = rng.choice([rng.uniform(5, 30), rng.uniform(30, 100), rng.uniform(100, 200)]), rng.uniform(5, 150)
-            gts.append({"image_id": img, "category_id": rng.randint(1, n_cats), "bbox": [x, y, w, h],
-                        "iscrowd": int(crowd and rng.random() < 0.1)})
+            w, h = (
+                rng.choice([rng.uniform(5, 30), rng.uniform(30, 100), rng.uniform(100, 200)]),
+                rng.uniform(5, 150),
+            )
+            gts.append(
+                {
+                    "image_id": img,
+                    "category_id": rng.randint(1, n_cats),
+                    "bbox": [x, y, w, h],
+                    "iscrowd": int(crowd and rng.random() < 0.1),
+                }
+            )
         for _ in range(rng.randint(0, 8)):
             if gts and rng.random() < 0.7:
                 g = rng.choice(gts)
                 x, y, w, h = g["bbox"]
-                box = [x + rng.uniform(-8, 8), y + rng.uniform(-8, 8), w * rng.uniform(0.7, 1.3), h * rng.uniform(0.7, 1.3)]
+                box = [
+                    x + rng.uniform(-8, 8),
+                    y + rng.uniform(-8, 8),
+                    w * rng.uniform(0.7, 1.3),
+                    h * rng.uniform(0.7, 1.3),
+                ]
                 cat = g["category_id"] if rng.random() < 0.8 else rng.randint(1, n_cats)
                 img_id = g["image_id"]
             else:
-                box = [rng.uniform(0, 200), rng.uniform(0, 200), rng.uniform(5, 100), rng.uniform(5, 100)]
+                box = [
+                    rng.uniform(0, 200),
+                    rng.uniform(0, 200),
+                    rng.uniform(5, 100),
+                    rng.uniform(5, 100),
+                ]
                 cat, img_id = rng.randint(1, n_cats), img
-            dets.append({"image_id": img_id, "category_id": cat, "bbox": box,
-                         "score": round(rng.random(), 1 if rng.random() < 0.3 else 4)})
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "bbox": box,
+                    "score": round(rng.random(), 1 if rng.random() < 0.3 else 4),
+                }
+            )
     return list(range(1, n_images + 1)), list(range(1, n_cats + 1)), gts, dets
 
 
@@ -119,7 +152,11 @@ def brute_force(gt, dt, tau=0.5, area="all", grid=False, iou_type="bbox"):
                 ious.append(iou_mat[di, gt_ids.index(m)] if m else None)
         if num_gt == 0:
             continue
-        candidates = [round(t / 100, 2) for t in range(101)] if grid else [math.inf] + sorted(set(scores), reverse=True)
+        candidates = (
+            [round(t / 100, 2) for t in range(101)]
+            if grid
+            else [math.inf] + sorted(set(scores), reverse=True)
+        )
         best = None
         for s in candidates:
             kept = [(sc, iou) for sc, iou in zip(scores, ious) if sc >= s]
@@ -163,12 +200,24 @@ def test_equals_brute_force_over_thresholds(seed):
 
 def test_perfect_detections_give_zero_and_none_give_one():
     images, cats, gts, _ = random_case(3, crowd=False)
-    perfect = [{"image_id": g["image_id"], "category_id": g["category_id"], "bbox": g["bbox"], "score": 0.9}
-               for g in gts]
+    perfect = [
+        {
+            "image_id": g["image_id"],
+            "category_id": g["category_id"],
+            "bbox": g["bbox"],
+            "score": 0.9,
+        }
+        for g in gts
+    ]
     r = lrp_from_coco(*make_coco(images, cats, gts, perfect))
     assert r["oLRP"] == pytest.approx(0, abs=1e-12) and r["oLRP_FN"] == 0 and r["oLRP_FP"] == 0
     r = lrp_from_coco(*make_coco(images, cats, gts, []))
-    assert r["oLRP"] == 1 and r["oLRP_FN"] == 1 and math.isnan(r["oLRP_FP"]) and math.isnan(r["oLRP_loc"])
+    assert (
+        r["oLRP"] == 1
+        and r["oLRP_FN"] == 1
+        and math.isnan(r["oLRP_FP"])
+        and math.isnan(r["oLRP_loc"])
+    )
 
 
 def test_image_order_does_not_matter():
@@ -178,23 +227,37 @@ def test_image_order_does_not_matter():
     shuffled_g = [{**g, "image_id": mapping[g["image_id"]]} for g in gts]
     shuffled_d = [{**d, "image_id": mapping[d["image_id"]]} for d in reversed(dets)]
     other = lrp_from_coco(*make_coco(images, cats, shuffled_g, shuffled_d))
-    for key in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large"):
+    for key in (
+        "oLRP",
+        "oLRP_loc",
+        "oLRP_FP",
+        "oLRP_FN",
+        "oLRP_small",
+        "oLRP_medium",
+        "oLRP_large",
+    ):
         assert same(base[key], other[key]), key
 
 
 def test_classes_without_ground_truth_are_left_out():
     gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]
-    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
-            {"image_id": 1, "category_id": 2, "bbox": [30, 30, 10, 10], "score": 0.9}]
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [30, 30, 10, 10], "score": 0.9},
+    ]
     r = lrp_from_coco(*make_coco([1], [1, 2], gts, dets))
     assert set(r["per_class"]) == {1} and r["oLRP"] == 0
 
 
 def test_crowd_ground_truth_is_ignored_and_reusable():
-    gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
-           {"image_id": 1, "category_id": 1, "bbox": [100, 100, 100, 100], "iscrowd": 1}]
+    gts = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"image_id": 1, "category_id": 1, "bbox": [100, 100, 100, 100], "iscrowd": 1},
+    ]
     dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}] + [
-        {"image_id": 1, "category_id": 1, "bbox": [110 + i, 110, 30, 30], "score": 0.5} for i in range(3)]
+        {"image_id": 1, "category_id": 1, "bbox": [110 + i, 110, 30, 30], "score": 0.5}
+        for i in range(3)
+    ]
     r = lrp_from_coco(*make_coco([1], [1], gts, dets))
     # The three detections inside the crowd region are neither TP nor FP.
     assert r["oLRP"] == 0 and r["oLRP_FP"] == 0
@@ -202,7 +265,10 @@ def test_crowd_ground_truth_is_ignored_and_reusable():
 
 def test_at_most_max_dets_per_image_and_class():
     gts = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]
-    dets = [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.9 - i / 100} for i in range(3)]
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.9 - i / 100}
+        for i in range(3)
+    ]
     dets.append({"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.1})
     gt, dt = make_coco([1], [1], gts, dets)
     assert lrp_from_coco(gt, dt, max_dets=3)["oLRP"] == 1  # the true positive is the 4th
@@ -225,13 +291,20 @@ def test_command_line(tmp_path):
     gt_file, det_file = tmp_path / "gt.json", tmp_path / "dets.json"
     gt_file.write_text(json.dumps(gt.dataset))
     det_file.write_text(json.dumps(dets))
-    out = subprocess.run([sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(det_file)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(det_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     expected = format_summary(lrp_from_coco(*make_coco(images, cats, gts, dets)))
     assert out.strip() == expected.strip()
     assert "Optimal LRP" in out and "area= small" in out
-    bad = subprocess.run([sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(tmp_path / "nope.json")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "alrp_d2.evaluation.lrp", str(gt_file), str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "nope.json" in bad.stderr
 
 
@@ -274,8 +347,12 @@ def official_cut_anywhere(gt, dt, tau=0.5, iou_type="bbox"):
             if value < best[0] - 1e-12:
                 best = (value, n_tp, n_fp, num_gt - n_tp, loc)
         value, n_tp, n_fp, n_fn, loc = best
-        out[cat] = {"oLRP": value, "oLRP_loc": loc / n_tp if n_tp else math.nan,
-                    "oLRP_FP": n_fp / (n_tp + n_fp) if n_tp + n_fp else math.nan, "oLRP_FN": n_fn / num_gt}
+        out[cat] = {
+            "oLRP": value,
+            "oLRP_loc": loc / n_tp if n_tp else math.nan,
+            "oLRP_FP": n_fp / (n_tp + n_fp) if n_tp + n_fp else math.nan,
+            "oLRP_FN": n_fn / num_gt,
+        }
     return out
 
 
@@ -310,7 +387,9 @@ def test_ties_threshold_is_the_default_and_agrees_without_ties():
         gt, dt = make_coco(images, cats, gts, tied(dets))
         default, official = lrp_from_coco(gt, dt), lrp_from_coco(gt, dt, ties="official")
         explicit = lrp_from_coco(gt, dt, ties="threshold")
-        assert all(same(default[k], explicit[k]) for k in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN"))
+        assert all(
+            same(default[k], explicit[k]) for k in ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN")
+        )
         for cat, ref in brute_force(gt, dt).items():
             assert same(default["per_class"][cat]["oLRP"], ref["oLRP"])
             assert official["per_class"][cat]["oLRP"] <= ref["oLRP"] + 1e-12
@@ -349,8 +428,10 @@ def polygon(rng, cx, cy, r):
     points = []
     for a in angles:
         radius = r * rng.uniform(0.5, 1.0)
-        points += [float(np.clip(cx + radius * math.cos(a), 0, WIDTH - 1)),
-                   float(np.clip(cy + radius * math.sin(a), 0, HEIGHT - 1))]
+        points += [
+            float(np.clip(cx + radius * math.cos(a), 0, WIDTH - 1)),
+            float(np.clip(cy + radius * math.sin(a), 0, HEIGHT - 1)),
+        ]
     return [points]
 
 
@@ -389,8 +470,16 @@ def random_mask_case(seed, n_images=3, n_cats=2, crowd=True):
                 segm = polygon(rng, cx, cy, size)
             else:
                 segm = rle(ellipse(cx, cy, size, size * rng.uniform(0.5, 1.5)))
-            gts.append(with_box({"image_id": img, "category_id": rng.randint(1, n_cats),
-                                 "segmentation": segm, "iscrowd": is_crowd}))
+            gts.append(
+                with_box(
+                    {
+                        "image_id": img,
+                        "category_id": rng.randint(1, n_cats),
+                        "segmentation": segm,
+                        "iscrowd": is_crowd,
+                    }
+                )
+            )
         for _ in range(rng.randint(0, 8)):
             if gts and rng.random() < 0.75:
                 g = rng.choice(gts)
@@ -413,8 +502,14 @@ def random_mask_case(seed, n_images=3, n_cats=2, crowd=True):
                 cat, img_id = rng.randint(1, n_cats), img
             if not mask.any():
                 continue
-            dets.append({"image_id": img_id, "category_id": cat, "segmentation": rle(mask),
-                         "score": round(rng.random(), 1 if rng.random() < 0.3 else 4)})
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "segmentation": rle(mask),
+                    "score": round(rng.random(), 1 if rng.random() < 0.3 else 4),
+                }
+            )
     return list(range(1, n_images + 1)), list(range(1, n_cats + 1)), gts, dets
 
 
@@ -432,16 +527,18 @@ def test_masks_equal_brute_force_over_thresholds(seed):
         gt, dt = make_mask_coco(images, cats, gts, dets)
         fast = lrp_from_coco(gt, dt, "segm", thresholds=thresholds)
         # The ground truths are left as they were (polygons, uncompressed RLE).
-        assert [a["segmentation"] for a in gt.dataset["annotations"]] == \
-            [g["segmentation"] for g in gts]
+        assert [a["segmentation"] for a in gt.dataset["annotations"]] == [
+            g["segmentation"] for g in gts
+        ]
         slow = brute_force(*make_mask_coco(images, cats, gts, dets), grid=grid, iou_type="segm")
         assert set(fast["per_class"]) == set(slow)
         for cat, ref in slow.items():
             for key, value in ref.items():
                 assert same(fast["per_class"][cat][key], value), (seed, grid, cat, key)
         for area in ("small", "medium", "large"):
-            ref = brute_force(*make_mask_coco(images, cats, gts, dets), area=area, grid=grid,
-                              iou_type="segm")
+            ref = brute_force(
+                *make_mask_coco(images, cats, gts, dets), area=area, grid=grid, iou_type="segm"
+            )
             expected = float(np.mean([r["oLRP"] for r in ref.values()])) if ref else math.nan
             assert same(fast[f"oLRP_{area}"], expected), (seed, grid, area)
 
@@ -451,8 +548,10 @@ def test_mask_cases_cover_what_they_should():
     cases = [random_mask_case(seed) for seed in range(12)]
     gts = [g for case in cases for g in case[2]]
     assert any(isinstance(g["segmentation"], list) for g in gts)
-    assert any(isinstance(g["segmentation"], dict) and isinstance(g["segmentation"]["counts"], str)
-               for g in gts)
+    assert any(
+        isinstance(g["segmentation"], dict) and isinstance(g["segmentation"]["counts"], str)
+        for g in gts
+    )
     assert any(g["iscrowd"] and isinstance(g["segmentation"]["counts"], list) for g in gts)
     areas = [g["area"] for g in gts if not g["iscrowd"]]
     assert min(areas) < 32**2 and max(areas) > 96**2 and any(32**2 < a < 96**2 for a in areas)
@@ -480,8 +579,15 @@ def test_masks_ties_official_equals_the_official_procedure(seed):
 def test_perfect_masks_give_zero():
     images, cats, gts, _ = random_mask_case(4, crowd=False)
     assert gts
-    perfect = [{"image_id": g["image_id"], "category_id": g["category_id"],
-                "segmentation": rle(decode(g["segmentation"])), "score": 0.9} for g in gts]
+    perfect = [
+        {
+            "image_id": g["image_id"],
+            "category_id": g["category_id"],
+            "segmentation": rle(decode(g["segmentation"])),
+            "score": 0.9,
+        }
+        for g in gts
+    ]
     r = lrp_from_coco(*make_mask_coco(images, cats, gts, perfect), "segm")
     assert r["oLRP"] == pytest.approx(0, abs=1e-12) and r["oLRP_FN"] == 0 and r["oLRP_FP"] == 0
     assert r["oLRP_loc"] == pytest.approx(0, abs=1e-12)
@@ -489,7 +595,7 @@ def test_perfect_masks_give_zero():
 
 def square(x, y, side):
     mask = np.zeros((HEIGHT, WIDTH), bool)
-    mask[y:y + side, x:x + side] = True
+    mask[y : y + side, x : x + side] = True
     return mask
 
 
@@ -500,11 +606,26 @@ def test_perfect_boxes_with_bad_masks():
     for i, fraction in enumerate([0.8, 0.8, 0.4]):
         x, y, side = 40 + 150 * i, 50, 100
         part = square(x, y, side)
-        part[y + int(side * fraction):, :] = False
-        gts.append(with_box({"image_id": 1, "category_id": 1, "iscrowd": 0,
-                             "segmentation": rle(square(x, y, side))}))
-        dets.append({"image_id": 1, "category_id": 1, "bbox": [x, y, side, side],
-                     "segmentation": rle(part), "score": 0.9 - 0.1 * i})
+        part[y + int(side * fraction) :, :] = False
+        gts.append(
+            with_box(
+                {
+                    "image_id": 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": rle(square(x, y, side)),
+                }
+            )
+        )
+        dets.append(
+            {
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [x, y, side, side],
+                "segmentation": rle(part),
+                "score": 0.9 - 0.1 * i,
+            }
+        )
     assert gts[0]["bbox"] == [40, 50, 100, 100] and gts[0]["area"] == 10000
     box = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "bbox")
     mask = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "segm")
@@ -522,13 +643,33 @@ def test_mask_area_of_results_loaded_without_boxes():
     """An unmatched detection counts in the area range of its own area: loaded without
     ``bbox`` (as Detectron2 loads mask results) that is the mask's area, with ``bbox``
     pycocotools takes the box's."""
-    gts = [with_box({"image_id": 1, "category_id": 1, "iscrowd": 0,
-                     "segmentation": rle(square(10, 10, 100))})]
+    gts = [
+        with_box(
+            {
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": rle(square(10, 10, 100)),
+            }
+        )
+    ]
     stray = square(300, 200, 100) & ~square(310, 210, 80)  # a frame: 100 x 100 box, 3600 px
-    dets = [{"image_id": 1, "category_id": 1, "segmentation": rle(square(10, 10, 100)),
-             "bbox": [10, 10, 100, 100], "score": 0.9},
-            {"image_id": 1, "category_id": 1, "segmentation": rle(stray),
-             "bbox": [300, 200, 100, 100], "score": 0.95}]
+    dets = [
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": rle(square(10, 10, 100)),
+            "bbox": [10, 10, 100, 100],
+            "score": 0.9,
+        },
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": rle(stray),
+            "bbox": [300, 200, 100, 100],
+            "score": 0.95,
+        },
+    ]
     assert dets[1]["bbox"][2] * dets[1]["bbox"][3] > 96**2 > stray.sum()
     with_boxes = lrp_from_coco(*make_mask_coco([1], [1], gts, dets), "segm")
     masks_only = [{k: v for k, v in d.items() if k != "bbox"} for d in dets]

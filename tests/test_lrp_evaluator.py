@@ -7,16 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
-
 from conftest import HAS_DETECTRON2
+from pycocotools import mask as mask_utils
 
 pytestmark = pytest.mark.detectron2
 
 if HAS_DETECTRON2:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation.testing import flatten_results_dict
-    from detectron2.structures import BoxMode, Boxes, Instances
+    from detectron2.structures import Boxes, BoxMode, Instances
 
     from alrp_d2.evaluation import LRPEvaluator
     from alrp_d2.evaluation.lrp import lrp_from_coco
@@ -37,11 +36,22 @@ DETS = {  # image_id -> [(x, y, w, h, class, score)]
 def dataset_name():
     name = "alrp_test_lrp_evaluator"
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: [
-            {"file_name": f"{i}.jpg", "image_id": i, "height": 400, "width": 400,
-             "annotations": [{"bbox": [x, y, w, h], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c}
-                             for x, y, w, h, c in boxes]}
-            for i, boxes in GT.items()])
+        DatasetCatalog.register(
+            name,
+            lambda: [
+                {
+                    "file_name": f"{i}.jpg",
+                    "image_id": i,
+                    "height": 400,
+                    "width": 400,
+                    "annotations": [
+                        {"bbox": [x, y, w, h], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c}
+                        for x, y, w, h, c in boxes
+                    ],
+                }
+                for i, boxes in GT.items()
+            ],
+        )
         MetadataCatalog.get(name).set(thing_classes=["a", "b"])
     return name
 
@@ -49,7 +59,9 @@ def dataset_name():
 def outputs_for(image_id):
     dets = DETS[image_id]
     inst = Instances((400, 400))
-    inst.pred_boxes = Boxes(torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _, _ in dets], dtype=torch.float32))
+    inst.pred_boxes = Boxes(
+        torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _, _ in dets], dtype=torch.float32)
+    )
     inst.scores = torch.tensor([d[5] for d in dets])
     inst.pred_classes = torch.tensor([d[4] for d in dets])
     return {"instances": inst}
@@ -64,11 +76,22 @@ def test_evaluator_reports_lrp_in_percent(dataset_name, tmp_path):
     assert list(results) == ["lrp"]  # no masks: boxes only
     assert not (tmp_path / "lrp_thresholds_segm.json").exists()
     lrp = results["lrp"]
-    assert set(lrp) == {"oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large"}
+    assert set(lrp) == {
+        "oLRP",
+        "oLRP_loc",
+        "oLRP_FP",
+        "oLRP_FN",
+        "oLRP_small",
+        "oLRP_medium",
+        "oLRP_large",
+    }
     # Same figures as the functional API on the converted json.
     coco_gt = evaluator._coco_api
-    dets = [{"image_id": i, "category_id": coco_gt.getCatIds()[c], "bbox": [x, y, w, h], "score": s}
-            for i, ds in DETS.items() for x, y, w, h, c, s in ds]
+    dets = [
+        {"image_id": i, "category_id": coco_gt.getCatIds()[c], "bbox": [x, y, w, h], "score": s}
+        for i, ds in DETS.items()
+        for x, y, w, h, c, s in ds
+    ]
     direct = lrp_from_coco(coco_gt, coco_gt.loadRes(dets))
     assert lrp["oLRP"] == pytest.approx(100 * direct["oLRP"], rel=1e-6)
     assert lrp["oLRP_FN"] == pytest.approx(100 * direct["oLRP_FN"], rel=1e-6)
@@ -84,7 +107,7 @@ KEYS = ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "
 
 def rect(x, y, w, h):
     mask = np.zeros((SIZE, SIZE), bool)
-    mask[y:y + h, x:x + w] = True
+    mask[y : y + h, x : x + w] = True
     return mask
 
 
@@ -99,19 +122,23 @@ def rle(mask):
 
 CROWD = rect(120, 0, 80, 60)
 MASK_GT = {  # image_id -> [(segmentation, class, iscrowd)]
-    1: [(rect_polygon(10, 10, 50, 50), 0, 0), (rect_polygon(100, 100, 60, 40), 1, 0),
-        (rle(CROWD), 0, 1)],
+    1: [
+        (rect_polygon(10, 10, 50, 50), 0, 0),
+        (rect_polygon(100, 100, 60, 40), 1, 0),
+        (rle(CROWD), 0, 1),
+    ],
     2: [(rect_polygon(20, 20, 160, 150), 0, 0), (rect_polygon(5, 180, 12, 12), 1, 0)],
     3: [],
 }
 MASK_DETS = {  # image_id -> [(mask, class, score)]; each mask's box is that of its mask
-    1: [(rect(10, 10, 50, 40), 0, 0.9),   # IoU 0.8 with the square
+    1: [
+        (rect(10, 10, 50, 40), 0, 0.9),  # IoU 0.8 with the square
         (rect(130, 10, 30, 30), 0, 0.8),  # inside the crowd region: ignored
         (rect(100, 100, 60, 40), 1, 0.7),
         # A frame of the same box, scored higher: mask IoU 2/3, it takes the ground truth.
-        (rect(100, 100, 60, 40) & ~rect(110, 110, 40, 20), 1, 0.75)],
-    2: [(rect(20, 20, 160, 150) & ~rect(20, 20, 160, 20), 0, 0.6),
-        (rect(0, 0, 12, 12), 1, 0.95)],
+        (rect(100, 100, 60, 40) & ~rect(110, 110, 40, 20), 1, 0.75),
+    ],
+    2: [(rect(20, 20, 160, 150) & ~rect(20, 20, 160, 20), 0, 0.6), (rect(0, 0, 12, 12), 1, 0.95)],
     # A frame: a large box (100 x 100) round a medium mask, unmatched.
     3: [(rect(50, 50, 100, 100) & ~rect(55, 55, 90, 90), 0, 0.97)],
 }
@@ -121,12 +148,28 @@ MASK_DETS = {  # image_id -> [(mask, class, score)]; each mask's box is that of 
 def mask_dataset_name():
     name = "alrp_test_lrp_evaluator_masks"
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: [
-            {"file_name": f"{i}.jpg", "image_id": i, "height": SIZE, "width": SIZE,
-             "annotations": [{"bbox": _box(segm), "bbox_mode": BoxMode.XYWH_ABS, "category_id": c,
-                              "segmentation": segm, "iscrowd": crowd}
-                             for segm, c, crowd in anns]}
-            for i, anns in MASK_GT.items()])
+        DatasetCatalog.register(
+            name,
+            lambda: [
+                {
+                    "file_name": f"{i}.jpg",
+                    "image_id": i,
+                    "height": SIZE,
+                    "width": SIZE,
+                    "annotations": [
+                        {
+                            "bbox": _box(segm),
+                            "bbox_mode": BoxMode.XYWH_ABS,
+                            "category_id": c,
+                            "segmentation": segm,
+                            "iscrowd": crowd,
+                        }
+                        for segm, c, crowd in anns
+                    ],
+                }
+                for i, anns in MASK_GT.items()
+            ],
+        )
         MetadataCatalog.get(name).set(thing_classes=["a", "b"])
     return name
 
@@ -141,8 +184,11 @@ def mask_outputs_for(image_id, with_masks=True):
     dets = MASK_DETS[image_id]
     inst = Instances((SIZE, SIZE))
     boxes = [_box(rle(m)) for m, _, _ in dets]
-    inst.pred_boxes = Boxes(torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes],
-                                         dtype=torch.float32).reshape(-1, 4))
+    inst.pred_boxes = Boxes(
+        torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=torch.float32).reshape(
+            -1, 4
+        )
+    )
     inst.scores = torch.tensor([d[2] for d in dets])
     inst.pred_classes = torch.tensor([d[1] for d in dets])
     if with_masks:
@@ -199,18 +245,22 @@ def test_evaluator_reports_box_and_mask_lrp(mask_dataset_name, tmp_path):
         for cid, r in result["per_class"].items():
             for key, value in r.items():
                 written = table[str(cid)][key]
-                assert (written is None and math.isnan(value)) or written == pytest.approx(value), \
-                    (name, key)
+                assert (written is None and math.isnan(value)) or written == pytest.approx(value), (
+                    name,
+                    key,
+                )
 
 
 def test_evaluator_tasks(mask_dataset_name, tmp_path):
-    boxes_only = LRPEvaluator(mask_dataset_name, output_dir=str(tmp_path / "b"), distributed=False,
-                              tasks=("bbox",))
+    boxes_only = LRPEvaluator(
+        mask_dataset_name, output_dir=str(tmp_path / "b"), distributed=False, tasks=("bbox",)
+    )
     results = run_evaluator(boxes_only)
     assert list(results) == ["lrp"]
     assert not (tmp_path / "b" / "lrp_thresholds_segm.json").exists()
-    masks_only = LRPEvaluator(mask_dataset_name, output_dir=str(tmp_path / "m"), distributed=False,
-                              tasks=["segm"])
+    masks_only = LRPEvaluator(
+        mask_dataset_name, output_dir=str(tmp_path / "m"), distributed=False, tasks=["segm"]
+    )
     results = run_evaluator(masks_only)
     assert list(results) == ["lrp_segm"]
     assert (tmp_path / "m" / "lrp_thresholds_segm.json").exists()
@@ -225,13 +275,18 @@ def test_evaluator_tasks(mask_dataset_name, tmp_path):
 
 
 def test_evaluator_without_detections(mask_dataset_name, tmp_path):
-    evaluator = LRPEvaluator(mask_dataset_name, output_dir=str(tmp_path), distributed=False,
-                             tasks=("bbox", "segm"))
+    evaluator = LRPEvaluator(
+        mask_dataset_name, output_dir=str(tmp_path), distributed=False, tasks=("bbox", "segm")
+    )
     evaluator.reset()
     for image_id in MASK_GT:
-        inst = Instances((SIZE, SIZE), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
-                         pred_classes=torch.zeros(0, dtype=torch.long),
-                         pred_masks=torch.zeros(0, SIZE, SIZE, dtype=torch.bool))
+        inst = Instances(
+            (SIZE, SIZE),
+            pred_boxes=Boxes(torch.zeros(0, 4)),
+            scores=torch.zeros(0),
+            pred_classes=torch.zeros(0, dtype=torch.long),
+            pred_masks=torch.zeros(0, SIZE, SIZE, dtype=torch.bool),
+        )
         evaluator.process([{"image_id": image_id}], [{"instances": inst}])
     results = evaluator.evaluate()
     assert results["lrp"]["oLRP"] == results["lrp_segm"]["oLRP"] == 100

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 from runs import ROOT
 
@@ -26,20 +25,27 @@ if HAS_DETECTRON2:
     from detectron2.modeling import GeneralizedRCNN, build_model
     from detectron2.structures import BitMasks, Boxes, ImageList, Instances
     from detectron2.utils.events import EventStorage
-
     from test_models import tiny_cfg
 
 COCO = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml")))
 # The aLRP ATSS, AP Loss (IoU assigner) and RS-ATSS dense heads, FCOS, the aLRP Faster R-CNN
 # and RS-Mask R-CNN: every head, assigner, test-time rule and ranking loss of the configs.
-FAST = ("alrp_atss_R_50_FPN_500", "aploss_retinanet_R_50_FPN_500", "rs_atss_R_50_FPN_1x",
-        "alrp_fcos_R_50_FPN_1x", "alrp_faster_rcnn_R_50_FPN", "rs_mask_rcnn_R_50_FPN_1x")
+FAST = (
+    "alrp_atss_R_50_FPN_500",
+    "aploss_retinanet_R_50_FPN_500",
+    "rs_atss_R_50_FPN_1x",
+    "alrp_fcos_R_50_FPN_1x",
+    "alrp_faster_rcnn_R_50_FPN",
+    "rs_mask_rcnn_R_50_FPN_1x",
+)
 
 
 def params(paths):
     names = [os.path.basename(p)[:-5] for p in paths]
-    return [pytest.param(p, id=n, marks=[] if n in FAST else [pytest.mark.slow])
-            for p, n in zip(paths, names)]
+    return [
+        pytest.param(p, id=n, marks=[] if n in FAST else [pytest.mark.slow])
+        for p, n in zip(paths, names)
+    ]
 
 
 EVERY = params(COCO)
@@ -62,8 +68,9 @@ def empty_instances(h, w):
 def annotated_instances(h, w):
     """Three objects: two of ordinary size and, as upstream's, one under a pixel wide."""
     inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0],
-                                        [0.2, 0.3, 0.9, 0.8]]))
+    inst.gt_boxes = Boxes(
+        torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0], [0.2, 0.3, 0.9, 0.8]])
+    )
     inst.gt_classes = torch.tensor([0, 2, 1])
     g = torch.Generator().manual_seed(0)
     inst.gt_masks = BitMasks(torch.rand(3, h, w, generator=g) > 0.5)
@@ -104,8 +111,10 @@ def test_half_empty_batch(path):
     train_step(model, images(SIZES, [empty_instances(*SIZES[0]), annotated_instances(*SIZES[1])]))
     # The annotated image trains the boxes: some gradient reaches every box regressor.
     if isinstance(model, GeneralizedRCNN):
-        regressors = [model.proposal_generator.rpn_head.anchor_deltas,
-                      model.roi_heads.box_predictor.bbox_pred]
+        regressors = [
+            model.proposal_generator.rpn_head.anchor_deltas,
+            model.roi_heads.box_predictor.bbox_pred,
+        ]
     else:
         regressors = [model.head.bbox_pred]
     for layer in regressors:
@@ -189,11 +198,18 @@ def dtype_hook(module, inputs, outputs):
         yield
 
 
-AUTOCAST = [pytest.param(p.values[0], "cuda", torch.float16, id=f"cuda-{p.id}", marks=p.marks)
-            for p in EVERY]
-AUTOCAST.append(pytest.param(os.path.join(ROOT, "configs", "quickstart",
-                                          "alrp_retinanet_synthetic.yaml"),
-                             "cpu", torch.bfloat16, id="cpu-alrp_retinanet_synthetic"))
+AUTOCAST = [
+    pytest.param(p.values[0], "cuda", torch.float16, id=f"cuda-{p.id}", marks=p.marks)
+    for p in EVERY
+]
+AUTOCAST.append(
+    pytest.param(
+        os.path.join(ROOT, "configs", "quickstart", "alrp_retinanet_synthetic.yaml"),
+        "cpu",
+        torch.bfloat16,
+        id="cpu-alrp_retinanet_synthetic",
+    )
+)
 
 
 @pytest.mark.parametrize("path,device,dtype", AUTOCAST)
@@ -204,14 +220,24 @@ def test_autocast(path, device, dtype):
     R-CNN's softmax."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA unavailable")
-    model = model_of(path, **{"MODEL.DEVICE": device, "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0,
-                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0}).eval()
+    model = model_of(
+        path,
+        **{
+            "MODEL.DEVICE": device,
+            "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,
+        },
+    ).eval()
     rcnn = isinstance(model, GeneralizedRCNN)
     head = model.roi_heads.box_predictor if rcnn else model.head
     seen = {name: (set(), set()) for name in ("backbone", "head")}
     inputs = [{"image": torch.rand(3, 100, 100) * 255}]
-    with torch.no_grad(), torch.autocast(device, dtype=dtype), \
-            dtype_hook(model.backbone, *seen["backbone"]), dtype_hook(head, *seen["head"]):
+    with (
+        torch.no_grad(),
+        torch.autocast(device, dtype=dtype),
+        dtype_hook(model.backbone, *seen["backbone"]),
+        dtype_hook(head, *seen["head"]),
+    ):
         if rcnn:
             out = model.inference(inputs, do_postprocess=False)[0]
         else:

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
@@ -54,7 +53,9 @@ def batch(with_boxes=(True, True), size=96, seed=0):
         image = torch.randint(0, 255, (3, size, size), generator=g).float()
         inst = Instances((size, size))
         if has_boxes:
-            inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]))
+            inst.gt_boxes = Boxes(
+                torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]])
+            )
             inst.gt_classes = torch.tensor([0, 2])
         else:
             inst.gt_boxes = Boxes(torch.zeros(0, 4))
@@ -65,7 +66,9 @@ def batch(with_boxes=(True, True), size=96, seed=0):
         for x0, y0, x1, y1 in inst.gt_boxes.tensor.tolist():
             cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
             masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1)
-        inst.gt_masks = BitMasks(torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool))
+        inst.gt_masks = BitMasks(
+            torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool)
+        )
         out.append({"image": image, "instances": inst, "height": size, "width": size})
     return out
 
@@ -76,7 +79,10 @@ def branch_parameters(model):
         return [(model.head.cls_score.weight, model.head.bbox_pred.weight)]
     rpn = model.proposal_generator.rpn_head
     box = model.roi_heads.box_predictor
-    pairs = [(rpn.objectness_logits.weight, rpn.anchor_deltas.weight), (box.cls_score.weight, box.bbox_pred.weight)]
+    pairs = [
+        (rpn.objectness_logits.weight, rpn.anchor_deltas.weight),
+        (box.cls_score.weight, box.bbox_pred.weight),
+    ]
     if getattr(model.roi_heads, "mask_on", False):
         mask = model.roi_heads.mask_head.predictor.weight
         pairs.append((mask, mask))
@@ -113,14 +119,18 @@ def test_config_trains_one_step_and_infers(path):
 
 
 def alrp_config():
-    return tiny_cfg(os.path.join(ROOT, "configs", "COCO-Detection", "alrp_retinanet_R_50_FPN_500_giou.yaml"))
+    return tiny_cfg(
+        os.path.join(ROOT, "configs", "COCO-Detection", "alrp_retinanet_R_50_FPN_500_giou.yaml")
+    )
 
 
 def dense_predictions(model, inputs):
     images = model.preprocess_image(inputs)
     features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
     predictions = model.head(features)
-    pred_logits, pred_deltas = model._transpose_dense_predictions(predictions, [model.num_classes, 4])
+    pred_logits, pred_deltas = model._transpose_dense_predictions(
+        predictions, [model.num_classes, 4]
+    )
     anchors = model.anchor_generator(features)
     gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
     return anchors, pred_logits, gt_labels, pred_deltas, gt_boxes
@@ -144,7 +154,7 @@ def test_retinanet_loss_equals_direct_alrp_call():
     assert torch.allclose(losses["loss_alrp_cls"], cls)
     assert torch.allclose(losses["loss_alrp_loc"], loc * 50.0)
     # One row per anchor-class pair; ignored anchors are -1 on every class.
-    assert ((flat_targets == 1).sum() == positive.sum())
+    assert (flat_targets == 1).sum() == positive.sum()
     assert torch.equal((classwise_targets(stacked, 3) == -1).all(-1), stacked == -1)
 
 
@@ -197,7 +207,11 @@ def test_atss_on_hand_made_anchors():
     def grid(stride, size, n):
         c = (torch.arange(n, dtype=torch.float32) + 0.5) * stride
         cy, cx = torch.meshgrid(c, c, indexing="ij")
-        return Boxes(torch.stack([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2], -1).reshape(-1, 4))
+        return Boxes(
+            torch.stack([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2], -1).reshape(
+                -1, 4
+            )
+        )
 
     levels = [grid(8, 8, 4), grid(16, 16, 2)]
     gt = Boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
@@ -213,7 +227,11 @@ def test_atss_on_hand_made_anchors():
 
 
 def test_atss_assigns_each_anchor_to_its_best_ground_truth():
-    anchors = [Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [50.0, 50.0, 60.0, 60.0]]))]
+    anchors = [
+        Boxes(
+            torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [50.0, 50.0, 60.0, 60.0]])
+        )
+    ]
     gts = Boxes(torch.tensor([[0.0, 0.0, 12.0, 12.0], [4.0, 4.0, 15.0, 15.0]]))
     matched, labels = atss_match(anchors, gts, topk=3)
     assert labels.tolist() == [1, 1, 0]
@@ -232,7 +250,12 @@ def test_unknown_config_key_fails_with_its_name(tmp_path):
 
 def test_bad_assigner_and_loc_error_fail_clearly():
     with pytest.raises(ValueError, match="ASSIGNER"):
-        build_model(tiny_cfg(CONFIGS[0], **{"MODEL.META_ARCHITECTURE": "ALRPRetinaNet", "MODEL.ALRP.ASSIGNER": "nope"}))
+        build_model(
+            tiny_cfg(
+                CONFIGS[0],
+                **{"MODEL.META_ARCHITECTURE": "ALRPRetinaNet", "MODEL.ALRP.ASSIGNER": "nope"},
+            )
+        )
     model = build_model(alrp_config().clone())
     model.head_loss.loc_error = "l1"
     with EventStorage(), pytest.raises(ValueError, match="localisation error"):
@@ -249,11 +272,13 @@ GENERIC = {  # the names of before -> (the one class of their family, the loss t
 
 
 def _config_of(alias):
-    names = {"ALRPRetinaNet": "alrp_atss_R_50_FPN_500.yaml",
-             "APLossRetinaNet": "aploss_retinanet_R_50_FPN_500.yaml",
-             "RankSortRetinaNet": "rs_atss_R_50_FPN_1x.yaml",
-             "ALRPROIHeads": "alrp_faster_rcnn_R_50_FPN.yaml",
-             "RankSortROIHeads": "rs_faster_rcnn_R_50_FPN_1x.yaml"}
+    names = {
+        "ALRPRetinaNet": "alrp_atss_R_50_FPN_500.yaml",
+        "APLossRetinaNet": "aploss_retinanet_R_50_FPN_500.yaml",
+        "RankSortRetinaNet": "rs_atss_R_50_FPN_1x.yaml",
+        "ALRPROIHeads": "alrp_faster_rcnn_R_50_FPN.yaml",
+        "RankSortROIHeads": "rs_faster_rcnn_R_50_FPN_1x.yaml",
+    }
     return os.path.join(ROOT, "configs", "COCO-Detection", names[alias])
 
 
@@ -285,33 +310,53 @@ def test_the_generic_class_with_a_loss_by_config_is_the_alias(alias):
 
 def test_the_loss_choice_is_checked_by_name():
     path = _config_of("ALRPRetinaNet")
-    with pytest.raises(ValueError, match="MODEL.RANKING_LOSS.NAME 'RankSortHeadLoss' contradicts ALRPRetinaNet"):
+    with pytest.raises(
+        ValueError, match="MODEL.RANKING_LOSS.NAME 'RankSortHeadLoss' contradicts ALRPRetinaNet"
+    ):
         build_model(tiny_cfg(path, **{"MODEL.RANKING_LOSS.NAME": "RankSortHeadLoss"}))
     with pytest.raises(ValueError, match="RankingRetinaNet needs MODEL.RANKING_LOSS.NAME, one of"):
         build_model(tiny_cfg(path, **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet"}))
     with pytest.raises(ValueError, match="must be one of .*got 'focal'"):
-        build_model(tiny_cfg(path, **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet",
-                                      "MODEL.RANKING_LOSS.NAME": "focal"}))
+        build_model(
+            tiny_cfg(
+                path,
+                **{
+                    "MODEL.META_ARCHITECTURE": "RankingRetinaNet",
+                    "MODEL.RANKING_LOSS.NAME": "focal",
+                },
+            )
+        )
     rcnn = _config_of("ALRPROIHeads")
     with pytest.raises(ValueError, match="AP Loss trains dense .* not the rpn head"):
-        build_model(tiny_cfg(rcnn, **{"MODEL.PROPOSAL_GENERATOR.NAME": "RankingRPN",
-                                      "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
-                                      "MODEL.ROI_HEADS.NAME": "StandardROIHeads"}))
+        build_model(
+            tiny_cfg(
+                rcnn,
+                **{
+                    "MODEL.PROPOSAL_GENERATOR.NAME": "RankingRPN",
+                    "MODEL.RANKING_LOSS.NAME": "APHeadLoss",
+                    "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
+                },
+            )
+        )
 
 
 def test_the_readmes_new_loss_trains_a_detector():
     """The README's "add a loss" example, as written there, trains RankingRetinaNet."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    section = text[text.index("*A loss*"):text.index("*A detector*")]
-    code = section[section.index("```python") + len("```python"):section.index("```\n\nthen")]
+    section = text[text.index("*A loss*") : text.index("*A detector*")]
+    code = section[section.index("```python") + len("```python") : section.index("```\n\nthen")]
     from alrp_d2.modeling import HEAD_LOSS_REGISTRY
 
     if "NDCGHeadLoss" not in HEAD_LOSS_REGISTRY:
         exec(compile(code, "README.md", "exec"), {})
-    cfg = tiny_cfg(os.path.join(ROOT, "configs", "quickstart", "alrp_retinanet_synthetic.yaml"),
-                   **{"MODEL.META_ARCHITECTURE": "RankingRetinaNet",
-                      "MODEL.RANKING_LOSS.NAME": "NDCGHeadLoss"})
+    cfg = tiny_cfg(
+        os.path.join(ROOT, "configs", "quickstart", "alrp_retinanet_synthetic.yaml"),
+        **{
+            "MODEL.META_ARCHITECTURE": "RankingRetinaNet",
+            "MODEL.RANKING_LOSS.NAME": "NDCGHeadLoss",
+        },
+    )
     model, losses = _step(cfg)
     assert sorted(losses) == ["loss_ndcg_box", "loss_ndcg_cls"]
     assert all(math.isfinite(v) for v in losses.values())
@@ -324,6 +369,15 @@ def test_the_ranking_scope_key_and_its_alias():
     assert configured_scope(tiny_cfg(path)) == "process"
     for key in ("MODEL.RANKING_LOSS.RANKING_SCOPE", "MODEL.ALRP.RANKING_SCOPE"):
         assert build_model(tiny_cfg(path, **{key: "global"})).head_loss.ranking_scope == "global"
-    with pytest.raises(ValueError, match="MODEL.RANKING_LOSS.RANKING_SCOPE 'process' and its alias"):
-        configured_scope(tiny_cfg(path, **{"MODEL.RANKING_LOSS.RANKING_SCOPE": "process",
-                                           "MODEL.ALRP.RANKING_SCOPE": "global"}))
+    with pytest.raises(
+        ValueError, match="MODEL.RANKING_LOSS.RANKING_SCOPE 'process' and its alias"
+    ):
+        configured_scope(
+            tiny_cfg(
+                path,
+                **{
+                    "MODEL.RANKING_LOSS.RANKING_SCOPE": "process",
+                    "MODEL.ALRP.RANKING_SCOPE": "global",
+                },
+            )
+        )

@@ -6,9 +6,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-from naive_loop import alrp_loop, ap_loop  # noqa: E402
+from naive_loop import alrp_loop, ap_loop
 
-from alrp_d2.losses import alrp_loss, ap_loss  # noqa: E402
+from alrp_d2.losses import alrp_loss, ap_loss
 
 
 def test_loop_baseline_equals_engine():

@@ -16,7 +16,6 @@ import types
 import pytest
 import torch
 from PIL import Image
-
 from runs import TINY, TRAINING, python_module, train_net
 
 pytestmark = pytest.mark.detectron2
@@ -61,7 +60,8 @@ def user_split(synthetic, split, root, first_id):
         coco["annotations"].append(broken)
     names = {c["id"]: c["name"] for c in coco["categories"]}
     coco["categories"] = [
-        {"id": USER_IDS[c], "name": names[c]} for c in (1, 4, 2, 3)  # 90, 7, 3, 11
+        {"id": USER_IDS[c], "name": names[c]}
+        for c in (1, 4, 2, 3)  # 90, 7, 3, 11
     ]
     path = root / "annotations" / f"{split}.json"
     path.parent.mkdir(exist_ok=True)
@@ -83,24 +83,54 @@ def own(tmp_path_factory):
     train_json = user_split(synthetic, "train", root, 200000)
     val_json = user_split(synthetic, "val", root, 100000)
     images = root / "images"
-    datasets = ["--dataset", "my_train", train_json, images, "--dataset", "my_val", val_json, images]
+    datasets = [
+        "--dataset",
+        "my_train",
+        train_json,
+        images,
+        "--dataset",
+        "my_val",
+        val_json,
+        images,
+    ]
     out = base / "run"
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "--logger", "csv", *datasets, *TRAINING,
-        *LEARN, "DATASETS.TRAIN", '("my_train",)', "DATASETS.TEST", '("my_val",)', "OUTPUT_DIR", out,
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "csv",
+        *datasets,
+        *TRAINING,
+        *LEARN,
+        "DATASETS.TRAIN",
+        '("my_train",)',
+        "DATASETS.TEST",
+        '("my_val",)',
+        "OUTPUT_DIR",
+        out,
         env_root=base,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return types.SimpleNamespace(
-        base=base, root=root, images=images, train_json=train_json, val_json=val_json, out=out,
-        datasets=datasets, console=done.stdout + done.stderr,
+        base=base,
+        root=root,
+        images=images,
+        train_json=train_json,
+        val_json=val_json,
+        out=out,
+        datasets=datasets,
+        console=done.stdout + done.stderr,
     )
 
 
 def test_training_names_what_it_drops_and_logs_the_datasets(own):
     log = (own.out / "log.txt").read_text()
     for text in (own.console, log):
-        assert f"annotation id {BROKEN_ANNOTATION}: box [40.0, 40.0, -12.0, 20.0] has no area" in text
+        assert (
+            f"annotation id {BROKEN_ANNOTATION}: box [40.0, 40.0, -12.0, 20.0] has no area" in text
+        )
         assert "1 annotations have no usable box" in text
     # Detectron2's dataset summary, before anything else of the run, in log.txt too
     assert re.search(r"Loaded \d+ images in COCO format from .*train\.json", log)
@@ -120,15 +150,32 @@ def lrp_command_olrp(gt, dets):
 
 
 @pytest.mark.parametrize("thresholds", ["run", "score 0"])
-def test_predict_writes_the_datasets_ids_and_scores_to_the_evaluators_olrp(own, thresholds, tmp_path):
+def test_predict_writes_the_datasets_ids_and_scores_to_the_evaluators_olrp(
+    own, thresholds, tmp_path
+):
     val_images = own.images / "val" / "sub"
     output = tmp_path / "predictions"
     which = [] if thresholds == "run" else ["--score-threshold", 0.0]
     done = python_module(
-        "alrp_d2.predict", "--config-file", own.out / "config.yaml",
-        "--weights", own.out / "model_final.pth", "--input", val_images, "--output", output,
-        "--device", "cpu", *which, "--dataset", "my_val", own.val_json, own.images,
-        "DATASETS.TEST", '("my_val",)', env_root=own.base,
+        "alrp_d2.predict",
+        "--config-file",
+        own.out / "config.yaml",
+        "--weights",
+        own.out / "model_final.pth",
+        "--input",
+        val_images,
+        "--output",
+        output,
+        "--device",
+        "cpu",
+        *which,
+        "--dataset",
+        "my_val",
+        own.val_json,
+        own.images,
+        "DATASETS.TEST",
+        '("my_val",)',
+        env_root=own.base,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((output / "predictions.json").read_text())
@@ -157,17 +204,51 @@ def test_predict_without_a_dataset_or_thresholds_asks_how_to_number_the_classes(
     weights.parent.mkdir()
     weights.write_bytes((own.out / "model_final.pth").read_bytes())
     image = next((own.images / "val" / "sub").iterdir())
-    common = ["--config-file", own.out / "config.yaml", "--weights", weights, "--input", image,
-              "--device", "cpu"]
-    done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "a",
-                         "DATASETS.TEST", "()", env_root=own.base)
+    common = [
+        "--config-file",
+        own.out / "config.yaml",
+        "--weights",
+        weights,
+        "--input",
+        image,
+        "--device",
+        "cpu",
+    ]
+    done = python_module(
+        "alrp_d2.predict",
+        *common,
+        "--output",
+        tmp_path / "a",
+        "DATASETS.TEST",
+        "()",
+        env_root=own.base,
+    )
     assert done.returncode == 2 and "no LRP thresholds for" in done.stderr  # nothing guessed
-    done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "a",
-                         "--score-threshold", 0.0, "DATASETS.TEST", "()", env_root=own.base)
+    done = python_module(
+        "alrp_d2.predict",
+        *common,
+        "--output",
+        tmp_path / "a",
+        "--score-threshold",
+        0.0,
+        "DATASETS.TEST",
+        "()",
+        env_root=own.base,
+    )
     assert done.returncode == 2 and "no dataset maps the model's 4 classes" in done.stderr
     assert not (tmp_path / "a").exists()
-    done = python_module("alrp_d2.predict", *common, "--output", tmp_path / "b", "--contiguous-ids",
-                         "--score-threshold", 0.0, "DATASETS.TEST", "()", env_root=own.base)
+    done = python_module(
+        "alrp_d2.predict",
+        *common,
+        "--output",
+        tmp_path / "b",
+        "--contiguous-ids",
+        "--score-threshold",
+        0.0,
+        "DATASETS.TEST",
+        "()",
+        env_root=own.base,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "b" / "predictions.json").read_text())
     assert {r["image_id"] for r in rows} == {1} and {r["category_id"] for r in rows} <= {1, 2, 3, 4}
@@ -178,13 +259,24 @@ def test_predict_needs_no_registered_dataset_when_the_thresholds_map_the_classes
     the run's evaluation give the category ids (the inputs then count from 1)."""
     image = next((own.images / "val" / "sub").iterdir())
     done = python_module(
-        "alrp_d2.predict", "--config-file", own.out / "config.yaml", "--weights",
-        own.out / "model_final.pth", "--input", image, "--output", tmp_path / "p", "--device", "cpu",
+        "alrp_d2.predict",
+        "--config-file",
+        own.out / "config.yaml",
+        "--weights",
+        own.out / "model_final.pth",
+        "--input",
+        image,
+        "--output",
+        tmp_path / "p",
+        "--device",
+        "cpu",
         env_root=own.base,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
-    assert {r["category_id"] for r in rows} <= {3, 7, 11, 90} and {r["image_id"] for r in rows} <= {1}
+    assert {r["category_id"] for r in rows} <= {3, 7, 11, 90} and {r["image_id"] for r in rows} <= {
+        1
+    }
 
 
 def test_lrp_command_refuses_detections_of_other_images(own, tmp_path):
@@ -216,9 +308,21 @@ def test_lrp_command_refuses_detections_of_other_images(own, tmp_path):
 def test_eval_only_writes_a_folder_of_its_own(own):
     before = folder_state(own.out)
     done = train_net(
-        "--config-file", TINY, *own.datasets, "--eval-only", "MODEL.WEIGHTS",
-        own.out / "model_final.pth", *TRAINING, *LEARN, "DATASETS.TRAIN", '("my_train",)',
-        "DATASETS.TEST", '("my_val",)', "OUTPUT_DIR", own.out, env_root=own.base,
+        "--config-file",
+        TINY,
+        *own.datasets,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        own.out / "model_final.pth",
+        *TRAINING,
+        *LEARN,
+        "DATASETS.TRAIN",
+        '("my_train",)',
+        "DATASETS.TEST",
+        '("my_val",)',
+        "OUTPUT_DIR",
+        own.out,
+        env_root=own.base,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert folder_state(own.out, skip=("eval",)) == before  # the training's records as they were
@@ -231,19 +335,37 @@ def test_eval_only_writes_a_folder_of_its_own(own):
 
 
 def test_eval_only_refuses_another_models_weights_and_writes_nothing(own, tmp_path):
-    from alrp_d2.config import get_cfg
     from detectron2.modeling import build_model
 
+    from alrp_d2.config import get_cfg
+
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(os.path.dirname(TINY), os.pardir, os.pardir, "configs",
-                                     "quickstart", "focal_retinanet_synthetic.yaml"))
+    cfg.merge_from_file(
+        os.path.join(
+            os.path.dirname(TINY),
+            os.pardir,
+            os.pardir,
+            "configs",
+            "quickstart",
+            "focal_retinanet_synthetic.yaml",
+        )
+    )
     cfg.MODEL.DEVICE = "cpu"
     other = tmp_path / "focal.pth"
     torch.save({"model": build_model(cfg).state_dict()}, other)
     before = folder_state(own.out)
     done = train_net(
-        "--config-file", TINY, *own.datasets, "--eval-only", "MODEL.WEIGHTS", other,
-        "DATASETS.TEST", '("my_val",)', "OUTPUT_DIR", own.out, env_root=own.base,
+        "--config-file",
+        TINY,
+        *own.datasets,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        other,
+        "DATASETS.TEST",
+        '("my_val",)',
+        "OUTPUT_DIR",
+        own.out,
+        env_root=own.base,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "holds the weights of another model than the config's ALRPRetinaNet" in done.stderr
@@ -254,9 +376,20 @@ def test_a_class_count_other_than_the_datasets_stops_before_training(own, tmp_pa
     out = tmp_path / "out"
     for key in ("MODEL.RETINANET.NUM_CLASSES",):
         done = train_net(
-            "--config-file", TINY, "--accelerator", "cpu", *own.datasets,
-            "DATASETS.TRAIN", '("my_train",)', "DATASETS.TEST", "()", key, 3,
-            "OUTPUT_DIR", out, env_root=own.base,
+            "--config-file",
+            TINY,
+            "--accelerator",
+            "cpu",
+            *own.datasets,
+            "DATASETS.TRAIN",
+            '("my_train",)',
+            "DATASETS.TEST",
+            "()",
+            key,
+            3,
+            "OUTPUT_DIR",
+            out,
+            env_root=own.base,
         )
         assert done.returncode == 2, done.stderr[-3000:]
         assert f"{key} is 3, but the training dataset 'my_train' has 4 classes" in done.stderr
@@ -266,9 +399,21 @@ def test_a_class_count_other_than_the_datasets_stops_before_training(own, tmp_pa
 def test_resume_into_a_folder_without_checkpoints_says_so(own, tmp_path):
     out = tmp_path / "mistyped"
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "--resume", *own.datasets,
-        "DATASETS.TRAIN", '("my_train",)', "DATASETS.TEST", "()", "SOLVER.MAX_EPOCHS", 1,
-        "OUTPUT_DIR", out, env_root=own.base,
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "--resume",
+        *own.datasets,
+        "DATASETS.TRAIN",
+        '("my_train",)',
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.MAX_EPOCHS",
+        1,
+        "OUTPUT_DIR",
+        out,
+        env_root=own.base,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"--resume: OUTPUT_DIR {out} does not exist; starting a new training" in done.stdout
@@ -276,8 +421,17 @@ def test_resume_into_a_folder_without_checkpoints_says_so(own, tmp_path):
 
 def test_a_refused_loss_choice_exits_2_with_its_name(own, tmp_path):
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "MODEL.META_ARCHITECTURE", "RankingRetinaNet",
-        "DATASETS.TEST", "()", "OUTPUT_DIR", tmp_path / "out", env_root=own.base,
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "MODEL.META_ARCHITECTURE",
+        "RankingRetinaNet",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        tmp_path / "out",
+        env_root=own.base,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "RankingRetinaNet needs MODEL.RANKING_LOSS.NAME" in done.stderr

@@ -27,12 +27,29 @@ def run_rows(steps, shift=0.0):
         lr = 0.01 * min(1.0, (step + 1) / 50) + shift * 1e-6
         cls, loc = 1.0 / (1 + step) + shift, 0.5 / (1 + step) + shift
         yield step, {"lr-SGD": lr}
-        yield step, {"total_loss": cls + 4 * loc, "loss_alrp_cls": cls, "loss_alrp_loc": 4 * loc,
-                     "alrp/cls": cls, "alrp/loc": loc, "alrp/num_pos": 12.0, "lr": lr,
-                     "epoch": epoch}
+        yield (
+            step,
+            {
+                "total_loss": cls + 4 * loc,
+                "loss_alrp_cls": cls,
+                "loss_alrp_loc": 4 * loc,
+                "alrp/cls": cls,
+                "alrp/loc": loc,
+                "alrp/num_pos": 12.0,
+                "lr": lr,
+                "epoch": epoch,
+            },
+        )
         if (step + 1) % EPOCH == 0:
-            yield step, {"bbox/AP": 10.0 + epoch + shift, "bbox/AP50": 20.0 + epoch + shift,
-                         "lrp/oLRP": 90.0 - epoch - shift, "epoch": epoch}
+            yield (
+                step,
+                {
+                    "bbox/AP": 10.0 + epoch + shift,
+                    "bbox/AP50": 20.0 + epoch + shift,
+                    "lrp/oLRP": 90.0 - epoch - shift,
+                    "epoch": epoch,
+                },
+            )
             yield step, {"alrp/sb_weight": 4.0 + epoch / 10 + shift, "epoch": epoch}
 
 
@@ -90,6 +107,7 @@ def assert_png(path, size=(1200, 800)):
 
 # -- reading -----------------------------------------------------------------------
 
+
 def test_csv_versions_combined_later_winning(csv_run):
     scalars = plot.read_scalars(csv_run)
     assert scalars == expected(FIRST, SECOND)
@@ -143,7 +161,12 @@ def test_panels(csv_run):
     losses, lr, balance, evaluation = plot.draw_run(scalars).axes
     labels = [line.get_label() for line in losses.get_lines()]
     assert [label for label in labels if not label.startswith("_")] == [
-        "total_loss", "loss_alrp_cls", "loss_alrp_loc", "alrp/cls", "alrp/loc"]
+        "total_loss",
+        "loss_alrp_cls",
+        "loss_alrp_loc",
+        "alrp/cls",
+        "alrp/loc",
+    ]
     assert len(labels) == 10  # smoothed, and raw behind
     assert losses.get_yscale() == "log"
     assert {line.get_label() for line in lr.get_lines()} == {"lr", "lr-SGD"}
@@ -152,7 +175,10 @@ def test_panels(csv_run):
     assert list(weight.get_xdata()) == list(range(60))  # against epoch
     assert list(weight.get_ydata()) == [v for _, v in scalars["alrp/sb_weight"]]
     assert [line.get_label() for line in evaluation.get_lines()] == [
-        "bbox/AP", "bbox/AP50", "lrp/oLRP (lower is better)"]
+        "bbox/AP",
+        "bbox/AP50",
+        "lrp/oLRP (lower is better)",
+    ]
     assert balance.get_xlabel() == evaluation.get_xlabel() == "epoch"
 
 
@@ -168,11 +194,15 @@ def test_training_without_evaluation_yet(tmp_path):
 
 def test_run_without_self_balance_says_so():
     """Rank & Sort (as AP and focal loss) has no self-balance weight: its panel says so."""
-    scalars = {"total_loss": [(1, 2.0), (2, 1.5)], "loss_rs_rank": [(1, 0.9), (2, 0.8)],
-               "epoch": [(1, 0), (2, 0)]}
+    scalars = {
+        "total_loss": [(1, 2.0), (2, 1.5)],
+        "loss_rs_rank": [(1, 0.9), (2, 0.8)],
+        "epoch": [(1, 0), (2, 0)],
+    }
     balance = plot.draw_run(scalars).axes[2]
     assert [t.get_text() for t in balance.texts] == [
-        "none in this run\n(only aLRP Loss balances itself per epoch)"]
+        "none in this run\n(only aLRP Loss balances itself per epoch)"
+    ]
 
 
 def test_running_median():
@@ -182,6 +212,7 @@ def test_running_median():
 
 
 # -- writing and the command line ----------------------------------------------------
+
 
 def test_plot_run_writes_png(csv_run):
     path = plot.plot_run(csv_run)
@@ -240,13 +271,27 @@ def test_folder_without_logs(tmp_path, capsys):
 def test_command_line(csv_run):
     """``python -m alrp_d2.plot`` end to end; the module imports neither torch nor detectron2."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    code = ("import sys, alrp_d2.plot as p\n"
-            "status = p.main(sys.argv[1:])\n"
-            "heavy = [m for m in ('torch', 'detectron2') if m in sys.modules]\n"
-            "sys.exit(f'imported {heavy}' if heavy else status)")
-    done = subprocess.run([sys.executable, "-c", code, str(csv_run)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, alrp_d2.plot as p\n"
+        "status = p.main(sys.argv[1:])\n"
+        "heavy = [m for m in ('torch', 'detectron2') if m in sys.modules]\n"
+        "sys.exit(f'imported {heavy}' if heavy else status)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(csv_run)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-m", "alrp_d2.plot", str(csv_run)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "alrp_d2.plot", str(csv_run)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--overwrite" in done.stderr

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import ROOT, VAL
 
 pytestmark = pytest.mark.detectron2
-
-from runs import ROOT, VAL
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +272,9 @@ def test_thresholds_file_beside_the_weights_is_the_default(
     code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights))
     assert code == 2 and f"no LRP thresholds for {weights}" in err and "--score-threshold" in err
     assert not (tmp_path / "q").exists()
-    code, out, err = predict(base_args(run, inputs, tmp_path / "q", weights)
-                             + ["--score-threshold", "0.5"])
+    code, out, err = predict(
+        base_args(run, inputs, tmp_path / "q", weights) + ["--score-threshold", "0.5"]
+    )
     assert code == 0, err
     assert "score threshold 0.5" in out
     assert read_predictions(tmp_path / "q") == []  # a barely trained model scores about 0.01

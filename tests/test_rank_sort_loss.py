@@ -5,10 +5,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_rank_sort import rank_sort_reference
 
 from alrp_d2.losses import RankSortLoss, rank_sort_loss
 from alrp_d2.losses import rank_sort as rank_sort_module
-from reference_rank_sort import rank_sort_reference
 
 RTOL = 1e-9
 DELTAS = [0.0, 0.25, 0.5, 1.0]
@@ -75,8 +75,7 @@ def range_queries(draw):
     weights = draw(st.lists(st.integers(-3, 3), min_size=2 * p, max_size=2 * p))
     bounds = st.lists(st.integers(0, p), min_size=3, max_size=3).map(sorted)
     queries = draw(st.lists(st.tuples(bounds, st.integers(0, p)), min_size=1, max_size=20))
-    return (torch.tensor(keys), torch.tensor(weights, dtype=torch.float64).view(p, 2),
-            queries)
+    return (torch.tensor(keys), torch.tensor(weights, dtype=torch.float64).view(p, 2), queries)
 
 
 @settings(max_examples=200, deadline=None)
@@ -155,16 +154,19 @@ def test_ignored_elements_get_no_gradient():
     assert (targets == -1).any() and (x.grad[targets == -1] == 0).all()
 
 
-@pytest.mark.parametrize("logits,targets,message", [
-    (torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 0.0]), "NaN or Inf"),
-    (torch.tensor([0.0, float("inf")]), torch.tensor([1.0, 0.0]), "NaN or Inf"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([1.5, 0.0]), r"\(0, 1\]"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([0.5, -0.5]), r"\(0, 1\]"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([float("nan"), 0.0]), r"\(0, 1\]"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([1, 0]), "floating point"),
-    (torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), "floating point"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), "shape mismatch"),
-])
+@pytest.mark.parametrize(
+    "logits,targets,message",
+    [
+        (torch.tensor([0.0, float("nan")]), torch.tensor([1.0, 0.0]), "NaN or Inf"),
+        (torch.tensor([0.0, float("inf")]), torch.tensor([1.0, 0.0]), "NaN or Inf"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([1.5, 0.0]), r"\(0, 1\]"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0.5, -0.5]), r"\(0, 1\]"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([float("nan"), 0.0]), r"\(0, 1\]"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([1, 0]), "floating point"),
+        (torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), "floating point"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), "shape mismatch"),
+    ],
+)
 def test_bad_inputs_are_rejected(logits, targets, message):
     with pytest.raises(ValueError, match=message):
         rank_sort_loss(logits, targets)
@@ -187,8 +189,11 @@ def batches(draw):
         kinds[draw(st.integers(0, m - 1))] = 1
     targets = [lab / 8 if k == 1 else float(k) for k, lab in zip(kinds, labels)]
     delta = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]))
-    return (torch.tensor(scores, dtype=torch.float64) / 4,
-            torch.tensor(targets, dtype=torch.float64), delta)
+    return (
+        torch.tensor(scores, dtype=torch.float64) / 4,
+        torch.tensor(targets, dtype=torch.float64),
+        delta,
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -236,6 +241,7 @@ def test_losses_are_bounded_and_sorting_nonnegative_at_unit_step(batch):
 def test_benchmark_loop_equals_the_loss():
     import os
     import sys
+
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from rank_sort_loop import rank_sort_loop
 

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = pytest.mark.detectron2
@@ -20,6 +19,7 @@ if HAS_DETECTRON2:
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
+    from test_models import batch, dense_predictions, tiny_cfg
     from torchvision.ops import box_iou, generalized_box_iou_loss
 
     from alrp_d2.losses import rank_sort_loss
@@ -30,8 +30,6 @@ if HAS_DETECTRON2:
         classwise_targets,
         rank_sort_mask_loss,
     )
-
-    from test_models import batch, dense_predictions, tiny_cfg
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO = os.path.join(ROOT, "configs", "COCO-Detection")

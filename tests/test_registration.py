@@ -11,8 +11,10 @@ CODE = """
 from alrp_d2.config import get_cfg
 from detectron2.modeling import (BACKBONE_REGISTRY, META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
                                  ROI_HEADS_REGISTRY, build_model)
-for registry, name in [(META_ARCH_REGISTRY, "ALRPRetinaNet"), (META_ARCH_REGISTRY, "APLossRetinaNet"),
-                       (PROPOSAL_GENERATOR_REGISTRY, "ALRPRPN"), (PROPOSAL_GENERATOR_REGISTRY, "MaxIoURPN"),
+for registry, name in [(META_ARCH_REGISTRY, "ALRPRetinaNet"),
+                       (META_ARCH_REGISTRY, "APLossRetinaNet"),
+                       (PROPOSAL_GENERATOR_REGISTRY, "ALRPRPN"),
+                       (PROPOSAL_GENERATOR_REGISTRY, "MaxIoURPN"),
                        (ROI_HEADS_REGISTRY, "ALRPROIHeads"),
                        (BACKBONE_REGISTRY, "build_alrp_retinanet_resnet_fpn_backbone")]:
     assert name in registry, name

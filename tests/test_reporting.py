@@ -19,7 +19,6 @@ import types
 
 import pytest
 import torch
-
 from runs import EPOCH, ROOT, TINY, TRAINING, VAL
 
 pytestmark = pytest.mark.detectron2
@@ -275,7 +274,8 @@ def test_best_checkpoint_keeps_the_thresholds_of_its_evaluation(tmp_path):
         module.last_lrp_thresholds = {VAL: {"1": {"name": "a", "threshold": threshold}}}
         evaluate(callback, module, value, step=int(value))
     assert saved(tmp_path / "model_best.pth")["lrp_thresholds"] == {
-        VAL: {"1": {"name": "a", "threshold": 0.3}}}
+        VAL: {"1": {"name": "a", "threshold": 0.3}}
+    }
     assert not (tmp_path / "inference").exists()
 
 

@@ -26,8 +26,22 @@ TOLERANCE = 1e-5  # largest absolute weight difference accepted (the issue's bou
 
 
 def common(processes=1, workers=0):
-    return ["--config-file", TINY, "--accelerator", "cpu", "--devices", processes, "DATASETS.TEST", "()",
-            "SOLVER.CHECKPOINT_ITERS", 2, "SOLVER.CHECKPOINT_PERIOD", 1, "DATALOADER.NUM_WORKERS", workers]
+    return [
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "--devices",
+        processes,
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.CHECKPOINT_ITERS",
+        2,
+        "SOLVER.CHECKPOINT_PERIOD",
+        1,
+        "DATALOADER.NUM_WORKERS",
+        workers,
+    ]
 
 
 def split_flags(args):
@@ -38,14 +52,34 @@ def split_flags(args):
 
 def run(data, out, *faults, processes=1, workers=0, resume=False, extra=(), env=None, timeout=300):
     flags, opts = split_flags(common(processes, workers))
-    cmd = [sys.executable, INJECT, "--trace", out / "trace", *faults, "--", *flags,
-           *(["--resume"] if resume else []), *opts, "OUTPUT_DIR", out, *extra]
-    environ = dict(os.environ, DETECTRON2_DATASETS=str(data), PYTHONWARNINGS="ignore", **(env or {}))
+    cmd = [
+        sys.executable,
+        INJECT,
+        "--trace",
+        out / "trace",
+        *faults,
+        "--",
+        *flags,
+        *(["--resume"] if resume else []),
+        *opts,
+        "OUTPUT_DIR",
+        out,
+        *extra,
+    ]
+    environ = dict(
+        os.environ, DETECTRON2_DATASETS=str(data), PYTHONWARNINGS="ignore", **(env or {})
+    )
     out.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}-{time.monotonic_ns()}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=environ, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=ROOT,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=timeout)
         finally:
@@ -107,8 +141,10 @@ def assert_same_training(out, reference, processes, expected_resumes=1):
     print(f"max |weight difference| = {difference:.3g}")
     assert difference <= TOLERANCE
     # The self-balance weight of the last epoch came from complete, once-counted sums.
-    assert weights(out / "model_final.pth")["self_balance.weight"] == \
-        weights(reference / "model_final.pth")["self_balance.weight"]
+    assert (
+        weights(out / "model_final.pth")["self_balance.weight"]
+        == weights(reference / "model_final.pth")["self_balance.weight"]
+    )
 
 
 KILLS = [
@@ -123,8 +159,9 @@ KILLS = [
 
 
 @pytest.mark.parametrize("processes,workers,fault", KILLS)
-def test_sigkill_then_resume_trains_what_the_uninterrupted_run_trained(data, reference, tmp_path, processes,
-                                                                       workers, fault):
+def test_sigkill_then_resume_trains_what_the_uninterrupted_run_trained(
+    data, reference, tmp_path, processes, workers, fault
+):
     out = tmp_path / "out"
     code, log = run(data, out, *fault, processes=processes, workers=workers)
     assert code == -signal.SIGKILL, log[-3000:]
@@ -152,7 +189,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, reference, tmp_path,
 
 
 def test_sigterm_to_another_rank_than_the_first_stops_every_process_at_the_same_step(
-        data, reference, tmp_path):
+    data, reference, tmp_path
+):
     out = tmp_path / "out"
     code, log = run(data, out, "--signal-at-step", 3, "--signal-rank", 1, processes=2)
     assert code == 128 + signal.SIGTERM, log[-3000:]
@@ -199,15 +237,32 @@ def test_numbered_checkpoints_without_validation_and_ckpt_as_weights(reference):
 
 
 def snapshot(folder):
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_resume_with_a_changed_config_fails_listing_the_keys(data, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference[1], out)
     before = snapshot(out)
-    code, log = run(data, out, resume=True, extra=["SOLVER.BASE_LR", 0.5, "MODEL.ALRP.DELTA", 0.5,
-                                                   "SOLVER.MAX_EPOCHS", 3, "TEST.EVAL_PERIOD", 1])
+    code, log = run(
+        data,
+        out,
+        resume=True,
+        extra=[
+            "SOLVER.BASE_LR",
+            0.5,
+            "MODEL.ALRP.DELTA",
+            0.5,
+            "SOLVER.MAX_EPOCHS",
+            3,
+            "TEST.EVAL_PERIOD",
+            1,
+        ],
+    )
     assert code == 2, log[-3000:]
     assert "SOLVER.BASE_LR: 0.02 -> 0.5" in log and "MODEL.ALRP.DELTA: 1.0 -> 0.5" in log
     assert "MAX_EPOCHS:" not in log and "EVAL_PERIOD:" not in log  # allowed changes
@@ -230,9 +285,24 @@ def test_a_second_training_into_the_same_folder_stops(data, tmp_path):
     out = tmp_path / "out"
     flags, opts = split_flags(common())
     environ = dict(os.environ, DETECTRON2_DATASETS=str(data), PYTHONWARNINGS="ignore")
-    first = subprocess.Popen([sys.executable, INJECT, "--", *map(str, flags), *map(str, opts), "OUTPUT_DIR",
-                              str(out), "SOLVER.MAX_EPOCHS", "50"], cwd=ROOT, env=environ,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            INJECT,
+            "--",
+            *map(str, flags),
+            *map(str, opts),
+            "OUTPUT_DIR",
+            str(out),
+            "SOLVER.MAX_EPOCHS",
+            "50",
+        ],
+        cwd=ROOT,
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "last.ckpt").exists() and time.time() < deadline:
@@ -264,9 +334,14 @@ def test_truncated_image_names_file_and_dataset_then_resume(damaged_data, refere
     assert f"training image '{image}' of dataset 'alrp_synthetic_tiny_train' cannot be used" in log
     assert "image file is truncated" in log
     assert (out / "last.ckpt").is_file() and "progress up to iteration" in log
-    check = subprocess.run([sys.executable, "train_net.py", "--config-file", TINY, "--check-data"], cwd=ROOT,
-                           env=dict(os.environ, DETECTRON2_DATASETS=str(root), PYTHONWARNINGS="ignore"),
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", TINY, "--check-data"],
+        cwd=ROOT,
+        env=dict(os.environ, DETECTRON2_DATASETS=str(root), PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 1
     assert f"{image}: image unreadable" in check.stderr + check.stdout
     assert "1 problems found" in check.stdout
@@ -287,16 +362,26 @@ def test_model_final_is_written_before_the_final_evaluation(data, tmp_path):
     assert (out / "model_final.pth").is_file()  # ... after the model was saved
 
 
-def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(data, reference, tmp_path):
+def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(
+    data, reference, tmp_path
+):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "scontrol.txt"
     fake = bin_dir / "scontrol"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
     fake.chmod(0o755)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "alrp", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost",
-             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "alrp",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NNODES": "1",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     out = tmp_path / "out"
     code, log = run(data, out, "--signal-at-step", 5, "--signal", "USR1", env=slurm)
     assert code == 128 + signal.SIGTERM, log[-3000:]

@@ -12,9 +12,19 @@ from alrp_d2.run_folder import THRESHOLD_FILES, RunFolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The names only the run folder's module may spell in code (docstrings and messages aside).
-LAYOUT_NAMES = {"last.ckpt", "last.prev.ckpt", "checkpoints", "model_final", "model_best",
-                "final_metrics.json", "config.yaml", "inference", "eval", "log.txt",
-                *THRESHOLD_FILES.values()}
+LAYOUT_NAMES = {
+    "last.ckpt",
+    "last.prev.ckpt",
+    "checkpoints",
+    "model_final",
+    "model_best",
+    "final_metrics.json",
+    "config.yaml",
+    "inference",
+    "eval",
+    "log.txt",
+    *THRESHOLD_FILES.values(),
+}
 
 
 def code_strings(path):
@@ -27,8 +37,11 @@ def code_strings(path):
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
                 docstrings.add(id(body[0].value))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and id(node) not in docstrings:
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
             yield node.lineno, node.value
 
 
@@ -44,7 +57,8 @@ def test_no_other_module_spells_the_layout():
                 if value.strip("/") in LAYOUT_NAMES:
                     offenders.append(f"{os.path.relpath(path, ROOT)}:{line}: {value!r}")
     assert not offenders, "the run folder's layout outside alrp_d2/run_folder.py:\n" + "\n".join(
-        offenders)
+        offenders
+    )
 
 
 def test_layout():
@@ -54,11 +68,15 @@ def test_layout():
     assert run.lrp_thresholds("val") == "/runs/a/inference/val/lrp_thresholds.json"
     assert run.lrp_thresholds("val", "segm") == "/runs/a/inference/val/lrp_thresholds_segm.json"
     assert (run.final_model, run.best_model, run.final_metrics, run.config) == (
-        "/runs/a/model_final.pth", "/runs/a/model_best.pth", "/runs/a/final_metrics.json",
-        "/runs/a/config.yaml")
+        "/runs/a/model_final.pth",
+        "/runs/a/model_best.pth",
+        "/runs/a/final_metrics.json",
+        "/runs/a/config.yaml",
+    )
     assert run.evaluation_of("/w/model_best.pth").root == "/runs/a/eval/model_best"
-    assert run.evaluation_of("/w/last.ckpt").evaluation_of("x.pth").root == \
-        "/runs/a/eval/last/eval/x"
+    assert (
+        run.evaluation_of("/w/last.ckpt").evaluation_of("x.pth").root == "/runs/a/eval/last/eval/x"
+    )
 
 
 def test_checkpoints_lists_every_training_state(tmp_path):
@@ -69,7 +87,8 @@ def test_checkpoints_lists_every_training_state(tmp_path):
         open(path, "w").close()
     (tmp_path / "model_final.pth").write_text("")
     assert sorted(run.checkpoints()) == sorted(
-        [run.last, run.numbered_checkpoint(2), str(tmp_path / "hpc_ckpt_1.ckpt")])
+        [run.last, run.numbered_checkpoint(2), str(tmp_path / "hpc_ckpt_1.ckpt")]
+    )
 
 
 def test_predict_finds_the_thresholds_of_an_evaluation_of_the_weights(tmp_path):
@@ -96,15 +115,20 @@ def test_predict_finds_the_thresholds_of_an_evaluation_of_the_weights(tmp_path):
 
 # -- the commands' shared layer (alrp_d2/cli.py) ------------------------------------------
 
-COMMANDS = {"alrp-d2-train": "alrp_d2.engine.launch", "alrp-d2-predict": "alrp_d2.predict",
-            "alrp-d2-plot": "alrp_d2.plot", "alrp-d2-lrp": "alrp_d2.evaluation.lrp",
-            "alrp-d2-export": "alrp_d2.export"}
+COMMANDS = {
+    "alrp-d2-train": "alrp_d2.engine.launch",
+    "alrp-d2-predict": "alrp_d2.predict",
+    "alrp-d2-plot": "alrp_d2.plot",
+    "alrp-d2-lrp": "alrp_d2.evaluation.lrp",
+    "alrp-d2-export": "alrp_d2.export",
+}
 
 
 def test_console_scripts_are_the_python_m_commands():
     """pyproject.toml declares them; the installed ones run (pip install -e . makes them)."""
     import shutil
     import subprocess
+
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
@@ -117,18 +141,34 @@ def test_console_scripts_are_the_python_m_commands():
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["alrp_d2.plot", "/no/such/run"], "error: "),
-    (["alrp_d2.evaluation.lrp", "/no/gt.json", "/no/dets.json"], "error: cannot read"),
-    (["alrp_d2.predict", "--config-file", "/no/config.yaml", "--weights", "w.pth", "--input",
-      "x.jpg", "--output", "out"], "error: "),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["alrp_d2.plot", "/no/such/run"], "error: "),
+        (["alrp_d2.evaluation.lrp", "/no/gt.json", "/no/dets.json"], "error: cannot read"),
+        (
+            [
+                "alrp_d2.predict",
+                "--config-file",
+                "/no/config.yaml",
+                "--weights",
+                "w.pth",
+                "--input",
+                "x.jpg",
+                "--output",
+                "out",
+            ],
+            "error: ",
+        ),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(argv, message, tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     last = done.stderr.strip().splitlines()[-1]  # (after the libraries' warnings)
     assert done.returncode == 2 and last.startswith(message), done.stderr
     assert "Traceback" not in done.stderr and os.listdir(tmp_path) == []
@@ -140,9 +180,11 @@ def test_load_config_names_each_problem(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("SOLVER:\n  BASE_LR: 0.1\n")
     assert load_config(str(config), ["SOLVER.MAX_EPOCHS", "3"]).SOLVER.MAX_EPOCHS == 3
-    for opts, message in ((["SOLVER.MAX_EPOCHS"], "KEY VALUE pairs"),
-                          (["SOLVER.NO_SUCH_KEY", "1"], "bad override"),
-                          (["SOLVER.MAX_EPOCHS", "3", "--resume", "x"], "--resume comes after")):
+    for opts, message in (
+        (["SOLVER.MAX_EPOCHS"], "KEY VALUE pairs"),
+        (["SOLVER.NO_SUCH_KEY", "1"], "bad override"),
+        (["SOLVER.MAX_EPOCHS", "3", "--resume", "x"], "--resume comes after"),
+    ):
         with pytest.raises(UsageError, match=message):
             load_config(str(config), opts)
     with pytest.raises(UsageError, match="config file not found"):

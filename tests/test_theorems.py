@@ -3,9 +3,9 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import primary_terms_alrp_cls
 
 from alrp_d2.losses import alrp_loss, ap_loss, ndcg_loss
-from reference import primary_terms_alrp_cls
 
 
 @st.composite

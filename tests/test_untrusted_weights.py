@@ -14,7 +14,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from runs import TINY, TRAINING, VAL, python_module, train_net
 
 pytestmark = pytest.mark.detectron2
@@ -73,8 +72,17 @@ def test_predict_refuses_weights_that_would_run_code(trained_run, evil, kind, tm
     image = trained_run.data / "alrp_synthetic" / "tiny_val" / "00000.png"
     output = tmp_path / "predictions"
     done = python_module(
-        "alrp_d2.predict", "--config-file", trained_run.out / "config.yaml",
-        "--weights", evil[kind], "--input", image, "--output", output, "--device", "cpu",
+        "alrp_d2.predict",
+        "--config-file",
+        trained_run.out / "config.yaml",
+        "--weights",
+        evil[kind],
+        "--input",
+        image,
+        "--output",
+        output,
+        "--device",
+        "cpu",
     )
     assert_refused(done, evil, evil[kind])
     assert not output.exists()
@@ -84,8 +92,14 @@ def test_predict_refuses_weights_that_would_run_code(trained_run, evil, kind, tm
 def test_eval_only_refuses_weights_that_would_run_code(trained_run, evil, kind):
     before = folder_state(trained_run.out)
     done = train_net(
-        "--config-file", TINY, "--eval-only", "MODEL.WEIGHTS", evil[kind],
-        "OUTPUT_DIR", trained_run.out, env_root=trained_run.data,
+        "--config-file",
+        TINY,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        evil[kind],
+        "OUTPUT_DIR",
+        trained_run.out,
+        env_root=trained_run.data,
     )
     assert_refused(done, evil, evil[kind])
     assert folder_state(trained_run.out) == before
@@ -95,8 +109,17 @@ def test_eval_only_refuses_weights_that_would_run_code(trained_run, evil, kind):
 def test_training_refuses_initial_weights_that_would_run_code(trained_run, evil, kind, tmp_path):
     out = tmp_path / "out"
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "DATASETS.TEST", "()",
-        "MODEL.WEIGHTS", evil[kind], "OUTPUT_DIR", out, env_root=trained_run.data,
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.WEIGHTS",
+        evil[kind],
+        "OUTPUT_DIR",
+        out,
+        env_root=trained_run.data,
     )
     assert_refused(done, evil, evil[kind])
     assert not out.exists()
@@ -111,8 +134,17 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(trained_run, evil, tmp_
     (out / "last.ckpt").write_bytes(evil["ckpt"].read_bytes())
     before = folder_state(out)
     done = train_net(
-        "--config-file", TINY, "--accelerator", "cpu", "--resume", "--logger", "csv",
-        *TRAINING, "OUTPUT_DIR", out, env_root=trained_run.data,
+        "--config-file",
+        TINY,
+        "--accelerator",
+        "cpu",
+        "--resume",
+        "--logger",
+        "csv",
+        *TRAINING,
+        "OUTPUT_DIR",
+        out,
+        env_root=trained_run.data,
     )
     assert_refused(done, evil, out / "last.ckpt")
     assert "--resume" in done.stderr
@@ -165,8 +197,11 @@ def test_detectron2_pickles_still_load(tmp_path):
     cfg.merge_from_file(TINY)
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
-    arrays = {k: np.array(v.detach().numpy() + 1.0) for k, v in model.state_dict().items()
-              if v.dtype == torch.float32}
+    arrays = {
+        k: np.array(v.detach().numpy() + 1.0)
+        for k, v in model.state_dict().items()
+        if v.dtype == torch.float32
+    }
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": arrays, "__author__": "test"}, f)

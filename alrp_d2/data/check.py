@@ -51,13 +51,17 @@ def record_problems(record: dict, num_classes: Optional[int]) -> List[str]:
         if box is None or len(box) != 4:
             problems.append(f"{label}: no box")
             continue
-        x0, y0, x1, y1 = BoxMode.convert(list(box), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
+        x0, y0, x1, y1 = BoxMode.convert(
+            list(box), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS
+        )
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
             problems.append(f"{label}: box {list(box)} is not finite")
         elif x1 <= x0 or y1 <= y0:
             problems.append(f"{label}: box {list(box)} has no area")
         category = ann.get("category_id")
-        if num_classes is not None and not (isinstance(category, int) and 0 <= category < num_classes):
+        if num_classes is not None and not (
+            isinstance(category, int) and 0 <= category < num_classes
+        ):
             problems.append(f"{label}: category {category!r} outside 0..{num_classes - 1}")
     return problems
 
@@ -69,16 +73,20 @@ def unusable_annotations(name: str, records: List[dict], shown: int = 5) -> Opti
     counted. None when there is none."""
     found = []
     for record in records:
-        objects = dict(record, annotations=[a for a in record.get("annotations", [])
-                                            if not a.get("iscrowd", 0)])
+        objects = dict(
+            record,
+            annotations=[a for a in record.get("annotations", []) if not a.get("iscrowd", 0)],
+        )
         for problem in record_problems(objects, None):
             found.append(f"{problem} (image id {record.get('image_id')})")
     if not found:
         return None
     more = f"; and {len(found) - shown} more" if len(found) > shown else ""
-    return (f"dataset {name!r}: {len(found)} annotations have no usable box, so their objects"
-            f" are not learnt: {'; '.join(found[:shown])}{more} (train_net.py --check-data lists"
-            " every problem)")
+    return (
+        f"dataset {name!r}: {len(found)} annotations have no usable box, so their objects"
+        f" are not learnt: {'; '.join(found[:shown])}{more} (train_net.py --check-data lists"
+        " every problem)"
+    )
 
 
 def _num_classes(name: str) -> Optional[int]:

@@ -31,8 +31,11 @@ class BoxAwareDatasetMapper(DatasetMapper):
         self.augmentations = _AugmentationsWithBoxes(self.augmentations.augs)
 
     def __call__(self, dataset_dict):
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                 for a in dataset_dict.get("annotations", []) if not a.get("iscrowd", 0)]
+        boxes = [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in dataset_dict.get("annotations", [])
+            if not a.get("iscrowd", 0)
+        ]
         self.augmentations.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         return super().__call__(dataset_dict)
 

@@ -37,7 +37,9 @@ class DataError(RuntimeError):
 def derived_seed(*parts: int) -> int:
     """A 32-bit seed from integers, well mixed (``numpy.random.SeedSequence``): nearby
     tuples give unrelated seeds."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(1)[0]
+    )
 
 
 class EpochShardSampler(Sampler):
@@ -51,8 +53,9 @@ class EpochShardSampler(Sampler):
     expects of a loader that restores its position.
     """
 
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 batch_size: int = 1):
+    def __init__(
+        self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, batch_size: int = 1
+    ):
         if size <= 0:
             raise ValueError("the training set is empty")
         if not 0 <= rank < num_replicas:
@@ -82,13 +85,13 @@ class EpochShardSampler(Sampler):
         order = torch.randperm(self.size, generator=generator).tolist()
         total = len(self) * self.num_replicas
         order += (order * (total // self.size + 1))[: total - self.size]
-        return order[self.rank:total:self.num_replicas]
+        return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch = self.epoch
         indices = self.shard(epoch)
         if self._resume is not None and self._resume[0] == epoch:
-            indices = indices[self._resume[1]:]
+            indices = indices[self._resume[1] :]
             self._resume = None
         return iter([(epoch, index) for index in indices])
 
@@ -105,8 +108,13 @@ class SeededMapDataset(Dataset):
     :class:`DataError` naming the image file and its dataset.
     """
 
-    def __init__(self, dicts: Sequence[dict], mapper: Callable[[dict], dict], seed: int,
-                 datasets: Sequence[Tuple[str, int]] = ()):
+    def __init__(
+        self,
+        dicts: Sequence[dict],
+        mapper: Callable[[dict], dict],
+        seed: int,
+        datasets: Sequence[Tuple[str, int]] = (),
+    ):
         self.dicts = dicts
         self.mapper = mapper
         self.seed = seed
@@ -132,12 +140,16 @@ class SeededMapDataset(Dataset):
                 torch.manual_seed(seed)
                 mapped = self.mapper(record)
         except Exception as err:
-            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset "
-                            f"{self.dataset_of(index)!r} cannot be used: {type(err).__name__}: {err}") from err
+            raise DataError(
+                f"training image {record.get('file_name', '?')!r} of dataset "
+                f"{self.dataset_of(index)!r} cannot be used: {type(err).__name__}: {err}"
+            ) from err
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
         if mapped is None:
-            raise DataError(f"training image {record.get('file_name', '?')!r} of dataset "
-                            f"{self.dataset_of(index)!r}: the mapper returned no data")
+            raise DataError(
+                f"training image {record.get('file_name', '?')!r} of dataset "
+                f"{self.dataset_of(index)!r}: the mapper returned no data"
+            )
         return mapped

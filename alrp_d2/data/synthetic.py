@@ -44,7 +44,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     kind = rng.integers(3)
     period = rng.uniform(6, 20)
     if kind == 1:
-        img += 20 * np.sin(2 * np.pi * (x * np.cos(period) + y * np.sin(period)) * size / period)[..., None]
+        img += (
+            20
+            * np.sin(2 * np.pi * (x * np.cos(period) + y * np.sin(period)) * size / period)[
+                ..., None
+            ]
+        )
     elif kind == 2:
         img += 15 * (((x * size // period) + (y * size // period)) % 2)[..., None]
     img += rng.normal(0, 8, img.shape)
@@ -69,7 +74,12 @@ def _overlaps(box, boxes, limit=0.2) -> bool:
     for b in boxes:
         iw = min(box[2], b[2]) - max(box[0], b[0])
         ih = min(box[3], b[3]) - max(box[1], b[1])
-        if iw > 0 and ih > 0 and iw * ih > limit * min((box[2] - box[0]) * (box[3] - box[1]), (b[2] - b[0]) * (b[3] - b[1])):
+        if (
+            iw > 0
+            and ih > 0
+            and iw * ih
+            > limit * min((box[2] - box[0]) * (box[3] - box[1]), (b[2] - b[0]) * (b[3] - b[1]))
+        ):
             return True
     return False
 
@@ -91,8 +101,12 @@ def _make_image(rng: np.random.Generator, size: int):
             crowd.append([x - s, y - s, x + s, y + s])
             _draw_shape(draw, cls, crowd[-1], tuple(int(c) for c in rng.integers(0, 256, 3)))
         c = np.array(crowd)
-        box = [float(max(c[:, 0].min(), 0)), float(max(c[:, 1].min(), 0)),
-               float(min(c[:, 2].max(), size)), float(min(c[:, 3].max(), size))]
+        box = [
+            float(max(c[:, 0].min(), 0)),
+            float(max(c[:, 1].min(), 0)),
+            float(min(c[:, 2].max(), size)),
+            float(min(c[:, 3].max(), size)),
+        ]
         boxes.append(box)
         annotations.append({"bbox": box, "category": cls, "iscrowd": 1})
     for _ in range(int(rng.integers(1, 5))):
@@ -133,10 +147,16 @@ def generate_split(root: str, split: str) -> str:
         images.append({"id": i + 1, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE})
         for a in anns:
             x0, y0, x1, y1 = a["bbox"]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": a["category"] + 1,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": a["iscrowd"],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": a["category"] + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": a["iscrowd"],
+                }
+            )
     image_dir = os.path.join(root, split)
     if os.path.isdir(image_dir):
         shutil.rmtree(image_dir, ignore_errors=True)
@@ -173,5 +193,10 @@ def register_synthetic(root: str | None = None) -> None:
             return load_coco_json(json_path, image_dir, name, extra_annotation_keys=["id"])
 
         DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(json_file=json_path, image_root=image_dir, evaluator_type="coco",
-                                      synthetic_root=root, synthetic_split=split)
+        MetadataCatalog.get(name).set(
+            json_file=json_path,
+            image_root=image_dir,
+            evaluator_type="coco",
+            synthetic_root=root,
+            synthetic_split=split,
+        )

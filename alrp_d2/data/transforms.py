@@ -33,8 +33,13 @@ class PhotometricDistortion(T.Augmentation):
     contrast (x0.5-1.5, before or after the rest), saturation (x0.5-1.5), hue (+-18
     degrees) and a permutation of the channels."""
 
-    def __init__(self, brightness_delta: float = 32, contrast_range=(0.5, 1.5),
-                 saturation_range=(0.5, 1.5), hue_delta: float = 18):
+    def __init__(
+        self,
+        brightness_delta: float = 32,
+        contrast_range=(0.5, 1.5),
+        saturation_range=(0.5, 1.5),
+        hue_delta: float = 18,
+    ):
         super().__init__()
         self._init(locals())
 
@@ -48,7 +53,9 @@ class PhotometricDistortion(T.Augmentation):
         if contrast is not None and contrast_first:
             ops.append(lambda x: x * contrast)
         saturation = random.uniform(*self.saturation_range) if random.random() < 0.5 else None
-        hue = random.uniform(-self.hue_delta, self.hue_delta) / 360 if random.random() < 0.5 else None
+        hue = (
+            random.uniform(-self.hue_delta, self.hue_delta) / 360 if random.random() < 0.5 else None
+        )
         if saturation is not None or hue is not None:
             ops.append(lambda x: _saturation_hue(x, saturation, hue))
         if contrast is not None and not contrast_first:
@@ -88,7 +95,7 @@ class ExpandTransform(PadTransform):
         fill = np.asarray(self.pad_value, dtype=np.float64)
         canvas = np.empty(out_shape, dtype=img.dtype)
         canvas[...] = fill.astype(img.dtype) if img.ndim == 3 else fill.mean().astype(img.dtype)
-        canvas[self.y0:self.y0 + h, self.x0:self.x0 + w] = img
+        canvas[self.y0 : self.y0 + h, self.x0 : self.x0 + w] = img
         return canvas
 
 
@@ -108,8 +115,9 @@ class Expand(T.Augmentation):
         ratio = random.uniform(low, high)
         new_h, new_w = int(h * ratio), int(w * ratio)
         left, top = random.randint(0, new_w - w), random.randint(0, new_h - h)
-        return ExpandTransform(left, top, new_w - w - left, new_h - h - top, w, h,
-                               pad_value=tuple(self.mean))
+        return ExpandTransform(
+            left, top, new_w - w - left, new_h - h - top, w, h, pad_value=tuple(self.mean)
+        )
 
 
 class CentreFilteredCropTransform(CropTransform):
@@ -131,7 +139,9 @@ class MinIoURandomCrop(T.Augmentation):
     ``[0.5, 2]``; accept the first whose IoU with every ground truth reaches the
     minimum and that holds at least one box centre."""
 
-    def __init__(self, min_ious=(0.1, 0.3, 0.5, 0.7, 0.9), min_crop_size: float = 0.3, max_trials: int = 50):
+    def __init__(
+        self, min_ious=(0.1, 0.3, 0.5, 0.7, 0.9), min_crop_size: float = 0.3, max_trials: int = 50
+    ):
         super().__init__()
         self._init(locals())
 

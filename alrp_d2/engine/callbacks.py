@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
-
 import random
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -59,12 +58,19 @@ class SelfBalanceCallback(pl.Callback):
             else:
                 cls_loss, loc_loss = balance.last_losses
                 balance.last_losses = None
-                row = torch.stack([cls_loss.double(), loc_loss.double(),
-                                   cls_loss.new_ones((), dtype=torch.float64)])
+                row = torch.stack(
+                    [
+                        cls_loss.double(),
+                        loc_loss.double(),
+                        cls_loss.new_ones((), dtype=torch.float64),
+                    ]
+                )
                 if self.record_dir:
                     self._iterations.setdefault(name, []).append(row[:2].clone())
             total = trainer.strategy.reduce(row.to(device), reduce_op="sum")
-            self._sums[name] = self._sums.get(name, torch.zeros_like(total)).to(total.device) + total
+            self._sums[name] = (
+                self._sums.get(name, torch.zeros_like(total)).to(total.device) + total
+            )
 
     def on_train_epoch_end(self, trainer, pl_module):
         for name, balance in self._balances(pl_module).items():
@@ -80,12 +86,35 @@ class SelfBalanceCallback(pl.Callback):
     def _write(self, trainer, name, used, weight):
         os.makedirs(self.record_dir, exist_ok=True)
         path = os.path.join(self.record_dir, f"self_balance_rank{trainer.global_rank}.jsonl")
-        rows = torch.stack(self._iterations.pop(name, [])).tolist() if self._iterations.get(name) else []
+        rows = (
+            torch.stack(self._iterations.pop(name, [])).tolist()
+            if self._iterations.get(name)
+            else []
+        )
         with open(path, "a") as f:
             for cls_loss, loc_loss in rows:
-                f.write(json.dumps({"epoch": trainer.current_epoch, "name": name, "cls": cls_loss, "loc": loc_loss}) + "\n")
-            f.write(json.dumps({"epoch": trainer.current_epoch, "name": name, "weight_used": used,
-                                "weight": weight}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "epoch": trainer.current_epoch,
+                            "name": name,
+                            "cls": cls_loss,
+                            "loc": loc_loss,
+                        }
+                    )
+                    + "\n"
+                )
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": trainer.current_epoch,
+                        "name": name,
+                        "weight_used": used,
+                        "weight": weight,
+                    }
+                )
+                + "\n"
+            )
 
     def state_dict(self):
         return {"sums": {k: v.cpu() for k, v in self._sums.items()}}

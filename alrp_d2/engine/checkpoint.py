@@ -35,7 +35,6 @@ __all__ = ["AtomicCheckpointIO", "RunCheckpoint", "WeightsCheckpointer"]
 logger = logging.getLogger("alrp_d2")
 
 
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file beside its target, flushes it to disk,
     then renames it over the target: readers see the old file or the new one, never
@@ -147,9 +146,12 @@ class RunCheckpoint(Checkpoint):
         self._keep_previous()
         AtomicCheckpointIO().save_checkpoint(checkpoint, self.path)
         self.last_path = self.path
-        logger.warning("%s: progress up to iteration %d saved to %s", reason.capitalize(),
-                       trainer.global_step, self.path)
+        logger.warning(
+            "%s: progress up to iteration %d saved to %s",
+            reason.capitalize(),
+            trainer.global_step,
+            self.path,
+        )
 
     def state_dict(self):
         return {"dirpath": self.dirpath}
-

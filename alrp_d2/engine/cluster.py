@@ -31,12 +31,16 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from ..cli import UsageError  # the commands' one error type, raised here too
 
-__all__ = ["Topology", "UsageError", "install_requeue_handler", "requeue_slurm_job", "resolve_topology",
-           "slurm_restarted"]
+__all__ = [
+    "Topology",
+    "UsageError",
+    "install_requeue_handler",
+    "requeue_slurm_job",
+    "resolve_topology",
+    "slurm_restarted",
+]
 
 logger = logging.getLogger("alrp_d2")
-
-
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,10 @@ def _slurm_tasks_per_node(ntasks: int, nnodes: int) -> int:
     if per_node.isdigit():
         return int(per_node)
     if ntasks % nnodes:
-        raise UsageError(f"SLURM_NTASKS ({ntasks}) is not a multiple of SLURM_NNODES ({nnodes}):"
-                         " give every node the same number of tasks (--ntasks-per-node)")
+        raise UsageError(
+            f"SLURM_NTASKS ({ntasks}) is not a multiple of SLURM_NNODES ({nnodes}):"
+            " give every node the same number of tasks (--ntasks-per-node)"
+        )
     return ntasks // nnodes
 
 
@@ -70,11 +76,16 @@ def _check_flags_agree(args, topology: Topology) -> None:
     # Detectron2's --num-gpus defaults to 1: only another value is a request.
     asked = args.devices or (args.num_gpus if args.num_gpus != 1 else None)
     if asked and asked != topology.devices:
-        raise UsageError(f"{topology.launcher} starts {topology.devices} processes per node, but the flags ask for"
-                         f" {asked} (--devices/--num-gpus): drop the flag or make them agree")
+        raise UsageError(
+            f"{topology.launcher} starts {topology.devices} processes per node, but the flags"
+            " ask for"
+            f" {asked} (--devices/--num-gpus): drop the flag or make them agree"
+        )
     if args.num_machines > 1 and args.num_machines != topology.num_nodes:
-        raise UsageError(f"{topology.launcher} runs on {topology.num_nodes} nodes, but --num-machines is"
-                         f" {args.num_machines}")
+        raise UsageError(
+            f"{topology.launcher} runs on {topology.num_nodes} nodes, but --num-machines is"
+            f" {args.num_machines}"
+        )
 
 
 def resolve_topology(args) -> Topology:
@@ -83,7 +94,9 @@ def resolve_topology(args) -> Topology:
     if torch.distributed.is_torchelastic_launched():
         world, local = _env_int("WORLD_SIZE"), _env_int("LOCAL_WORLD_SIZE")
         if not world or not local or world % local:
-            raise UsageError(f"torchrun environment incomplete: WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local}")
+            raise UsageError(
+                f"torchrun environment incomplete: WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local}"
+            )
         topology = Topology(local, world // local, "torchrun")
         _check_flags_agree(args, topology)
         return topology
@@ -107,11 +120,15 @@ def _rendezvous_from_flags(args) -> None:
     several machines: a master address in the environment wins over it."""
     url = urlparse(args.dist_url)
     if url.scheme != "tcp" or not url.hostname or not url.port:
-        raise UsageError(f"--dist-url must be tcp://HOST:PORT with several machines, got {args.dist_url}")
+        raise UsageError(
+            f"--dist-url must be tcp://HOST:PORT with several machines, got {args.dist_url}"
+        )
     local = url.hostname in ("127.0.0.1", "localhost", "::1")
     if local and "MASTER_ADDR" not in os.environ:
-        raise UsageError("several machines need the master's address: --dist-url tcp://MASTER:PORT"
-                         " or MASTER_ADDR/MASTER_PORT in the environment")
+        raise UsageError(
+            "several machines need the master's address: --dist-url tcp://MASTER:PORT"
+            " or MASTER_ADDR/MASTER_PORT in the environment"
+        )
     if not local:
         os.environ["MASTER_ADDR"] = url.hostname
         os.environ["MASTER_PORT"] = str(url.port)
@@ -156,5 +173,7 @@ def requeue_slurm_job() -> bool:
     if result.returncode == 0:
         logger.warning("Requeued SLURM job %s; it will resume from the checkpoint", job)
     else:
-        logger.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
+        logger.error(
+            "scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip()
+        )
     return True

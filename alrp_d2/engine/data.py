@@ -69,7 +69,10 @@ class DetectionDataModule(pl.LightningDataModule):
     def per_rank_batch(self, world_size: int) -> int:
         total = self.cfg.SOLVER.IMS_PER_BATCH
         if total % world_size:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of processes ({world_size})")
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of processes"
+                f" ({world_size})"
+            )
         return total // world_size
 
     def train_dataloader(self):
@@ -79,8 +82,12 @@ class DetectionDataModule(pl.LightningDataModule):
         dicts = self.train_dicts()
         # Serialised records: workers read them without copying the list's pages.
         records = DatasetFromList(dicts, copy=False, serialize=True)
-        dataset = SeededMapDataset(records, build_mapper(self.cfg, True), seed=seed, datasets=self._train_datasets)
-        sampler = EpochShardSampler(len(dicts), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size)
+        dataset = SeededMapDataset(
+            records, build_mapper(self.cfg, True), seed=seed, datasets=self._train_datasets
+        )
+        sampler = EpochShardSampler(
+            len(dicts), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size
+        )
         if self._resume_at is not None:
             epoch, done = self._resume_at
             batches = math.ceil(len(sampler) / batch_size)
@@ -88,16 +95,21 @@ class DetectionDataModule(pl.LightningDataModule):
             sampler.resume_at(*((epoch + 1, 0) if done >= batches else (epoch, done)))
             self._resume_at = None
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler,
-            num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=trivial_batch_collator,
             persistent_workers=self.cfg.DATALOADER.NUM_WORKERS > 0,
         )
 
     def state_dict(self):
         """The position in the training data: the epoch and its batches trained so far."""
         loop = self.trainer.fit_loop
-        return {"epoch": self.trainer.current_epoch,
-                "batches_done": loop.epoch_loop.batch_progress.current.processed}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_done": loop.epoch_loop.batch_progress.current.processed,
+        }
 
     def load_state_dict(self, state_dict):
         self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
@@ -105,8 +117,13 @@ class DetectionDataModule(pl.LightningDataModule):
     def test_dataloader_for(self, dataset_name: str):
         dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
         dataset = MapDataset(DatasetFromList(dicts, copy=False), build_mapper(self.cfg, False))
-        return DataLoader(dataset, batch_size=1, sampler=InferenceSampler(len(dataset)),
-                          num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator)
+        return DataLoader(
+            dataset,
+            batch_size=1,
+            sampler=InferenceSampler(len(dataset)),
+            num_workers=self.cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=trivial_batch_collator,
+        )
 
     def val_dataloader(self):
         return [self.test_dataloader_for(name) for name in self.cfg.DATASETS.TEST]

@@ -33,7 +33,13 @@ from ..run_folder import RunFolder
 from ..weights import WeightsError, load_weights
 from .best import metric_mode
 from .checkpoint import WeightsCheckpointer
-from .cluster import UsageError, install_requeue_handler, requeue_slurm_job, resolve_topology, slurm_restarted
+from .cluster import (
+    UsageError,
+    install_requeue_handler,
+    requeue_slurm_job,
+    resolve_topology,
+    slurm_restarted,
+)
 from .data import DetectionDataModule, batches_per_epoch
 from .module import DetectionModule
 from .resume import config_differences, find_resume_checkpoint
@@ -50,17 +56,35 @@ EXIT_STOPPED = 128 + 15
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser()
-    parser.add_argument("--accelerator", choices=["auto", "gpu", "cpu"], default="auto",
-                        help="where to train; cpu with --devices N runs N gloo processes")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="processes per machine (default: --num-gpus)")
-    parser.add_argument("--check-data", action="store_true",
-                        help="read every image and annotation of the config's datasets, list the problems, exit")
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-                        help="register a COCO-format dataset under NAME before the config is read (repeatable;"
-                             " also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...)")
-    parser.add_argument("--logger", default="tensorboard,csv", type=_logger_names,
-                        help=f"comma-separated loggers among {','.join(LOGGERS)} (default: tensorboard,csv)")
+    parser.add_argument(
+        "--accelerator",
+        choices=["auto", "gpu", "cpu"],
+        default="auto",
+        help="where to train; cpu with --devices N runs N gloo processes",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help="processes per machine (default: --num-gpus)"
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="read every image and annotation of the config's datasets, list the problems, exit",
+    )
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME before the config is read (repeatable;"
+        " also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...)",
+    )
+    parser.add_argument(
+        "--logger",
+        default="tensorboard,csv",
+        type=_logger_names,
+        help=f"comma-separated loggers among {','.join(LOGGERS)} (default: tensorboard,csv)",
+    )
     return parser
 
 
@@ -68,8 +92,10 @@ def _logger_names(text: str) -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOGGERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown logger(s) {', '.join(unknown) or '(none given)'};"
-                                         f" choose among {', '.join(LOGGERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown logger(s) {', '.join(unknown) or '(none given)'};"
+            f" choose among {', '.join(LOGGERS)}"
+        )
     return names
 
 
@@ -92,7 +118,9 @@ def check_inputs(cfg, args) -> None:
     known = set(DatasetCatalog.list())
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         if name not in known:
-            raise UsageError(f"unknown dataset name {name!r} (not registered in Detectron2's DatasetCatalog)")
+            raise UsageError(
+                f"unknown dataset name {name!r} (not registered in Detectron2's DatasetCatalog)"
+            )
     for name in cfg.DATASETS.TEST:  # the training sets are loaded (and checked) by the data module
         _load_dataset(lambda: DatasetCatalog.get(name), name)
     check_num_classes(cfg, cfg.DATASETS.TEST, "test")
@@ -103,8 +131,11 @@ def check_inputs(cfg, args) -> None:
         raise UsageError("--eval-only needs MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth)")
     if cfg.SOLVER.MAX_EPOCHS <= 0 and not args.eval_only:
         raise UsageError("train_net.py trains in epochs: set SOLVER.MAX_EPOCHS > 0")
-    if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value" \
-            and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0:
+    if (
+        cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+        and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value"
+        and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0
+    ):
         raise UsageError("norm clipping supports SOLVER.CLIP_GRADIENTS.NORM_TYPE 2.0 only")
 
 
@@ -115,14 +146,20 @@ def check_num_classes(cfg, names, role: str) -> None:
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
         return  # class-agnostic
     num_classes = model_num_classes(cfg)
-    key = "MODEL.ROI_HEADS.NUM_CLASSES" if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" \
+    key = (
+        "MODEL.ROI_HEADS.NUM_CLASSES"
+        if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
         else "MODEL.RETINANET.NUM_CLASSES"
+    )
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:
-            raise UsageError(f"{key} is {num_classes}, but the {role} dataset {name!r} has {len(classes)}"
-                             f" classes ({', '.join(map(str, classes[:10]))}{', ...' if len(classes) > 10 else ''}):"
-                             f" set {key} {len(classes)}")
+            raise UsageError(
+                f"{key} is {num_classes}, but the {role} dataset {name!r} has {len(classes)}"
+                f" classes ({', '.join(map(str, classes[:10]))}"
+                f"{', ...' if len(classes) > 10 else ''}):"
+                f" set {key} {len(classes)}"
+            )
 
 
 def _load_dataset(load, name):
@@ -150,7 +187,11 @@ def write_metrics(path: str, metrics: Dict[str, float]) -> None:
 def _self_balance_weights(module) -> Dict[str, float]:
     from ..modeling.self_balance import SelfBalance
 
-    return {f"{m.name}/sb_weight": float(m.weight) for m in module.modules() if isinstance(m, SelfBalance)}
+    return {
+        f"{m.name}/sb_weight": float(m.weight)
+        for m in module.modules()
+        if isinstance(m, SelfBalance)
+    }
 
 
 def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[str, float]:
@@ -164,7 +205,9 @@ def _evaluate(trainer: pl.Trainer, module: DetectionModule, datamodule) -> Dict[
 def _is_first_process(args) -> bool:
     """Whether this process will be global rank 0 (known before Lightning starts)."""
     for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit() and (name != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", 1)) > 1):
+        if os.environ.get(name, "").isdigit() and (
+            name != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", 1)) > 1
+        ):
             return int(os.environ[name]) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and args.machine_rank == 0
 
@@ -183,8 +226,10 @@ def _lock_output_dir(output_dir: str):
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise UsageError(f"another training is running in {output_dir} ({owner}); wait for it to end"
-                         " or choose another OUTPUT_DIR") from None
+        raise UsageError(
+            f"another training is running in {output_dir} ({owner}); wait for it to end"
+            " or choose another OUTPUT_DIR"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -202,8 +247,10 @@ def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
     if not resume:
         used = RunFolder(out).checkpoints()
         if used:
-            raise UsageError(f"OUTPUT_DIR {out} holds another run's checkpoints ({', '.join(sorted(used))}):"
-                             " add --resume to continue that run, or choose another OUTPUT_DIR")
+            raise UsageError(
+                f"OUTPUT_DIR {out} holds another run's checkpoints ({', '.join(sorted(used))}):"
+                " add --resume to continue that run, or choose another OUTPUT_DIR"
+            )
         return None
     try:
         found = find_resume_checkpoint(out)
@@ -213,18 +260,26 @@ def _resume_checkpoint(cfg, args, world_size: int) -> Optional[str]:
         # A first start with --resume is how requeued cluster jobs run: not an error; but a
         # mistyped folder must not pass unseen.
         state = "does not exist" if not os.path.isdir(out) else "holds no checkpoint"
-        logger.warning("--resume: OUTPUT_DIR %s %s; starting a new training%s", os.path.abspath(out), state,
-                       f" from MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "")
+        logger.warning(
+            "--resume: OUTPUT_DIR %s %s; starting a new training%s",
+            os.path.abspath(out),
+            state,
+            f" from MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "",
+        )
         return None
     path, saved = found
     changes = config_differences(saved["config"], cfg)
     if saved.get("world_size", world_size) != world_size:
         changes.append(f"number of processes: {saved['world_size']} -> {world_size}")
     if changes:
-        raise UsageError(f"--resume from {path}: the config differs from the checkpointed run's in what"
-                         " changes training:\n  " + "\n  ".join(changes) +
-                         "\n(SOLVER.MAX_EPOCHS, DATALOADER.NUM_WORKERS, checkpointing, DATASETS.TEST, TEST.* and"
-                         " *_TEST keys may change; start a new run with MODEL.WEIGHTS to train otherwise)")
+        raise UsageError(
+            f"--resume from {path}: the config differs from the checkpointed run's in what"
+            " changes training:\n  "
+            + "\n  ".join(changes)
+            + "\n(SOLVER.MAX_EPOCHS, DATALOADER.NUM_WORKERS, checkpointing, DATASETS.TEST,"
+            " TEST.* and"
+            " *_TEST keys may change; start a new run with MODEL.WEIGHTS to train otherwise)"
+        )
     logger.info("Resuming from %s", path)
     return path
 
@@ -237,7 +292,9 @@ def _data_error_message(err: BaseException) -> str:
 
 
 # Lightning cannot see that DetectionDataModule resumes its data mid-epoch (it does).
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 class _EarlyLines(logging.handlers.MemoryHandler):
@@ -274,9 +331,16 @@ def _setup_run_logs(output_dir: str, rank: int) -> None:
     with what they logged before."""
     alrp = logging.getLogger("alrp_d2")
     before = list(alrp.handlers)
-    setup_logger(output=output_dir, distributed_rank=rank, name="detectron2", configure_stdout=False)
-    setup_logger(output=output_dir, distributed_rank=rank, name="alrp_d2", abbrev_name="alrp_d2",
-                 configure_stdout=False)
+    setup_logger(
+        output=output_dir, distributed_rank=rank, name="detectron2", configure_stdout=False
+    )
+    setup_logger(
+        output=output_dir,
+        distributed_rank=rank,
+        name="alrp_d2",
+        abbrev_name="alrp_d2",
+        configure_stdout=False,
+    )
     added = [h for h in alrp.handlers if h not in before]
     while _EARLY:
         early = _EARLY.pop()
@@ -302,7 +366,9 @@ def run(args) -> int:
         check_loggers(args.logger)
         metric_mode(cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE)
         if cfg.SOLVER.LOG_PERIOD < 1:
-            raise ValueError(f"SOLVER.LOG_PERIOD must be at least 1 iteration, got {cfg.SOLVER.LOG_PERIOD}")
+            raise ValueError(
+                f"SOLVER.LOG_PERIOD must be at least 1 iteration, got {cfg.SOLVER.LOG_PERIOD}"
+            )
     except (ImportError, ValueError) as err:
         raise UsageError(str(err)) from None
     cfg.defrost()
@@ -320,7 +386,10 @@ def run(args) -> int:
     else:
         ims = cfg.SOLVER.IMS_PER_BATCH
         if ims % world:
-            raise UsageError(f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes ({world})")
+            raise UsageError(
+                f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes"
+                f" ({world})"
+            )
         train_dicts = _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "training")
         iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
@@ -328,22 +397,35 @@ def run(args) -> int:
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
     try:
-        module = DetectionModule(cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices)
+        module = DetectionModule(
+            cfg, iters_per_epoch=iters_per_epoch, num_processes_per_machine=topology.devices
+        )
     except ValueError as err:  # a model key refused by name (e.g. MODEL.RANKING_LOSS.NAME)
         raise UsageError(f"the config's model cannot be built: {err}") from None
     # The weights before anything is written: a file that would run code, or (evaluation)
     # another model's weights, stops the run with the folder as it was.
     if args.eval_only or (ckpt_path is None and cfg.MODEL.WEIGHTS):
         try:
-            load_weights(module.model, cfg.MODEL.WEIGHTS, strict=args.eval_only,
-                         model_name=f"the config's {cfg.MODEL.META_ARCHITECTURE}")
+            load_weights(
+                module.model,
+                cfg.MODEL.WEIGHTS,
+                strict=args.eval_only,
+                model_name=f"the config's {cfg.MODEL.META_ARCHITECTURE}",
+            )
         except WeightsError as err:
             raise UsageError(f"MODEL.WEIGHTS: {err}") from None
     first = _is_first_process(args)
     if first and not args.eval_only:
         _HELD_LOCKS.append(_lock_output_dir(cfg.OUTPUT_DIR))  # released when main() returns
-    trainer = build_trainer(cfg, topology, accelerator, iters_per_epoch, seed, loggers=args.logger,
-                            training=not args.eval_only)
+    trainer = build_trainer(
+        cfg,
+        topology,
+        accelerator,
+        iters_per_epoch,
+        seed,
+        loggers=args.logger,
+        training=not args.eval_only,
+    )
     rank = trainer.global_rank
     folder = RunFolder(cfg.OUTPUT_DIR)
     _setup_run_logs(cfg.OUTPUT_DIR, rank)
@@ -367,9 +449,13 @@ def run(args) -> int:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         requeued = rank == 0 and requeue_slurm_job()
-        logger.warning("Training stopped by a signal at iteration %d; %s", trainer.global_step,
-                       "the requeued job resumes by itself" if requeued
-                       else f"continue with --resume (from {folder.last})")
+        logger.warning(
+            "Training stopped by a signal at iteration %d; %s",
+            trainer.global_step,
+            "the requeued job resumes by itself"
+            if requeued
+            else f"continue with --resume (from {folder.last})",
+        )
         return EXIT_STOPPED
     except DataError as err:
         # The other processes wait for this one in a collective: end those this one started.
@@ -378,17 +464,25 @@ def run(args) -> int:
             kill(signal.SIGKILL)
         message = _data_error_message(err)
         logger.error("%s", message)
-        print(f"error: {message}\nThe progress so far is saved in {folder.last}:"
-              " repair or remove the image (train_net.py --check-data lists every problem), then continue"
-              " with --resume", file=sys.stderr)
+        print(
+            f"error: {message}\nThe progress so far is saved in {folder.last}:"
+            " repair or remove the image (train_net.py --check-data lists every problem), then"
+            " continue"
+            " with --resume",
+            file=sys.stderr,
+        )
         return 1
 
     # The model first, so that a crash in the evaluation loses nothing of the training.
     if rank == 0:
         WeightsCheckpointer(module.model, save_dir=cfg.OUTPUT_DIR).save(RunFolder.FINAL_MODEL)
     period = cfg.TEST.EVAL_PERIOD
-    evaluated_at_end = period > 0 and cfg.SOLVER.MAX_EPOCHS % period == 0 and module.last_metrics is not None
-    metrics = dict(module.last_metrics) if evaluated_at_end else _evaluate(trainer, module, datamodule)
+    evaluated_at_end = (
+        period > 0 and cfg.SOLVER.MAX_EPOCHS % period == 0 and module.last_metrics is not None
+    )
+    metrics = (
+        dict(module.last_metrics) if evaluated_at_end else _evaluate(trainer, module, datamodule)
+    )
     metrics.update(_self_balance_weights(module))
     if rank == 0:
         write_metrics(final_path, metrics)

@@ -36,11 +36,16 @@ def schedule_in_iterations(cfg, iters_per_epoch: int):
         cfg.SOLVER.MAX_ITER = cfg.SOLVER.MAX_EPOCHS * iters_per_epoch
         late = [e for e in cfg.SOLVER.STEPS_EPOCHS if e > cfg.SOLVER.MAX_EPOCHS]
         if late:  # said here in the user's key (Detectron2 would name SOLVER.STEPS)
-            logger.warning("SOLVER.STEPS_EPOCHS %s: the steps at epochs %s come after the last epoch"
-                           " (SOLVER.MAX_EPOCHS %d) and never happen", tuple(cfg.SOLVER.STEPS_EPOCHS),
-                           late, cfg.SOLVER.MAX_EPOCHS)
-        cfg.SOLVER.STEPS = tuple(int(e * iters_per_epoch) for e in cfg.SOLVER.STEPS_EPOCHS
-                                 if e <= cfg.SOLVER.MAX_EPOCHS)
+            logger.warning(
+                "SOLVER.STEPS_EPOCHS %s: the steps at epochs %s come after the last epoch"
+                " (SOLVER.MAX_EPOCHS %d) and never happen",
+                tuple(cfg.SOLVER.STEPS_EPOCHS),
+                late,
+                cfg.SOLVER.MAX_EPOCHS,
+            )
+        cfg.SOLVER.STEPS = tuple(
+            int(e * iters_per_epoch) for e in cfg.SOLVER.STEPS_EPOCHS if e <= cfg.SOLVER.MAX_EPOCHS
+        )
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
     cfg.freeze()
     return cfg
@@ -79,7 +84,10 @@ class DetectionModule(pl.LightningModule):
         solver_cfg = schedule_in_iterations(self.cfg, self.iters_per_epoch)
         optimizer = build_optimizer(solver_cfg, self.model)
         scheduler = build_lr_scheduler(solver_cfg, optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint):
         # What a --resume checks its own config against (alrp_d2.engine.resume).
@@ -105,14 +113,20 @@ class DetectionModule(pl.LightningModule):
         """What to do when the loss is not finite: its likely cause and where to go on from."""
         solver = self.cfg.SOLVER
         last = RunFolder(self.cfg.OUTPUT_DIR).last
-        resume = (f" The last checkpoint, {last}, holds the weights before it: train on from them"
-                  f" into a new OUTPUT_DIR with MODEL.WEIGHTS {last} and the lower rate."
-                  if os.path.isfile(last) else "")
+        resume = (
+            f" The last checkpoint, {last}, holds the weights before it: train on from them"
+            f" into a new OUTPUT_DIR with MODEL.WEIGHTS {last} and the lower rate."
+            if os.path.isfile(last)
+            else ""
+        )
         values = ", ".join(f"{k}: {float(v):.4g}" for k, v in loss_dict.items())
-        return (f"Loss became infinite or NaN at iteration {self.global_step} ({values}). The likely"
-                f" cause is a learning rate too high for the batch: SOLVER.BASE_LR {solver.BASE_LR:g} for"
-                f" SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} (Detectron2's rule: scale the rate with the"
-                f" batch; SOLVER.WARMUP_ITERS {solver.WARMUP_ITERS} also helps); lower it.{resume}")
+        return (
+            f"Loss became infinite or NaN at iteration {self.global_step} ({values}). The likely"
+            f" cause is a learning rate too high for the batch: SOLVER.BASE_LR"
+            f" {solver.BASE_LR:g} for SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} (Detectron2's"
+            f" rule: scale the rate with the batch; SOLVER.WARMUP_ITERS {solver.WARMUP_ITERS}"
+            f" also helps); lower it.{resume}"
+        )
 
     # -- evaluation ----------------------------------------------------------------
     @staticmethod
@@ -125,7 +139,9 @@ class DetectionModule(pl.LightningModule):
         ``MODEL.MASK_ON``, masks (``segm/AP``, ``lrp_segm/oLRP``)."""
         output_dir = RunFolder(self.cfg.OUTPUT_DIR).inference(dataset_name)
         tasks = self.evaluation_tasks(self.cfg)
-        evaluators = [COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)]
+        evaluators = [
+            COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)
+        ]
         if self.cfg.TEST.LRP_EVALUATOR:
             lrp = LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True, tasks=tasks)
             self._lrp_evaluators[dataset_name] = lrp
@@ -155,7 +171,11 @@ class DetectionModule(pl.LightningModule):
             results[name] = result
         if len(results) == 1:
             results = next(iter(results.values()))
-        flat = {k: float(v) for k, v in flatten_results_dict(results).items()} if comm.is_main_process() else {}
+        flat = (
+            {k: float(v) for k, v in flatten_results_dict(results).items()}
+            if comm.is_main_process()
+            else {}
+        )
         # Every rank logs the main process's figures so that monitors agree.
         if dist.is_available() and dist.is_initialized():
             holder = [flat]

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from detectron2.config import CfgNode
 
 from ..io import UnsafeFileError, safe_load
-
 from ..run_folder import RunFolder
 
 __all__ = ["RESUMABLE_CHANGES", "config_differences", "find_resume_checkpoint"]
@@ -30,11 +29,20 @@ logger = logging.getLogger("alrp_d2")
 # in SOLVER.STEPS_EPOCHS), evaluation, checkpointing, logging, loading speed, and where
 # things are; besides, every key under TEST and every key ending in "_TEST" (Detectron2's
 # naming of test-time settings).
-RESUMABLE_CHANGES = frozenset({
-    "SOLVER.MAX_EPOCHS", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_ITERS",
-    "OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.DEVICE", "DATASETS.TEST", "VIS_PERIOD",
-    "SOLVER.LOG_PERIOD",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "SOLVER.MAX_EPOCHS",
+        "DATALOADER.NUM_WORKERS",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "SOLVER.CHECKPOINT_ITERS",
+        "OUTPUT_DIR",
+        "MODEL.WEIGHTS",
+        "MODEL.DEVICE",
+        "DATASETS.TEST",
+        "VIS_PERIOD",
+        "SOLVER.LOG_PERIOD",
+    }
+)
 
 
 def _resumable_change(key: str) -> bool:
@@ -43,9 +51,13 @@ def _resumable_change(key: str) -> bool:
 
 def _read(path: str) -> Dict[str, Any]:
     checkpoint = safe_load(path)
-    missing = [k for k in ("state_dict", "loops", "optimizer_states", "alrp_d2") if k not in checkpoint]
+    missing = [
+        k for k in ("state_dict", "loops", "optimizer_states", "alrp_d2") if k not in checkpoint
+    ]
     if missing:
-        raise ValueError(f"not a complete training checkpoint of this project (no {', '.join(missing)})")
+        raise ValueError(
+            f"not a complete training checkpoint of this project (no {', '.join(missing)})"
+        )
     return checkpoint
 
 
@@ -60,12 +72,18 @@ def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, Dict[str, Any
         except UnsafeFileError:
             raise  # not damaged but dangerous: the user must know, not resume from an older one
         except Exception as err:  # truncated, corrupt, foreign: try the previous one
-            logger.warning("Cannot resume from %s (%s: %s); trying the previous checkpoint",
-                           path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            logger.warning(
+                "Cannot resume from %s (%s: %s); trying the previous checkpoint",
+                path,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
             continue
         return path, checkpoint["alrp_d2"]
     if candidates:
-        raise FileNotFoundError(f"no readable checkpoint in {output_dir} (tried {', '.join(candidates)})")
+        raise FileNotFoundError(
+            f"no readable checkpoint in {output_dir} (tried {', '.join(candidates)})"
+        )
     return None
 
 

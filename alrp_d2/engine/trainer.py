@@ -33,8 +33,10 @@ def check_loggers(names: Sequence[str]) -> None:
             raise ValueError(f"unknown logger {name!r}; choose among {', '.join(LOGGERS)}")
         package = LOGGERS[name]
         if package and importlib.util.find_spec(package) is None:
-            raise ImportError(f"--logger {name} needs the package {package!r}, which is not installed:"
-                              f" pip install {package}")
+            raise ImportError(
+                f"--logger {name} needs the package {package!r}, which is not installed:"
+                f" pip install {package}"
+            )
 
 
 def build_loggers(names: Sequence[str], out: str) -> List:
@@ -51,9 +53,13 @@ def build_loggers(names: Sequence[str], out: str) -> List:
         elif name == "csv":
             built.append(CSVLogger(out, name="csv"))
         elif name == "wandb":
-            built.append(WandbLogger(save_dir=out, project=os.environ.get("WANDB_PROJECT", "alrp_d2")))
+            built.append(
+                WandbLogger(save_dir=out, project=os.environ.get("WANDB_PROJECT", "alrp_d2"))
+            )
         else:
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(os.path.abspath(out), "mlruns")
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(
+                os.path.abspath(out), "mlruns"
+            )
             built.append(MLFlowLogger(experiment_name="alrp_d2", tracking_uri=uri))
     return built
 
@@ -64,9 +70,15 @@ def _precision(cfg, accelerator: str) -> str:
     return "16-mixed" if accelerator == "gpu" else "bf16-mixed"
 
 
-def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: int, seed: int,
-                  loggers: Sequence[str] = ("tensorboard", "csv"),
-                  training: bool = True) -> pl.Trainer:
+def build_trainer(
+    cfg,
+    topology: Topology,
+    accelerator: str,
+    iters_per_epoch: int,
+    seed: int,
+    loggers: Sequence[str] = ("tensorboard", "csv"),
+    training: bool = True,
+) -> pl.Trainer:
     """A Trainer for ``cfg`` on ``topology``; ``seed`` seeds each training step
     (:class:`StepSeedCallback`); ``loggers`` names its loggers (:func:`build_loggers`).
     ``training=False`` (``--eval-only``): no ``model_best.pth``, which only a training's
@@ -85,13 +97,19 @@ def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: in
         StopOnSignal(),
         StepSeedCallback(seed),
         SelfBalanceCallback(record_dir=out),
-        RunCheckpoint(out, every_n_iters=cfg.SOLVER.CHECKPOINT_ITERS, every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD),
+        RunCheckpoint(
+            out,
+            every_n_iters=cfg.SOLVER.CHECKPOINT_ITERS,
+            every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD,
+        ),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=max(1, min(20, iters_per_epoch // 5))),
         MetricPrinter(cfg.SOLVER.LOG_PERIOD),
     ]
     if training and cfg.TEST.BEST_CHECKPOINT.METRIC:
-        callbacks.append(BestCheckpoint(out, cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE))
+        callbacks.append(
+            BestCheckpoint(out, cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE)
+        )
     clip = cfg.SOLVER.CLIP_GRADIENTS
     period = cfg.TEST.EVAL_PERIOD
     return pl.Trainer(
@@ -102,7 +120,9 @@ def build_trainer(cfg, topology: Topology, accelerator: str, iters_per_epoch: in
         max_epochs=max(cfg.SOLVER.MAX_EPOCHS, 1),
         precision=_precision(cfg, accelerator),
         gradient_clip_val=clip.CLIP_VALUE if clip.ENABLED else None,
-        gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm") if clip.ENABLED else None,
+        gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm")
+        if clip.ENABLED
+        else None,
         callbacks=callbacks,
         plugins=plugins,
         logger=build_loggers(loggers, out),

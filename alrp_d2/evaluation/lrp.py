@@ -16,8 +16,8 @@ LRP that a per-class score threshold achieves, and the reported threshold reprod
 list anywhere, ties included, ordered among equal scores by image (ascending image id)
 and, within an image, by the detections' order in the results: use it to reproduce
 published figures.  Without tied scores the two agree exactly; with ties "official" can
-only be lower (it may keep part of a tie), and its threshold may not reproduce it.  At the optimum the
-components are ``loc = sum(1 - IoU) / N_TP``, ``FP = N_FP / (N_TP + N_FP)``,
+only be lower (it may keep part of a tie), and its threshold may not reproduce it.  At the
+optimum the components are ``loc = sum(1 - IoU) / N_TP``, ``FP = N_FP / (N_TP + N_FP)``,
 ``FN = N_FN / N_GT`` and the threshold is the score at the cut.
 
 Matching follows COCO's evaluation exactly: detections in score order, at most
@@ -166,7 +166,9 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
         elif nd and ng:
             iou[i, :nd, :ng] = _segm_iou(dl, gl)
     if iou_type == "bbox":
-        iou = np.where(d_valid[:, :, None] & g_valid[:, None, :], _box_iou_padded(d_box, g_box, crowd), -1.0)
+        iou = np.where(
+            d_valid[:, :, None] & g_valid[:, None, :], _box_iou_padded(d_box, g_box, crowd), -1.0
+        )
 
     threshold = min(tau, 1 - 1e-10)
     rows = np.arange(c)
@@ -226,7 +228,11 @@ def _optimal_lrp(scores, ious, num_gt, tau, thresholds, ties="threshold", tie_or
         cut_threshold = np.concatenate([[nan], scores])
     elif thresholds == "exact":
         # A cut keeps every detection scored at least the threshold: never split ties.
-        cuts = np.concatenate([[True], np.append(scores[1:] < scores[:-1], True)]) if len(scores) else np.array([True])
+        cuts = (
+            np.concatenate([[True], np.append(scores[1:] < scores[:-1], True)])
+            if len(scores)
+            else np.array([True])
+        )
         cut_k = k[cuts]
         cut_threshold = np.concatenate([[nan], scores])[cuts]
     else:
@@ -291,21 +297,31 @@ def lrp_from_coco(
         raise ValueError(f"max_dets must be at least 1, got {max_dets}")
     cat_ids = sorted(coco_gt.getCatIds())
     groups = _Groups(coco_gt, coco_dt, iou_type, int(max_dets), cat_ids, img_ids)
-    pooled = {name: {"score": [], "iou": [], "cat": [], "tie": [], "gt": np.zeros(len(cat_ids), int)}
-              for name in AREA_RANGES}
+    pooled = {
+        name: {"score": [], "iou": [], "cat": [], "tie": [], "gt": np.zeros(len(cat_ids), int)}
+        for name in AREA_RANGES
+    }
     image_rank = {img: i for i, img in enumerate(sorted({k[0] for k in groups.keys}))}
     cat_index = {c: i for i, c in enumerate(cat_ids)}
     # Chunks of pairs of similar size keep the padding small.
     sizes = np.array([len(d) * 1000 + len(g) for d, g in zip(groups.dt, groups.gt)])
     by_size = np.argsort(sizes, kind="stable")
     for start in range(0, len(by_size), CHUNK):
-        members = by_size[start:start + CHUNK]
-        res = _match_chunk([groups.dt[i] for i in members], [groups.gt[i] for i in members],
-                           iou_type, tau, AREA_RANGES)
+        members = by_size[start : start + CHUNK]
+        res = _match_chunk(
+            [groups.dt[i] for i in members],
+            [groups.gt[i] for i in members],
+            iou_type,
+            tau,
+            AREA_RANGES,
+        )
         cats = np.array([cat_index[groups.keys[i][1]] for i in members])
         # Order of equal scores in the official code: image, then rank within the image.
-        tie = np.array([image_rank[groups.keys[i][0]] for i in members])[:, None] * (int(max_dets) + 1) \
+        tie = (
+            np.array([image_rank[groups.keys[i][0]] for i in members])[:, None]
+            * (int(max_dets) + 1)
             + np.arange(res["all"]["score"].shape[1])[None, :]
+        )
         for name, r in res.items():
             keep = ~r["ignore"]
             pooled[name]["tie"].append(tie[keep])
@@ -356,7 +372,8 @@ def format_summary(result: Dict[str, object], tau: float = 0.5, max_dets: int = 
     lines = []
     for key, title, area in SUMMARY_ROWS:
         lines.append(
-            f" {title:<18} @[ IoU={tau:<4} | area={area:>6} | maxDets={max_dets:>3} ] = {result[key]:0.3f}"
+            f" {title:<18} @[ IoU={tau:<4} | area={area:>6} | maxDets={max_dets:>3} ]"
+            f" = {result[key]:0.3f}"
         )
     return "\n".join(lines)
 
@@ -372,9 +389,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tau", type=float, default=0.5)
     parser.add_argument("--max-dets", type=int, default=100)
     parser.add_argument("--thresholds", default="exact", choices=["exact", "grid"])
-    parser.add_argument("--ties", default="threshold", choices=list(TIES),
-                        help="threshold: never split equal scores (default); official: the official"
-                             " LRP-Error code's cut anywhere, in image order")
+    parser.add_argument(
+        "--ties",
+        default="threshold",
+        choices=list(TIES),
+        help="threshold: never split equal scores (default); official: the official"
+        " LRP-Error code's cut anywhere, in image order",
+    )
     parser.add_argument("--per-class", action="store_true", help="also print each class's figures")
     return run_command(_run, parser.parse_args(argv))
 
@@ -384,14 +405,17 @@ def _run(args) -> int:
         coco_gt, coco_dt = _read_coco_pair(args.gt, args.dets)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    result = lrp_from_coco(coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds,
-                           ties=args.ties)
+    result = lrp_from_coco(
+        coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds, ties=args.ties
+    )
     print(format_summary(result, args.tau, args.max_dets))
     if args.per_class:
         names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
         for cid, r in result["per_class"].items():
-            print(f"  {names.get(cid, cid)!s:<20} oLRP={r['oLRP']:.3f} loc={r['oLRP_loc']:.3f} "
-                  f"FP={r['oLRP_FP']:.3f} FN={r['oLRP_FN']:.3f} threshold={r['threshold']:.3f}")
+            print(
+                f"  {names.get(cid, cid)!s:<20} oLRP={r['oLRP']:.3f} loc={r['oLRP_loc']:.3f} "
+                f"FP={r['oLRP_FP']:.3f} FN={r['oLRP_FN']:.3f} threshold={r['threshold']:.3f}"
+            )
     return 0
 
 
@@ -414,7 +438,9 @@ def _read_coco_pair(gt_path: str, dets_path: str):
 
     gt = _read_json(gt_path, "ground-truth json")
     if not isinstance(gt, dict) or not isinstance(gt.get("images"), list):
-        raise ValueError(f"the ground-truth json {gt_path} is not in COCO format (no 'images' list)")
+        raise ValueError(
+            f"the ground-truth json {gt_path} is not in COCO format (no 'images' list)"
+        )
     dets = _read_json(dets_path, "results file")
     if not isinstance(dets, list):
         raise ValueError(f"the results file {dets_path} must hold a json list of detections")
@@ -424,35 +450,50 @@ def _read_coco_pair(gt_path: str, dets_path: str):
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt.createIndex()
     except (KeyError, TypeError) as err:
-        raise ValueError(f"the ground-truth json {gt_path} is not in COCO format ({err!r})") from None
+        raise ValueError(
+            f"the ground-truth json {gt_path} is not in COCO format ({err!r})"
+        ) from None
     images = {im["id"]: im for im in gt["images"]}
     categories = set(coco_gt.getCatIds())
     for i, det in enumerate(dets):
         if not isinstance(det, dict) or "image_id" not in det or "category_id" not in det:
             raise ValueError(f"{dets_path}: detection {i} has no image_id or category_id")
         if not all(isinstance(det[k], (int, str)) for k in ("image_id", "category_id")):
-            raise ValueError(f"{dets_path}: detection {i}'s image_id and category_id must be"
-                             f" numbers, got {det['image_id']!r} and {det['category_id']!r}")
+            raise ValueError(
+                f"{dets_path}: detection {i}'s image_id and category_id must be"
+                f" numbers, got {det['image_id']!r} and {det['category_id']!r}"
+            )
     unknown_images = sorted({d["image_id"] for d in dets} - set(images), key=str)
     unknown_classes = sorted({d["category_id"] for d in dets} - categories, key=str)
     problems = []
     if unknown_images:
-        problems.append(f"image_id {', '.join(map(str, unknown_images[:5]))}"
-                        f"{' ...' if len(unknown_images) > 5 else ''} not among its images"
-                        f" (e.g. {', '.join(map(str, list(images)[:3]))})")
+        problems.append(
+            f"image_id {', '.join(map(str, unknown_images[:5]))}"
+            f"{' ...' if len(unknown_images) > 5 else ''} not among its images"
+            f" (e.g. {', '.join(map(str, list(images)[:3]))})"
+        )
     if unknown_classes:
-        problems.append(f"category_id {', '.join(map(str, unknown_classes[:5]))} not among its"
-                        f" categories ({', '.join(map(str, sorted(categories)))})")
+        problems.append(
+            f"category_id {', '.join(map(str, unknown_classes[:5]))} not among its"
+            f" categories ({', '.join(map(str, sorted(categories)))})"
+        )
     for det in dets:
         image = images.get(det["image_id"])
         named = det.get("file_name")
-        if image is not None and named and os.path.basename(str(image.get("file_name", ""))) != named:
-            problems.append(f"image_id {det['image_id']} is {image.get('file_name')} in the ground"
-                            f" truth, but the detections were made on {named}")
+        if (
+            image is not None
+            and named
+            and os.path.basename(str(image.get("file_name", ""))) != named
+        ):
+            problems.append(
+                f"image_id {det['image_id']} is {image.get('file_name')} in the ground"
+                f" truth, but the detections were made on {named}"
+            )
             break
     if problems:
-        raise ValueError(f"the detections of {dets_path} do not belong to {gt_path}: "
-                         + "; ".join(problems))
+        raise ValueError(
+            f"the detections of {dets_path} do not belong to {gt_path}: " + "; ".join(problems)
+        )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(dets) if dets else empty_results(coco_gt)
@@ -466,8 +507,11 @@ def empty_results(coco_gt):
     from pycocotools.coco import COCO
 
     empty = COCO()
-    empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset.get("categories", []),
-                     "annotations": []}
+    empty.dataset = {
+        "images": coco_gt.dataset["images"],
+        "categories": coco_gt.dataset.get("categories", []),
+        "annotations": [],
+    }
     empty.createIndex()
     return empty
 

@@ -45,9 +45,18 @@ class LRPEvaluator(COCOEvaluator):
     that chose it.
     """
 
-    def __init__(self, dataset_name, output_dir=None, distributed=True, *, tasks=None,
-                 tau: float = 0.5, max_dets: int = 100, thresholds: str = "exact",
-                 ties: str = "threshold"):
+    def __init__(
+        self,
+        dataset_name,
+        output_dir=None,
+        distributed=True,
+        *,
+        tasks=None,
+        tau: float = 0.5,
+        max_dets: int = 100,
+        thresholds: str = "exact",
+        ties: str = "threshold",
+    ):
         if tasks is not None:
             tasks = tuple(tasks)
             unknown = [t for t in tasks if t not in TASKS]
@@ -72,8 +81,9 @@ class LRPEvaluator(COCOEvaluator):
         else:
             predictions = self._predictions
         if not self._do_evaluation:
-            self._logger.warning("[LRPEvaluator] The dataset has no annotations to evaluate "
-                                 "against.")
+            self._logger.warning(
+                "[LRPEvaluator] The dataset has no annotations to evaluate against."
+            )
             return {}
         detections = list(itertools.chain(*[p.get("instances", []) for p in predictions]))
         tasks = self._tasks or self._tasks_from_predictions(detections)
@@ -91,8 +101,10 @@ class LRPEvaluator(COCOEvaluator):
         if task == "segm":
             missing = sum("segmentation" not in d for d in detections)
             if missing:
-                raise ValueError(f"[LRPEvaluator] task 'segm' but {missing} of {len(detections)} "
-                                 "detections have no mask (pred_masks)")
+                raise ValueError(
+                    f"[LRPEvaluator] task 'segm' but {missing} of {len(detections)} "
+                    "detections have no mask (pred_masks)"
+                )
             # As Detectron2 for mask AP: without the box, loadRes takes the mask's area.
             detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
         else:
@@ -103,10 +115,22 @@ class LRPEvaluator(COCOEvaluator):
         coco_gt = self._coco_api
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(detections) if detections else empty_results(coco_gt)
-        result = lrp_from_coco(coco_gt, coco_dt, task, self._tau, self._max_dets, self._thresholds,
-                               img_ids, ties=self._ties)
-        self._logger.info("Optimal LRP of %s (thresholds: %s):\n%s", task, self._thresholds,
-                          format_summary(result, self._tau, self._max_dets))
+        result = lrp_from_coco(
+            coco_gt,
+            coco_dt,
+            task,
+            self._tau,
+            self._max_dets,
+            self._thresholds,
+            img_ids,
+            ties=self._ties,
+        )
+        self._logger.info(
+            "Optimal LRP of %s (thresholds: %s):\n%s",
+            task,
+            self._thresholds,
+            format_summary(result, self._tau, self._max_dets),
+        )
         table = self._threshold_table(result)
         self.threshold_tables[task] = table
         if self._output_dir:
@@ -117,8 +141,10 @@ class LRPEvaluator(COCOEvaluator):
         """``{category id: {name, threshold, ...}}``: a ``lrp_thresholds.json``'s content."""
         names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self._coco_api.getCatIds())}
         return {
-            str(cid): {"name": names.get(cid, str(cid)),
-                       **{k: (None if math.isnan(v) else v) for k, v in r.items()}}
+            str(cid): {
+                "name": names.get(cid, str(cid)),
+                **{k: (None if math.isnan(v) else v) for k, v in r.items()},
+            }
             for cid, r in result["per_class"].items()
         }
 

@@ -17,7 +17,15 @@ from torch import nn
 
 from .ranking import PositiveStats, RankingUpdate, ranking_loss
 
-__all__ = ["ALRPLoss", "APLoss", "NDCGLoss", "alrp_loss", "ap_loss", "cumulative_errors", "ndcg_loss"]
+__all__ = [
+    "ALRPLoss",
+    "APLoss",
+    "NDCGLoss",
+    "alrp_loss",
+    "ap_loss",
+    "cumulative_errors",
+    "ndcg_loss",
+]
 
 
 def _spread_over_false_positives(stats: PositiveStats, update: torch.Tensor, eps: float):
@@ -93,8 +101,14 @@ def alrp_loss(
         return RankingUpdate(cls, -update / total, weight / total)
 
     cls_loss, stats = ranking_loss(
-        logits, targets, definition, delta=delta, num_positives=num_positives,
-        validate=validate, extra_finite={"loc_errors": loc_errors}, process_group=process_group,
+        logits,
+        targets,
+        definition,
+        delta=delta,
+        num_positives=num_positives,
+        validate=validate,
+        extra_finite={"loc_errors": loc_errors},
+        process_group=process_group,
     )
     if stats is None:
         return cls_loss, loc_errors.sum() * 0.0
@@ -129,13 +143,16 @@ def ap_loss(
         shortfall = 1 - interpolated
         is_interpolated = interpolated > precision
         share = torch.where(
-            is_interpolated, shortfall / (1 - precision).clamp_min(torch.finfo(precision.dtype).tiny), torch.ones_like(precision)
+            is_interpolated,
+            shortfall / (1 - precision).clamp_min(torch.finfo(precision.dtype).tiny),
+            torch.ones_like(precision),
         )
         p = stats.num_positives
         return RankingUpdate(shortfall.mean(), -shortfall / p, share / stats.rank / p)
 
-    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate,
-                           process_group=process_group)
+    loss, _ = ranking_loss(
+        logits, targets, definition, delta=delta, validate=validate, process_group=process_group
+    )
     return loss
 
 
@@ -163,23 +180,32 @@ def ndcg_loss(
         update, weight = _spread_over_false_positives(stats, (1 - gain) / max_gain, eps)
         return RankingUpdate(1 - gain.sum() / max_gain, -update, weight)
 
-    loss, _ = ranking_loss(logits, targets, definition, delta=delta, validate=validate,
-                           process_group=process_group)
+    loss, _ = ranking_loss(
+        logits, targets, definition, delta=delta, validate=validate, process_group=process_group
+    )
     return loss
 
 
 class ALRPLoss(nn.Module):
     """Module form of :func:`alrp_loss` (the same arguments)."""
 
-    def __init__(self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True,
-                 process_group=None):
+    def __init__(
+        self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True, process_group=None
+    ):
         super().__init__()
         self.delta, self.eps, self.validate = delta, eps, validate
         self.process_group = process_group
 
     def forward(self, logits, targets, loc_errors):
-        return alrp_loss(logits, targets, loc_errors, self.delta, self.eps,
-                         validate=self.validate, process_group=self.process_group)
+        return alrp_loss(
+            logits,
+            targets,
+            loc_errors,
+            self.delta,
+            self.eps,
+            validate=self.validate,
+            process_group=self.process_group,
+        )
 
 
 class APLoss(nn.Module):
@@ -190,19 +216,27 @@ class APLoss(nn.Module):
         self.delta, self.validate, self.process_group = delta, validate, process_group
 
     def forward(self, logits, targets):
-        return ap_loss(logits, targets, self.delta, validate=self.validate,
-                       process_group=self.process_group)
+        return ap_loss(
+            logits, targets, self.delta, validate=self.validate, process_group=self.process_group
+        )
 
 
 class NDCGLoss(nn.Module):
     """Module form of :func:`ndcg_loss` (the same arguments)."""
 
-    def __init__(self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True,
-                 process_group=None):
+    def __init__(
+        self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True, process_group=None
+    ):
         super().__init__()
         self.delta, self.eps, self.validate = delta, eps, validate
         self.process_group = process_group
 
     def forward(self, logits, targets):
-        return ndcg_loss(logits, targets, self.delta, self.eps, validate=self.validate,
-                         process_group=self.process_group)
+        return ndcg_loss(
+            logits,
+            targets,
+            self.delta,
+            self.eps,
+            validate=self.validate,
+            process_group=self.process_group,
+        )

@@ -61,7 +61,7 @@ class PositivePartition:
 
     def local_slice(self, global_values: torch.Tensor) -> torch.Tensor:
         """This process's entries of a tensor over the global positives."""
-        return global_values[self.offset: self.offset + self.num_local]
+        return global_values[self.offset : self.offset + self.num_local]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the processes (a new tensor)."""

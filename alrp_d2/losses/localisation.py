@@ -40,11 +40,14 @@ def giou_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Ten
     """``1 - GIoU`` of each matched pair (torchvision's ``generalized_box_iou_loss``, no
     reduction) of the predictions :func:`bounded` near their targets: finite, with finite
     gradients, for any finite prediction."""
-    return generalized_box_iou_loss(bounded(pred_boxes, target_boxes), target_boxes, reduction="none")
+    return generalized_box_iou_loss(
+        bounded(pred_boxes, target_boxes), target_boxes, reduction="none"
+    )
 
 
-def localisation_error(pred_boxes: torch.Tensor, target_boxes: torch.Tensor,
-                       kind: str = "giou", tau: float = 0.5) -> torch.Tensor:
+def localisation_error(
+    pred_boxes: torch.Tensor, target_boxes: torch.Tensor, kind: str = "giou", tau: float = 0.5
+) -> torch.Tensor:
     """``E_loc`` of each positive for aLRP Loss (spec, section 1):
 
         iou:  (1 - IoU) / (1 - tau)

@@ -45,8 +45,10 @@ from .ranking import (
 
 __all__ = ["RankSortLoss", "rank_sort_loss"]
 
-def _dominance_sums(keys: torch.Tensor, weights: torch.Tensor, bounds: torch.Tensor,
-                    limit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+
+def _dominance_sums(
+    keys: torch.Tensor, weights: torch.Tensor, bounds: torch.Tensor, limit: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two-key range sums without comparing every pair.
 
     ``P`` points sit at positions ``0 .. P-1`` with integer ``keys`` in ``[0, P)`` and rows
@@ -105,8 +107,9 @@ def _dominance_sums(keys: torch.Tensor, weights: torch.Tensor, bounds: torch.Ten
     return below, above
 
 
-def _step_sums(window: torch.Tensor, plateau: torch.Tensor, at: torch.Tensor, delta: float,
-               sign: float) -> torch.Tensor:
+def _step_sums(
+    window: torch.Tensor, plateau: torch.Tensor, at: torch.Tensor, delta: float, sign: float
+) -> torch.Tensor:
     """``sum_k w_k H(.)`` from :func:`_dominance_sums` of weights in column pairs
     ``(w, w s)``: ``window`` summed where the step is linear,
     ``H = sign (s - at) / (2 delta) + 1/2``, ``plateau`` where it is 1 (``sign``: +1 where
@@ -114,8 +117,11 @@ def _step_sums(window: torch.Tensor, plateau: torch.Tensor, at: torch.Tensor, de
     if delta == 0:
         return plateau[:, 0::2]
     weight, weighted_score = window[:, 0::2], window[:, 1::2]
-    return (plateau[:, 0::2] + sign * (weighted_score - at[:, None] * weight) / (2 * delta)
-            + 0.5 * weight)
+    return (
+        plateau[:, 0::2]
+        + sign * (weighted_score - at[:, None] * weight) / (2 * delta)
+        + 0.5 * weight
+    )
 
 
 def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps: float):
@@ -154,9 +160,9 @@ def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps
     weights = torch.stack([torch.ones_like(scores), scores, wrongness, wrongness * scores], 1)
     end = torch.full_like(plateau_lo, p)
     better_or_equal, worse = _dominance_sums(
-        keys, weights, torch.stack([window_lo, plateau_lo, end], 1), at_least_as_good)
-    target_rank, target_wrong = _step_sums(*better_or_equal.unbind(1), scores, delta,
-                                           1.0).unbind(1)
+        keys, weights, torch.stack([window_lo, plateau_lo, end], 1), at_least_as_good
+    )
+    target_rank, target_wrong = _step_sums(*better_or_equal.unbind(1), scores, delta, 1.0).unbind(1)
     missorted, worse_wrong = _step_sums(*worse.unbind(1), scores, delta, 1.0).unbind(1)  # D(i)
     rank_pos = target_rank + missorted
     sorting = (target_wrong + worse_wrong) / rank_pos - target_wrong / target_rank
@@ -171,8 +177,11 @@ def _positive_pass(scores: torch.Tensor, labels: torch.Tensor, delta: float, eps
     else:
         plateau_hi, window_hi = find(scores - delta, True), find(scores + delta, False)
     received, _ = _dominance_sums(
-        keys, torch.stack([share, share * scores], 1),
-        torch.stack([torch.zeros_like(plateau_hi), plateau_hi, window_hi], 1), better)
+        keys,
+        torch.stack([share, share * scores], 1),
+        torch.stack([torch.zeros_like(plateau_hi), plateau_hi, window_hi], 1),
+        better,
+    )
     plateau, window = received.unbind(1)
     update = _step_sums(window, plateau, scores, delta, -1.0)[:, 0]
     update -= torch.where(active, sorting, 0.0)
@@ -220,8 +229,9 @@ def rank_sort_loss(
     flat_targets = targets.reshape(-1)
     positive = positives_of(flat_targets, "continuous")
     if validate:
-        num_positives = validate_inputs(flat_logits.detach(), flat_targets, labels="continuous",
-                                        positive=positive)
+        num_positives = validate_inputs(
+            flat_logits.detach(), flat_targets, labels="continuous", positive=positive
+        )
     else:
         num_positives = int(positive.sum())
     elementwise = _elementwise_dtype(logits.dtype)
@@ -241,7 +251,8 @@ def rank_sort_loss(
         scores, num_fp = stats.scores, stats.num_fp
         total = stats.num_positives
         rank_pos, sorting, sort_update = _positive_pass(
-            scores, stats.gather(labels).to(scores.dtype), delta, eps)
+            scores, stats.gather(labels).to(scores.dtype), delta, eps
+        )
         ranking_error = num_fp / (rank_pos + num_fp)
         active = num_fp > eps
         rank_update = torch.where(active, ranking_error, 0.0)
@@ -256,9 +267,16 @@ def rank_sort_loss(
     # The engine's labels: 1 positive, 0 negative, -1 ignored (any negative value); the
     # authors' unit step counts a tie 1.
     engine_targets = positive.to(torch.int8) - (flat_targets < 0).to(torch.int8)
-    rank_loss, stats = ranking_loss(logits, engine_targets.view_as(logits), definition,
-                                    delta=delta, tie=1.0, num_positives=num_positives,
-                                    validate=False, process_group=process_group)
+    rank_loss, stats = ranking_loss(
+        logits,
+        engine_targets.view_as(logits),
+        definition,
+        delta=delta,
+        tie=1.0,
+        num_positives=num_positives,
+        validate=False,
+        process_group=process_group,
+    )
     if stats is None:  # no positive in any process
         return rank_loss, zero
 
@@ -274,13 +292,23 @@ def rank_sort_loss(
 class RankSortLoss(nn.Module):
     """Module form of :func:`rank_sort_loss`."""
 
-    def __init__(self, delta: float = 0.5, eps: float = 1e-10, validate: bool = True,
-                 process_group=None):
+    def __init__(
+        self, delta: float = 0.5, eps: float = 1e-10, validate: bool = True, process_group=None
+    ):
         super().__init__()
         self.delta, self.eps, self.validate = delta, eps, validate
         self.process_group = process_group
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return rank_sort_loss(logits, targets, self.delta, self.eps, validate=self.validate,
-                              process_group=self.process_group)
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return rank_sort_loss(
+            logits,
+            targets,
+            self.delta,
+            self.eps,
+            validate=self.validate,
+            process_group=self.process_group,
+        )

@@ -156,9 +156,15 @@ class _NegativeBins:
     with a positive counts ``tie`` (the unit step's ``H(0)``).
     """
 
-    def __init__(self, scores: torch.Tensor, negative: torch.Tensor,
-                 positive_scores: torch.Tensor, delta: float, wide: torch.dtype,
-                 tie: float = 0.5):
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        negative: torch.Tensor,
+        positive_scores: torch.Tensor,
+        delta: float,
+        wide: torch.dtype,
+        tie: float = 0.5,
+    ):
         elementwise = scores.dtype
         self.delta = delta
         self.tie = tie
@@ -209,8 +215,11 @@ class _NegativeBins:
         start, end = self.window_start, self.window_end
         window_count = self.cum_count[end] - self.cum_count[start]
         window_score = self.cum_score[end] - self.cum_score[start]
-        return (above + (window_score - self.centre * window_count) / (2 * self.delta)
-                + 0.5 * window_count)
+        return (
+            above
+            + (window_score - self.centre * window_count) / (2 * self.delta)
+            + 0.5 * window_count
+        )
 
     def _gather(self, per_bin_values: torch.Tensor) -> torch.Tensor:
         return per_bin_values.to(self.offset.dtype).index_select(0, self.bin)
@@ -230,8 +239,9 @@ class _NegativeBins:
         # ... and within delta of the scores of the bins in [window_start_i, window_end_i).
         window = (per_bin(self.window_start, weight) - per_bin(self.window_end, weight)).cumsum(0)
         weighted_centre = weight * self.centre
-        window_centre = (per_bin(self.window_start, weighted_centre)
-                         - per_bin(self.window_end, weighted_centre)).cumsum(0)
+        window_centre = (
+            per_bin(self.window_start, weighted_centre) - per_bin(self.window_end, weighted_centre)
+        ).cumsum(0)
         two_delta = 2 * self.delta
         edge = self.lower_edge.to(window.dtype)
         base = below + 0.5 * window + (window * edge - window_centre) / two_delta
@@ -274,7 +284,9 @@ class PositiveStats:
         """:meth:`gather`, differentiable in this process's ``local``."""
         return local if self.partition is None else self.partition.gather_keeping_grad(local)
 
-    def positive_step_sums(self, weights: torch.Tensor, delta: Optional[float] = None) -> torch.Tensor:
+    def positive_step_sums(
+        self, weights: torch.Tensor, delta: Optional[float] = None
+    ) -> torch.Tensor:
         """``sum_{k in P, k != i} w_k H(s_k - s_i)`` for each positive ``i``.
 
         ``weights`` are aligned with ``scores`` and may require grad; ``delta``
@@ -316,8 +328,9 @@ class _ErrorDrivenGradient(torch.autograd.Function):
         return (grad * grad_output).to(ctx.logits_dtype), None, None
 
 
-def error_driven(logits: torch.Tensor, value: torch.Tensor,
-                 gradient_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+def error_driven(
+    logits: torch.Tensor, value: torch.Tensor, gradient_fn: Callable[[], torch.Tensor]
+) -> torch.Tensor:
     """``value``, whose backward pass gives ``logits`` the gradient ``gradient_fn()``
     (shaped like ``logits``, computed only then): how every ranking loss of this package
     hands its error-driven update to the logits instead of a derivative."""
@@ -331,8 +344,9 @@ LABELS = {
 }
 
 
-def check_arguments(logits, targets, delta: float, eps: Optional[float] = None,
-                    labels: str = "binary") -> None:
+def check_arguments(
+    logits, targets, delta: float, eps: Optional[float] = None, labels: str = "binary"
+) -> None:
     """The checks that cost nothing (no look at the values): tensors, shapes, dtypes, the
     smoothing ``delta`` and the threshold ``eps``; ``ValueError`` naming the problem."""
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
@@ -345,7 +359,8 @@ def check_arguments(logits, targets, delta: float, eps: Optional[float] = None,
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     if labels == "continuous" and not targets.is_floating_point():
         raise ValueError(
-            f"targets must be floating point (continuous labels in (0, 1]), got {targets.dtype}")
+            f"targets must be floating point (continuous labels in (0, 1]), got {targets.dtype}"
+        )
     if not (delta >= 0 and delta < float("inf")):
         raise ValueError(f"delta must be a finite number >= 0, got {delta}")
     if eps is not None and not (eps >= 0 and eps < float("inf")):
@@ -369,17 +384,28 @@ def _any_not_finite(tensor: torch.Tensor) -> torch.Tensor:
 def _any_invalid_target(targets: torch.Tensor, labels: str) -> torch.Tensor:
     if labels == "continuous":
         low, high = torch.aminmax(targets)
-        return (low.isnan() | high.isnan() | (low < -1) | (high > 1)
-                | ((targets < 0) & (targets != -1)).any())
+        return (
+            low.isnan()
+            | high.isnan()
+            | (low < -1)
+            | (high > 1)
+            | ((targets < 0) & (targets != -1)).any()
+        )
     if targets.is_floating_point() or targets.dtype == torch.bool:
         return ~((targets == 0) | (targets == 1) | (targets == -1)).all()
     low, high = torch.aminmax(targets)
     return (low < -1) | (high > 1)
 
 
-def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, *, labels: str = "binary",
-                    num_positives: Optional[int] = None, extra_finite: Optional[dict] = None,
-                    positive: Optional[torch.Tensor] = None) -> int:
+def validate_inputs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    labels: str = "binary",
+    num_positives: Optional[int] = None,
+    extra_finite: Optional[dict] = None,
+    positive: Optional[torch.Tensor] = None,
+) -> int:
     """Every value check of a ranking loss's inputs, with a single host-device
     synchronisation: finite ``logits`` (and ``extra_finite``'s named tensors), targets of
     the kind ``labels`` names (:data:`LABELS`), and ``num_positives`` positives where
@@ -444,8 +470,13 @@ def ranking_loss(
     flat_targets = targets.reshape(-1)
     positive = flat_targets == 1
     if validate:
-        counted = validate_inputs(flat_logits, flat_targets, num_positives=num_positives,
-                                  extra_finite=extra_finite, positive=positive)
+        counted = validate_inputs(
+            flat_logits,
+            flat_targets,
+            num_positives=num_positives,
+            extra_finite=extra_finite,
+            positive=positive,
+        )
         num_positives = counted if num_positives is None else num_positives
     elif num_positives is None:
         num_positives = int(positive.sum())
@@ -469,12 +500,16 @@ def ranking_loss(
         q = positive_scores.to(wide)
         sorted_q, order = q.sort(stable=True)
         own_step = 0.5 if delta > 0 else tie  # H(0): a positive's comparison with itself
-        rank_pos = (1 - own_step) + sorted_step_sums(sorted_q, torch.ones_like(sorted_q), q, delta, tie)
+        rank_pos = (1 - own_step) + sorted_step_sums(
+            sorted_q, torch.ones_like(sorted_q), q, delta, tie
+        )
         bins = _NegativeBins(scores, flat_targets == 0, positive_scores, delta, wide, tie)
         num_fp = bins.step_sums()  # this process's negatives only ...
         if partition is not None:
             num_fp = partition.sum(num_fp)  # ... and everybody's
-        stats = PositiveStats(q, sorted_q, order, rank_pos, num_fp, rank_pos + num_fp, delta, partition)
+        stats = PositiveStats(
+            q, sorted_q, order, rank_pos, num_fp, rank_pos + num_fp, delta, partition
+        )
 
     update = definition(stats)
 

@@ -39,8 +39,8 @@ from .head_losses import (
 from .matcher import MaxIoUMatcher
 from .rank_sort import RankSortMaskHead, build_rs_atss_resnet_fpn_backbone, rank_sort_mask_loss
 from .rcnn import (
-    ALRPROIHeads,
     ALRPRPN,
+    ALRPROIHeads,
     MaxIoURPN,
     RankingFastRCNNOutputLayers,
     RankingROIHeads,

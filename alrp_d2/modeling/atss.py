@@ -11,7 +11,9 @@ __all__ = ["atss_match"]
 
 
 @torch.no_grad()
-def atss_match(anchors_per_level: List[Boxes], gt_boxes: Boxes, topk: int = 9) -> Tuple[torch.Tensor, torch.Tensor]:
+def atss_match(
+    anchors_per_level: List[Boxes], gt_boxes: Boxes, topk: int = 9
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Label anchors by ATSS, in the output format of Detectron2's ``Matcher``.
 
     For each ground truth: on every pyramid level, the ``topk`` anchors whose centres
@@ -51,12 +53,19 @@ def atss_match(anchors_per_level: List[Boxes], gt_boxes: Boxes, topk: int = 9) -
     # Centre of the candidate anchor strictly inside its ground truth.
     cx, cy = anchor_centres[candidates, 0], anchor_centres[candidates, 1]
     g = gt_boxes.tensor
-    inside = torch.stack([cx - g[:, None, 0], cy - g[:, None, 1], g[:, None, 2] - cx, g[:, None, 3] - cy]).amin(0) > 0.01
+    inside = (
+        torch.stack(
+            [cx - g[:, None, 0], cy - g[:, None, 1], g[:, None, 2] - cx, g[:, None, 3] - cy]
+        ).amin(0)
+        > 0.01
+    )
     positive = (candidate_iou >= threshold[:, None]) & inside
 
     # Scatter the positives into a (G, R) IoU map; keep the best ground truth per anchor.
     scores = torch.full_like(iou, -1.0)
-    scores.scatter_(1, candidates, torch.where(positive, candidate_iou, torch.full_like(candidate_iou, -1.0)))
+    scores.scatter_(
+        1, candidates, torch.where(positive, candidate_iou, torch.full_like(candidate_iou, -1.0))
+    )
     best_score, best_gt = scores.max(0)
     assigned = best_score >= 0
     matched[assigned] = best_gt[assigned]

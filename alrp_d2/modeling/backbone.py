@@ -49,8 +49,11 @@ def resnet_fpn(cfg, input_shape: ShapeSpec, make_top_block) -> FPN:
 def build_alrp_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """Detectron2's ``build_retinanet_resnet_fpn_backbone`` with :class:`LastLevelP6P7NoReLU`."""
     out = cfg.MODEL.FPN.OUT_CHANNELS
-    return resnet_fpn(cfg, input_shape,
-                      lambda bottom_up: LastLevelP6P7NoReLU(bottom_up.output_shape()["res5"].channels, out))
+    return resnet_fpn(
+        cfg,
+        input_shape,
+        lambda bottom_up: LastLevelP6P7NoReLU(bottom_up.output_shape()["res5"].channels, out),
+    )
 
 
 @BACKBONE_REGISTRY.register()

@@ -47,11 +47,15 @@ def _deform_conv(module, x: torch.Tensor, offset: torch.Tensor, mask: Optional[t
     taps = module.kernel_size[0] * module.kernel_size[1]
     expected = 2 * module.deformable_groups * taps
     if offset.shape[1] != expected:
-        raise ValueError(f"{type(module).__name__} with {module.deformable_groups} deformable groups"
-                         f" takes {expected} offset channels, got {offset.shape[1]}")
+        raise ValueError(
+            f"{type(module).__name__} with {module.deformable_groups} deformable groups"
+            f" takes {expected} offset channels, got {offset.shape[1]}"
+        )
     if mask is not None and mask.shape[1] != module.deformable_groups * taps:
-        raise ValueError(f"{type(module).__name__} with {module.deformable_groups} deformable groups"
-                         f" takes {module.deformable_groups * taps} mask channels, got {mask.shape[1]}")
+        raise ValueError(
+            f"{type(module).__name__} with {module.deformable_groups} deformable groups"
+            f" takes {module.deformable_groups * taps} mask channels, got {mask.shape[1]}"
+        )
     bias = module.bias
     offset = _held(offset)
     device = x.device.type
@@ -59,14 +63,28 @@ def _deform_conv(module, x: torch.Tensor, offset: torch.Tensor, mask: Optional[t
         # torchvision's CPU kernel has no reduced-precision form, and its CUDA one under
         # autocast computes in float32: float32 on both, the result in the input's dtype.
         with torch.autocast(device, enabled=False):
-            out = deform_conv2d(x.float(), offset.float(), module.weight.float(),
-                                None if bias is None else bias.float(), stride=module.stride,
-                                padding=module.padding, dilation=module.dilation,
-                                mask=None if mask is None else mask.float())
+            out = deform_conv2d(
+                x.float(),
+                offset.float(),
+                module.weight.float(),
+                None if bias is None else bias.float(),
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                mask=None if mask is None else mask.float(),
+            )
         out = out.to(x.dtype)
     else:
-        out = deform_conv2d(x, offset, module.weight, bias, stride=module.stride,
-                            padding=module.padding, dilation=module.dilation, mask=mask)
+        out = deform_conv2d(
+            x,
+            offset,
+            module.weight,
+            bias,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            mask=mask,
+        )
     if module.norm is not None:
         out = module.norm(out)
     if module.activation is not None:
@@ -90,8 +108,10 @@ class TorchvisionModulatedDeformConv(ModulatedDeformConv):
         return _deform_conv(self, x, offset, mask)
 
 
-_REPLACEMENTS = ((ModulatedDeformConv, TorchvisionModulatedDeformConv),
-                 (DeformConv, TorchvisionDeformConv))
+_REPLACEMENTS = (
+    (ModulatedDeformConv, TorchvisionModulatedDeformConv),
+    (DeformConv, TorchvisionDeformConv),
+)
 
 
 def _replacement(conv: nn.Module) -> nn.Module:
@@ -100,9 +120,15 @@ def _replacement(conv: nn.Module) -> nn.Module:
             break
     else:
         return conv
-    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups, deformable_groups=conv.deformable_groups,
-                  norm=conv.norm, activation=conv.activation)
+    kwargs = dict(
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        deformable_groups=conv.deformable_groups,
+        norm=conv.norm,
+        activation=conv.activation,
+    )
     if cls is TorchvisionModulatedDeformConv:
         kwargs["bias"] = conv.with_bias
     # The new module's own initialisation is thrown away: it must draw no random numbers,

@@ -48,8 +48,13 @@ class RankingFCOS(FCOS):
         channels = shapes[0].channels
         return {
             "backbone": backbone,
-            "head": ScriptableFCOSHead(input_shape=shapes, conv_dims=[channels] * r.NUM_CONVS,
-                             num_classes=r.NUM_CLASSES, norm=r.NORM, prior_prob=r.PRIOR_PROB),
+            "head": ScriptableFCOSHead(
+                input_shape=shapes,
+                conv_dims=[channels] * r.NUM_CONVS,
+                num_classes=r.NUM_CLASSES,
+                norm=r.NORM,
+                prior_prob=r.PRIOR_PROB,
+            ),
             "head_in_features": r.IN_FEATURES,
             "box2box_transform": ScriptableBox2BoxTransformLinear(normalize_by_size=True),
             "num_classes": r.NUM_CLASSES,
@@ -63,18 +68,30 @@ class RankingFCOS(FCOS):
             "head_loss": build_head_loss(cfg, cls, "dense"),
         }
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R): the class, or num_classes for background
         positive = (gt_labels >= 0) & (gt_labels != self.num_classes)
         targets = classwise_targets(gt_labels, self.num_classes)
-        losses = self.head_loss(dense_head_outputs(
-            self.box2box_transform, anchors, cat(pred_logits, dim=1), targets, positive,
-            pred_anchor_deltas, gt_boxes, num_images))
+        losses = self.head_loss(
+            dense_head_outputs(
+                self.box2box_transform,
+                anchors,
+                cat(pred_logits, dim=1),
+                targets,
+                positive,
+                pred_anchor_deltas,
+                gt_boxes,
+                num_images,
+            )
+        )
         centerness = cat(pred_centerness, dim=1).squeeze(dim=2)
         ctr_targets = self.compute_ctrness_targets(anchors, gt_boxes)
         ctr_loss = F.binary_cross_entropy_with_logits(
-            centerness[positive], ctr_targets[positive], reduction="sum")
+            centerness[positive], ctr_targets[positive], reduction="sum"
+        )
         losses["loss_fcos_ctr"] = ctr_loss / max(int(positive.sum()), 1)
         return losses
 
@@ -110,9 +127,15 @@ class ScriptableBox2BoxTransformLinear:
         in their targets) into ``target_boxes``."""
         src_ctr_x = 0.5 * (src_boxes[:, 0] + src_boxes[:, 2])
         src_ctr_y = 0.5 * (src_boxes[:, 1] + src_boxes[:, 3])
-        deltas = torch.stack((src_ctr_x - target_boxes[:, 0], src_ctr_y - target_boxes[:, 1],
-                              target_boxes[:, 2] - src_ctr_x, target_boxes[:, 3] - src_ctr_y),
-                             dim=1)
+        deltas = torch.stack(
+            (
+                src_ctr_x - target_boxes[:, 0],
+                src_ctr_y - target_boxes[:, 1],
+                target_boxes[:, 2] - src_ctr_x,
+                target_boxes[:, 3] - src_ctr_y,
+            ),
+            dim=1,
+        )
         if self.normalize_by_size:
             stride_w = src_boxes[:, 2] - src_boxes[:, 0]
             stride_h = src_boxes[:, 3] - src_boxes[:, 1]

@@ -56,8 +56,9 @@ __all__ = ["RankingFoveaBox", "decode_distances", "fovea_targets", "location_cen
 _MIN_DISTANCE, _MAX_DISTANCE = 1.0 / 16, 16.0
 
 
-def location_centres(grid_sizes: List[Tuple[int, int]], strides: List[int], dtype: torch.dtype,
-                     device: torch.device) -> List[Tensor]:
+def location_centres(
+    grid_sizes: List[Tuple[int, int]], strides: List[int], dtype: torch.dtype, device: torch.device
+) -> List[Tensor]:
     """Per level, the ``(H W, 2)`` image coordinates ``(x, y)`` of its locations' centres,
     ``stride * (index + 0.5)``, row by row (the order of the head's flattened outputs)."""
     centres: List[Tensor] = []
@@ -87,10 +88,17 @@ def decode_distances(centres: Tensor, base_edges: Tensor, log_distances: Tensor)
 
 
 @torch.no_grad()
-def fovea_targets(gt_boxes: Tensor, gt_classes: Tensor, centres: List[Tensor],
-                  grid_sizes: List[Tuple[int, int]], strides: Sequence[int],
-                  base_edges: Sequence[float], scale_ranges: Sequence[Tuple[float, float]],
-                  sigma: float, num_classes: int) -> Tuple[Tensor, Tensor]:
+def fovea_targets(
+    gt_boxes: Tensor,
+    gt_classes: Tensor,
+    centres: List[Tensor],
+    grid_sizes: List[Tuple[int, int]],
+    strides: Sequence[int],
+    base_edges: Sequence[float],
+    scale_ranges: Sequence[Tuple[float, float]],
+    sigma: float,
+    num_classes: int,
+) -> Tuple[Tensor, Tensor]:
     """The targets of one image's locations (module docstring): ``labels`` ``(R,)``, the
     class or ``num_classes`` for a negative, and ``distances`` ``(R, 4)``, the positives'
     clamped target distances in base edges (1 for negatives), levels one after the other.
@@ -127,16 +135,20 @@ def fovea_targets(gt_boxes: Tensor, gt_classes: Tensor, centres: List[Tensor],
         else:
             matched = torch.zeros(height * width, dtype=torch.long, device=gt_boxes.device)
             positive = torch.zeros(height * width, dtype=torch.bool, device=gt_boxes.device)
-        level_labels = torch.full((height * width,), num_classes, dtype=torch.long,
-                                  device=gt_boxes.device)
+        level_labels = torch.full(
+            (height * width,), num_classes, dtype=torch.long, device=gt_boxes.device
+        )
         level_labels[positive] = gt_classes[matched[positive]]
         box = gt_boxes[matched[positive]]
         x, y = centres[level][positive].to(gt_boxes.dtype).unbind(1)
-        level_distances = torch.ones(height * width, 4, dtype=gt_boxes.dtype,
-                                     device=gt_boxes.device)
-        level_distances[positive] = torch.stack(
-            [x - box[:, 0], y - box[:, 1], box[:, 2] - x, box[:, 3] - y], dim=1
-        ).div(base_edges[level]).clamp(_MIN_DISTANCE, _MAX_DISTANCE)
+        level_distances = torch.ones(
+            height * width, 4, dtype=gt_boxes.dtype, device=gt_boxes.device
+        )
+        level_distances[positive] = (
+            torch.stack([x - box[:, 0], y - box[:, 1], box[:, 2] - x, box[:, 3] - y], dim=1)
+            .div(base_edges[level])
+            .clamp(_MIN_DISTANCE, _MAX_DISTANCE)
+        )
         labels.append(level_labels)
         distances.append(level_distances)
     return torch.cat(labels), torch.cat(distances)
@@ -148,31 +160,51 @@ class RankingFoveaBox(DenseDetector):
     head is Detectron2's RetinaNet head with one prediction per location."""
 
     @configurable
-    def __init__(self, *, backbone, head, head_in_features: List[str], num_classes: int,
-                 base_edges: Sequence[float], scale_ranges: Sequence[Sequence[float]],
-                 sigma: float, head_loss: HeadLoss, test_candidates: str = "anchors",
-                 test_score_thresh: float = 0.05, test_topk_candidates: int = 1000,
-                 test_nms_thresh: float = 0.5, max_detections_per_image: int = 100,
-                 pixel_mean, pixel_std):
-        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean,
-                         pixel_std=pixel_std)
+    def __init__(
+        self,
+        *,
+        backbone,
+        head,
+        head_in_features: List[str],
+        num_classes: int,
+        base_edges: Sequence[float],
+        scale_ranges: Sequence[Sequence[float]],
+        sigma: float,
+        head_loss: HeadLoss,
+        test_candidates: str = "anchors",
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.5,
+        max_detections_per_image: int = 100,
+        pixel_mean,
+        pixel_std,
+    ):
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         levels = len(head_in_features)
         if len(base_edges) != levels or len(scale_ranges) != levels:
             raise ValueError(
                 f"MODEL.FOVEABOX.BASE_EDGES ({len(base_edges)} values) and SCALE_RANGES"
                 f" ({len(scale_ranges)}) need one entry per level of MODEL.RETINANET.IN_FEATURES"
-                f" ({levels}: {head_in_features})")
+                f" ({levels}: {head_in_features})"
+            )
         if not all(edge > 0 for edge in base_edges):
             raise ValueError(f"MODEL.FOVEABOX.BASE_EDGES must be positive, got {list(base_edges)}")
         if not all(len(r) == 2 and 0 <= r[0] <= r[1] for r in scale_ranges):
-            raise ValueError("MODEL.FOVEABOX.SCALE_RANGES must be (lower, upper) pairs with"
-                             f" 0 <= lower <= upper, got {[list(r) for r in scale_ranges]}")
+            raise ValueError(
+                "MODEL.FOVEABOX.SCALE_RANGES must be (lower, upper) pairs with"
+                f" 0 <= lower <= upper, got {[list(r) for r in scale_ranges]}"
+            )
         if not 0 < sigma <= 1:
-            raise ValueError("MODEL.FOVEABOX.SIGMA must be in (0, 1] (the fovea's share of the"
-                             f" box), got {sigma}")
+            raise ValueError(
+                "MODEL.FOVEABOX.SIGMA must be in (0, 1] (the fovea's share of the"
+                f" box), got {sigma}"
+            )
         if test_candidates not in ("pairs", "anchors"):
             raise ValueError(
-                f"MODEL.ALRP.TEST_CANDIDATES must be 'pairs' or 'anchors', got {test_candidates!r}")
+                f"MODEL.ALRP.TEST_CANDIDATES must be 'pairs' or 'anchors', got {test_candidates!r}"
+            )
         shapes = backbone.output_shape()
         self.strides = [shapes[f].stride for f in head_in_features]
         self.num_classes = num_classes
@@ -190,18 +222,27 @@ class RankingFoveaBox(DenseDetector):
     def from_config(cls, cfg):
         r, f = cfg.MODEL.RETINANET, cfg.MODEL.FOVEABOX
         if cfg.MODEL.ALRP.ASSIGNER != "iou":
-            raise ValueError("RankingFoveaBox assigns its locations by MODEL.FOVEABOX (scale ranges"
-                             f" and fovea), not MODEL.ALRP.ASSIGNER {cfg.MODEL.ALRP.ASSIGNER!r}")
+            raise ValueError(
+                "RankingFoveaBox assigns its locations by MODEL.FOVEABOX (scale ranges"
+                f" and fovea), not MODEL.ALRP.ASSIGNER {cfg.MODEL.ALRP.ASSIGNER!r}"
+            )
         if cfg.MODEL.RANK_SORT.LEARNED_BOX_SCALES:
-            raise ValueError("MODEL.RANK_SORT.LEARNED_BOX_SCALES is RetinaNet's (RS-ATSS head);"
-                             " RankingFoveaBox's distances are scaled by MODEL.FOVEABOX.BASE_EDGES")
+            raise ValueError(
+                "MODEL.RANK_SORT.LEARNED_BOX_SCALES is RetinaNet's (RS-ATSS head);"
+                " RankingFoveaBox's distances are scaled by MODEL.FOVEABOX.BASE_EDGES"
+            )
         if r.NUM_CONVS < 1:
             raise ValueError(f"MODEL.RETINANET.NUM_CONVS must be at least 1, got {r.NUM_CONVS}")
         backbone = build_backbone(cfg)
         shapes = [backbone.output_shape()[name] for name in r.IN_FEATURES]
-        head = RetinaNetHead(input_shape=shapes, num_classes=r.NUM_CLASSES, num_anchors=1,
-                             conv_dims=[shapes[0].channels] * r.NUM_CONVS, norm=r.NORM,
-                             prior_prob=r.PRIOR_PROB)
+        head = RetinaNetHead(
+            input_shape=shapes,
+            num_classes=r.NUM_CLASSES,
+            num_anchors=1,
+            conv_dims=[shapes[0].channels] * r.NUM_CONVS,
+            norm=r.NORM,
+            prior_prob=r.PRIOR_PROB,
+        )
         return {
             "backbone": backbone,
             "head": head,
@@ -228,26 +269,40 @@ class RankingFoveaBox(DenseDetector):
 
     def _base_edge_per_location(self, sizes: List[Tuple[int, int]], like: Tensor) -> Tensor:
         """``(R,)`` the base edge of each location's level."""
-        return torch.cat([torch.full((h * w,), e, dtype=like.dtype, device=like.device)
-                          for (h, w), e in zip(sizes, self.base_edges)])
+        return torch.cat(
+            [
+                torch.full((h * w,), e, dtype=like.dtype, device=like.device)
+                for (h, w), e in zip(sizes, self.base_edges)
+            ]
+        )
 
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4])
+            predictions, [self.num_classes, 4]
+        )
         sizes, centres = self._grid(features)
         gt_labels, gt_distances = self.label_locations(sizes, centres, gt_instances)
         return self.losses(sizes, centres, pred_logits, gt_labels, pred_deltas, gt_distances)
 
     @torch.no_grad()
-    def label_locations(self, sizes: List[Tuple[int, int]], centres: List[Tensor],
-                        gt_instances: List[Instances]):
+    def label_locations(
+        self, sizes: List[Tuple[int, int]], centres: List[Tensor], gt_instances: List[Instances]
+    ):
         """Per image, :func:`fovea_targets`: ``(R,)`` labels and ``(R, 4)`` distances."""
         labels, distances = [], []
         for inst in gt_instances:
             boxes = inst.gt_boxes.tensor
-            lab, dist = fovea_targets(boxes, inst.gt_classes, centres, sizes, self.strides,
-                                      self.base_edges, self.scale_ranges, self.sigma,
-                                      self.num_classes)
+            lab, dist = fovea_targets(
+                boxes,
+                inst.gt_classes,
+                centres,
+                sizes,
+                self.strides,
+                self.base_edges,
+                self.scale_ranges,
+                self.sigma,
+                self.num_classes,
+            )
             labels.append(lab)
             distances.append(dist)
         return labels, distances
@@ -264,29 +319,42 @@ class RankingFoveaBox(DenseDetector):
         edges = self._base_edge_per_location(sizes, all_centres)[location]
         deltas = cat(pred_deltas, dim=1)[positive]
         target_deltas = torch.stack(gt_distances)[positive].log()
-        return self.head_loss(HeadOutputs(
-            logits=logits.reshape(-1),
-            targets=classwise_targets(gt_labels, self.num_classes).reshape(-1),
-            pred_boxes=decode_distances(all_centres, edges, deltas),
-            target_boxes=decode_distances(all_centres, edges, target_deltas),
-            scores=logits.detach()[positive].sigmoid().amax(-1), num_images=num_images,
-            pred_deltas=deltas, target_deltas=target_deltas.to(deltas.dtype),
-        ))
+        return self.head_loss(
+            HeadOutputs(
+                logits=logits.reshape(-1),
+                targets=classwise_targets(gt_labels, self.num_classes).reshape(-1),
+                pred_boxes=decode_distances(all_centres, edges, deltas),
+                target_boxes=decode_distances(all_centres, edges, target_deltas),
+                scores=logits.detach()[positive].sigmoid().amax(-1),
+                num_images=num_images,
+                pred_deltas=deltas,
+                target_deltas=target_deltas.to(deltas.dtype),
+            )
+        )
 
-    def forward_inference(self, images: ImageList, features: List[Tensor],
-                          predictions: List[List[Tensor]]):
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ):
         pred_logits, pred_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4])
+            predictions, [self.num_classes, 4]
+        )
         sizes, centres = self._grid(features)
         results: List[Instances] = []
         for index, image_size in enumerate(images.image_sizes):
-            levels = [self._decode_level(centres[level], self.base_edges[level],
-                                         pred_logits[level][index].sigmoid(),
-                                         pred_deltas[level][index], image_size)
-                      for level in range(len(centres))]
+            levels = [
+                self._decode_level(
+                    centres[level],
+                    self.base_edges[level],
+                    pred_logits[level][index].sigmoid(),
+                    pred_deltas[level][index],
+                    image_size,
+                )
+                for level in range(len(centres))
+            ]
             result = levels[0].cat(levels)  # Instances.cat cannot be scripted; this can
-            keep = batched_nms(result.pred_boxes.tensor, result.scores, result.pred_classes,
-                               self.test_nms_thresh)
+            keep = batched_nms(
+                result.pred_boxes.tensor, result.scores, result.pred_classes, self.test_nms_thresh
+            )
             results.append(result[keep[: self.max_detections_per_image]])
         return results
 
@@ -298,8 +366,14 @@ class RankingFoveaBox(DenseDetector):
             return torch.clamp(count, max=self.test_topk_candidates)
         return min(count, self.test_topk_candidates)
 
-    def _decode_level(self, centres: Tensor, base_edge: float, scores: Tensor, deltas: Tensor,
-                      image_size: Tuple[int, int]) -> Instances:
+    def _decode_level(
+        self,
+        centres: Tensor,
+        base_edge: float,
+        scores: Tensor,
+        deltas: Tensor,
+        image_size: Tuple[int, int],
+    ) -> Instances:
         """One level's detections of one image before NMS (module docstring). A candidate
         whose prediction is not finite is dropped (the clamp to the image would turn an
         infinite box into the whole image); the others are clipped to the image, to its last
@@ -320,8 +394,18 @@ class RankingFoveaBox(DenseDetector):
         edges = torch.full_like(locations, 1, dtype=centres.dtype) * base_edge
         boxes = decode_distances(centres[locations], edges, kept_deltas)[finite]
         height, width = image_size
-        boxes = torch.stack([boxes[:, 0].clamp(0, width - 1), boxes[:, 1].clamp(0, height - 1),
-                             boxes[:, 2].clamp(0, width - 1), boxes[:, 3].clamp(0, height - 1)],
-                            dim=1)
-        return Instances(image_size, pred_boxes=Boxes(boxes), scores=kept_scores[finite],
-                         pred_classes=classes[finite])
+        boxes = torch.stack(
+            [
+                boxes[:, 0].clamp(0, width - 1),
+                boxes[:, 1].clamp(0, height - 1),
+                boxes[:, 2].clamp(0, width - 1),
+                boxes[:, 3].clamp(0, height - 1),
+            ],
+            dim=1,
+        )
+        return Instances(
+            image_size,
+            pred_boxes=Boxes(boxes),
+            scores=kept_scores[finite],
+            pred_classes=classes[finite],
+        )

@@ -33,8 +33,15 @@ from detectron2.utils.registry import Registry
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from ..losses import (alrp_loss, ap_loss, bounded, giou_loss, localisation_error, matched_box_iou,
-                      rank_sort_loss)
+from ..losses import (
+    alrp_loss,
+    ap_loss,
+    bounded,
+    giou_loss,
+    localisation_error,
+    matched_box_iou,
+    rank_sort_loss,
+)
 from .self_balance import SelfBalance
 
 __all__ = [
@@ -70,9 +77,16 @@ def ranking_group(scope: str):
     """The process group whose anchors a head ranks together: None for ``"process"`` or
     outside a multi-process run, the training's (default) group for ``"global"``."""
     if scope not in RANKING_SCOPES:
-        raise ValueError(f"MODEL.RANKING_LOSS.RANKING_SCOPE (or MODEL.ALRP.RANKING_SCOPE) must be one of"
-                         f" {RANKING_SCOPES}, got {scope!r}")
-    if scope == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"MODEL.RANKING_LOSS.RANKING_SCOPE (or MODEL.ALRP.RANKING_SCOPE) must be one of"
+            f" {RANKING_SCOPES}, got {scope!r}"
+        )
+    if (
+        scope == "global"
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    ):
         return dist.group.WORLD
     return None
 
@@ -83,8 +97,10 @@ def configured_scope(cfg) -> str:
     they are set to different scopes."""
     new, old = cfg.MODEL.RANKING_LOSS.RANKING_SCOPE, cfg.MODEL.ALRP.RANKING_SCOPE
     if new and old != "process" and new != old:
-        raise ValueError(f"MODEL.RANKING_LOSS.RANKING_SCOPE {new!r} and its alias MODEL.ALRP.RANKING_SCOPE"
-                         f" {old!r} differ: set one of them")
+        raise ValueError(
+            f"MODEL.RANKING_LOSS.RANKING_SCOPE {new!r} and its alias MODEL.ALRP.RANKING_SCOPE"
+            f" {old!r} differ: set one of them"
+        )
     return new or old
 
 
@@ -149,8 +165,14 @@ class HeadLoss:
     #: Submodules the head registers under these names (so checkpoints keep their keys).
     modules: Dict[str, nn.Module]
 
-    def __init__(self, *, prefix: str, weight: float = 1.0, ranking_scope: str = "process",
-                 validate: bool = False):
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        weight: float = 1.0,
+        ranking_scope: str = "process",
+        validate: bool = False,
+    ):
         ranking_group(ranking_scope)  # checks the name
         self.prefix, self.weight = prefix, weight
         self.ranking_scope, self.validate = ranking_scope, validate
@@ -182,7 +204,8 @@ class HeadLoss:
         for suffix, value in self.terms(outputs, group, processes).items():
             value = value * self.weight
             losses[f"loss_{self.prefix}_{suffix}"] = (
-                scale_gradient(value, processes) if suffix in self.ranked else value)
+                scale_gradient(value, processes) if suffix in self.ranked else value
+            )
         return losses
 
     def ranking_value(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -201,8 +224,16 @@ class ALRPHeadLoss(HeadLoss):
 
     ranked = ("cls", "loc")
 
-    def __init__(self, *, sb_init: float = 50.0, delta: float = 1.0, eps: float = 1e-5,
-                 tau: float = 0.5, loc_error: str = "giou", **kwargs):
+    def __init__(
+        self,
+        *,
+        sb_init: float = 50.0,
+        delta: float = 1.0,
+        eps: float = 1e-5,
+        tau: float = 0.5,
+        loc_error: str = "giou",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.delta, self.eps, self.tau, self.loc_error = delta, eps, tau, loc_error
         self.balance = SelfBalance(sb_init, name=self.prefix)
@@ -212,16 +243,31 @@ class ALRPHeadLoss(HeadLoss):
     def config_kwargs(cls, cfg, head: str) -> dict:
         a = cfg.MODEL.ALRP
         rpn = head == "rpn"
-        return dict(prefix="rpn_alrp" if rpn else "alrp", sb_init=a.SB_INIT, delta=a.DELTA, eps=a.EPS,
-                    tau=a.RPN_TAU if rpn else a.TAU, loc_error=a.LOC_ERROR,
-                    weight=a.RPN_LOSS_WEIGHT if rpn else 1.0, validate=a.VALIDATE_INPUTS,
-                    ranking_scope=configured_scope(cfg))
+        return dict(
+            prefix="rpn_alrp" if rpn else "alrp",
+            sb_init=a.SB_INIT,
+            delta=a.DELTA,
+            eps=a.EPS,
+            tau=a.RPN_TAU if rpn else a.TAU,
+            loc_error=a.LOC_ERROR,
+            weight=a.RPN_LOSS_WEIGHT if rpn else 1.0,
+            validate=a.VALIDATE_INPUTS,
+            ranking_scope=configured_scope(cfg),
+        )
 
     def terms(self, outputs, group, processes):
-        loc_errors = localisation_error(outputs.pred_boxes.float(), outputs.target_boxes.float(),
-                                        self.loc_error, self.tau)
-        cls_loss, loc_loss = alrp_loss(outputs.logits, outputs.targets, loc_errors, self.delta, self.eps,
-                                       validate=self.validate, process_group=group)
+        loc_errors = localisation_error(
+            outputs.pred_boxes.float(), outputs.target_boxes.float(), self.loc_error, self.tau
+        )
+        cls_loss, loc_loss = alrp_loss(
+            outputs.logits,
+            outputs.targets,
+            loc_errors,
+            self.delta,
+            self.eps,
+            validate=self.validate,
+            process_group=group,
+        )
         weighted_loc = self.balance(cls_loss, loc_loss)
         self._log(outputs, len(loc_errors), cls_loss, loc_loss, processes)
         return {"cls": cls_loss, "loc": weighted_loc}
@@ -267,9 +313,14 @@ class RankSortHeadLoss(HeadLoss):
     @classmethod
     def config_kwargs(cls, cfg, head: str) -> dict:
         r = cfg.MODEL.RANK_SORT
-        return dict(prefix={"dense": "rs", "rpn": "rpn_rs", "roi": "roi_rs"}[head], delta=r.DELTA,
-                    eps=r.EPS, weight=r.RPN_LOSS_WEIGHT if head == "rpn" else 1.0,
-                    validate=r.VALIDATE_INPUTS, ranking_scope=configured_scope(cfg))
+        return dict(
+            prefix={"dense": "rs", "rpn": "rpn_rs", "roi": "roi_rs"}[head],
+            delta=r.DELTA,
+            eps=r.EPS,
+            weight=r.RPN_LOSS_WEIGHT if head == "rpn" else 1.0,
+            validate=r.VALIDATE_INPUTS,
+            ranking_scope=configured_scope(cfg),
+        )
 
     def terms(self, outputs, group, processes):
         pred_boxes, target_boxes = outputs.pred_boxes.float(), outputs.target_boxes.float()
@@ -278,10 +329,18 @@ class RankSortHeadLoss(HeadLoss):
             # Each positive's continuous label: the IoU of its prediction (the authors').
             labels = targets.to(torch.float32)
             labels[targets == 1] = matched_box_iou(pred_boxes.detach(), target_boxes)
-        ranking, sorting = rank_sort_loss(outputs.logits, labels, self.delta, self.eps,
-                                          validate=self.validate, process_group=group)
-        box = balanced(score_weighted_mean(giou_loss(pred_boxes, target_boxes), outputs.scores),
-                       ranking + sorting)
+        ranking, sorting = rank_sort_loss(
+            outputs.logits,
+            labels,
+            self.delta,
+            self.eps,
+            validate=self.validate,
+            process_group=group,
+        )
+        box = balanced(
+            score_weighted_mean(giou_loss(pred_boxes, target_boxes), outputs.scores),
+            ranking + sorting,
+        )
         with torch.no_grad():
             self._put("num_pos", len(pred_boxes) / outputs.num_images)
             self._put("ranked_images", outputs.num_images * processes)
@@ -309,13 +368,22 @@ class APHeadLoss(HeadLoss):
     ranked = ("cls",)
     BOX_LOSSES = ("smooth_l1", "iou", "giou")
 
-    def __init__(self, *, delta: float = 1.0, smooth_l1_beta: float = 0.1,
-                 box_loss: str = "smooth_l1", self_balance: bool = False, sb_init: float = 50.0,
-                 **kwargs):
+    def __init__(
+        self,
+        *,
+        delta: float = 1.0,
+        smooth_l1_beta: float = 0.1,
+        box_loss: str = "smooth_l1",
+        self_balance: bool = False,
+        sb_init: float = 50.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if box_loss not in self.BOX_LOSSES:
-            raise ValueError(f"AP Loss's box loss (MODEL.RETINANET.BBOX_REG_LOSS_TYPE) must be one of"
-                             f" {self.BOX_LOSSES}, got {box_loss!r}")
+            raise ValueError(
+                f"AP Loss's box loss (MODEL.RETINANET.BBOX_REG_LOSS_TYPE) must be one of"
+                f" {self.BOX_LOSSES}, got {box_loss!r}"
+            )
         self.delta, self.smooth_l1_beta, self.box_loss = delta, smooth_l1_beta, box_loss
         self.balance = SelfBalance(sb_init, name=self.prefix) if self_balance else None
         if self.balance is not None:
@@ -324,12 +392,20 @@ class APHeadLoss(HeadLoss):
     @classmethod
     def config_kwargs(cls, cfg, head: str) -> dict:
         if head != "dense":
-            raise ValueError(f"AP Loss trains dense (RetinaNet-style) heads only, not the {head} head")
+            raise ValueError(
+                f"AP Loss trains dense (RetinaNet-style) heads only, not the {head} head"
+            )
         a, r = cfg.MODEL.ALRP, cfg.MODEL.RETINANET
-        return dict(prefix="ap", delta=a.DELTA, ranking_scope=configured_scope(cfg),
-                    validate=a.VALIDATE_INPUTS, smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
-                    box_loss=r.BBOX_REG_LOSS_TYPE, self_balance=a.AP_SELF_BALANCE,
-                    sb_init=a.SB_INIT)
+        return dict(
+            prefix="ap",
+            delta=a.DELTA,
+            ranking_scope=configured_scope(cfg),
+            validate=a.VALIDATE_INPUTS,
+            smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+            box_loss=r.BBOX_REG_LOSS_TYPE,
+            self_balance=a.AP_SELF_BALANCE,
+            sb_init=a.SB_INIT,
+        )
 
     def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
         losses = super().__call__(outputs)
@@ -341,11 +417,16 @@ class APHeadLoss(HeadLoss):
         num_pos = len(outputs.pred_boxes)
         get_event_storage().put_scalar("num_pos_anchors", num_pos / outputs.num_images)
         # A global ranking covers the classification; the box loss stays per process.
-        cls = ap_loss(outputs.logits, outputs.targets, self.delta, validate=self.validate,
-                      process_group=group)
+        cls = ap_loss(
+            outputs.logits, outputs.targets, self.delta, validate=self.validate, process_group=group
+        )
         if self.box_loss == "smooth_l1":
-            box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas,
-                                 beta=self.smooth_l1_beta, reduction="sum")
+            box = smooth_l1_loss(
+                outputs.pred_deltas,
+                outputs.target_deltas,
+                beta=self.smooth_l1_beta,
+                reduction="sum",
+            )
         else:
             # IoUs in float32 at least (reduced-precision boxes lose small overlaps)
             dtype = torch.promote_types(outputs.pred_boxes.dtype, torch.float32)
@@ -361,8 +442,9 @@ class APHeadLoss(HeadLoss):
         return {"cls": cls, "box": box}
 
 
-def focal_loss_sum(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
-                   gamma: float) -> torch.Tensor:
+def focal_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float
+) -> torch.Tensor:
     """The sigmoid focal loss (Lin et al.) of ``logits`` for binary ``targets``, summed;
     ``alpha < 0``: no class weighting (Detectron2's convention). Computed in the logits'
     dtype, at least float32 (fvcore's casts everything to float32, float64 too)."""
@@ -389,27 +471,38 @@ class FocalHeadLoss(HeadLoss):
     ``MODEL.RETINANET.FOCAL_LOSS_GAMMA``, ``FOCAL_LOSS_ALPHA`` and ``SMOOTH_L1_LOSS_BETA``.
     """
 
-    def __init__(self, *, gamma: float = 2.0, alpha: float = 0.25, smooth_l1_beta: float = 0.1,
-                 **kwargs):
+    def __init__(
+        self, *, gamma: float = 2.0, alpha: float = 0.25, smooth_l1_beta: float = 0.1, **kwargs
+    ):
         super().__init__(**kwargs)
         if kwargs.get("ranking_scope", "process") != "process":
-            raise ValueError("FocalHeadLoss ranks nothing: MODEL.RANKING_LOSS.RANKING_SCOPE (or"
-                             " MODEL.ALRP.RANKING_SCOPE) must be 'process' with it, got"
-                             f" {kwargs['ranking_scope']!r}")
+            raise ValueError(
+                "FocalHeadLoss ranks nothing: MODEL.RANKING_LOSS.RANKING_SCOPE (or"
+                " MODEL.ALRP.RANKING_SCOPE) must be 'process' with it, got"
+                f" {kwargs['ranking_scope']!r}"
+            )
         self.gamma, self.alpha, self.smooth_l1_beta = gamma, alpha, smooth_l1_beta
 
     @classmethod
     def config_kwargs(cls, cfg, head: str) -> dict:
         if head != "dense":
-            raise ValueError("FocalHeadLoss trains dense (RetinaNet-style) heads only, not the"
-                             f" {head} head")
+            raise ValueError(
+                f"FocalHeadLoss trains dense (RetinaNet-style) heads only, not the {head} head"
+            )
         r = cfg.MODEL.RETINANET
         if r.BBOX_REG_LOSS_TYPE != "smooth_l1":
-            raise ValueError("FocalHeadLoss regresses the box deltas by smooth L1:"
-                             f" MODEL.RETINANET.BBOX_REG_LOSS_TYPE must be 'smooth_l1', got"
-                             f" {r.BBOX_REG_LOSS_TYPE!r}")
-        return dict(prefix="focal", gamma=r.FOCAL_LOSS_GAMMA, alpha=r.FOCAL_LOSS_ALPHA,
-                    smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA, ranking_scope=configured_scope(cfg))
+            raise ValueError(
+                "FocalHeadLoss regresses the box deltas by smooth L1:"
+                f" MODEL.RETINANET.BBOX_REG_LOSS_TYPE must be 'smooth_l1', got"
+                f" {r.BBOX_REG_LOSS_TYPE!r}"
+            )
+        return dict(
+            prefix="focal",
+            gamma=r.FOCAL_LOSS_GAMMA,
+            alpha=r.FOCAL_LOSS_ALPHA,
+            smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+            ranking_scope=configured_scope(cfg),
+        )
 
     def __call__(self, outputs: HeadOutputs) -> Dict[str, torch.Tensor]:
         losses = super().__call__(outputs)
@@ -421,17 +514,22 @@ class FocalHeadLoss(HeadLoss):
         get_event_storage().put_scalar("num_pos_anchors", num_pos / outputs.num_images)
         valid = outputs.targets >= 0
         cls = focal_loss_sum(outputs.logits[valid], outputs.targets[valid], self.alpha, self.gamma)
-        box = smooth_l1_loss(outputs.pred_deltas, outputs.target_deltas, beta=self.smooth_l1_beta,
-                             reduction="sum")
+        box = smooth_l1_loss(
+            outputs.pred_deltas, outputs.target_deltas, beta=self.smooth_l1_beta, reduction="sum"
+        )
         return {"cls": cls / (num_pos + outputs.num_images), "box": box / max(num_pos, 1)}
 
 
 # META_ARCHITECTURE / PROPOSAL_GENERATOR / ROI_HEADS names kept from before the single
 # classes, each fixing its loss.
 ALIASES = {
-    "ALRPRetinaNet": "ALRPHeadLoss", "APLossRetinaNet": "APHeadLoss",
-    "RankSortRetinaNet": "RankSortHeadLoss", "ALRPRPN": "ALRPHeadLoss", "RankSortRPN": "RankSortHeadLoss",
-    "ALRPROIHeads": "ALRPHeadLoss", "RankSortROIHeads": "RankSortHeadLoss",
+    "ALRPRetinaNet": "ALRPHeadLoss",
+    "APLossRetinaNet": "APHeadLoss",
+    "RankSortRetinaNet": "RankSortHeadLoss",
+    "ALRPRPN": "ALRPHeadLoss",
+    "RankSortRPN": "RankSortHeadLoss",
+    "ALRPROIHeads": "ALRPHeadLoss",
+    "RankSortROIHeads": "RankSortHeadLoss",
 }
 
 
@@ -448,8 +546,10 @@ def head_loss_name(cfg, head_class: type) -> str:
     if alias is not None:
         fixed = ALIASES[alias]
         if chosen and chosen != fixed:
-            raise ValueError(f"MODEL.RANKING_LOSS.NAME {chosen!r} contradicts {alias}, which trains with"
-                             f" {fixed!r}: use the generic Ranking... name to choose the loss")
+            raise ValueError(
+                f"MODEL.RANKING_LOSS.NAME {chosen!r} contradicts {alias}, which trains with"
+                f" {fixed!r}: use the generic Ranking... name to choose the loss"
+            )
         return fixed
     if not chosen:
         raise ValueError(f"{head_class.__name__} needs MODEL.RANKING_LOSS.NAME, one of {_names()}")

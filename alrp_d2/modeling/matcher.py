@@ -24,8 +24,13 @@ class MaxIoUMatcher:
     minimum IoU, and such an anchor keeps the ground truth it overlaps most.
     """
 
-    def __init__(self, neg_iou: float, pos_iou: float, min_pos_iou: float = 0.0,
-                 low_quality_matches: bool = True):
+    def __init__(
+        self,
+        neg_iou: float,
+        pos_iou: float,
+        min_pos_iou: float = 0.0,
+        low_quality_matches: bool = True,
+    ):
         if not 0 <= neg_iou <= pos_iou <= 1:
             raise ValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {neg_iou}, {pos_iou}")
         self.neg_iou, self.pos_iou = neg_iou, pos_iou
@@ -36,8 +41,10 @@ class MaxIoUMatcher:
     def from_thresholds(cls, thresholds, labels, min_pos_iou: float) -> "MaxIoUMatcher":
         """From Detectron2's ``IOU_THRESHOLDS`` ``[neg, pos]`` and ``IOU_LABELS`` ``[0, -1, 1]``."""
         if len(thresholds) != 2 or list(labels) != [0, -1, 1]:
-            raise ValueError(f"the max-IoU matcher needs IOU_THRESHOLDS [neg, pos] and IOU_LABELS "
-                             f"[0, -1, 1], got {list(thresholds)} and {list(labels)}")
+            raise ValueError(
+                f"the max-IoU matcher needs IOU_THRESHOLDS [neg, pos] and IOU_LABELS "
+                f"[0, -1, 1], got {list(thresholds)} and {list(labels)}"
+            )
         return cls(thresholds[0], thresholds[1], min_pos_iou)
 
     @torch.no_grad()
@@ -45,8 +52,10 @@ class MaxIoUMatcher:
         """``iou``: ``(G, R)`` IoU of every ground truth with every anchor."""
         num_gt, num_anchors = iou.shape
         if num_gt == 0:
-            return (iou.new_zeros(num_anchors, dtype=torch.int64),
-                    iou.new_zeros(num_anchors, dtype=torch.int8))
+            return (
+                iou.new_zeros(num_anchors, dtype=torch.int64),
+                iou.new_zeros(num_anchors, dtype=torch.int8),
+            )
         best_iou, matched = iou.max(dim=0)
         labels = torch.full((num_anchors,), -1, dtype=torch.int8, device=iou.device)
         labels[best_iou < self.neg_iou] = 0

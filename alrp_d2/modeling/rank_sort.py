@@ -30,6 +30,7 @@ from .head_losses import balanced, score_weighted_mean
 
 __all__ = ["RankSortMaskHead", "build_rs_atss_resnet_fpn_backbone", "rank_sort_mask_loss"]
 
+
 def rank_sort_mask_loss(mask_logits: torch.Tensor, instances: List[Instances]) -> torch.Tensor:
     """The masks' loss of RS-Mask R-CNN, over the positive proposals ``i``::
 
@@ -47,11 +48,15 @@ def rank_sort_mask_loss(mask_logits: torch.Tensor, instances: List[Instances]) -
         if len(image) == 0:
             continue
         if not (image.has("rs_weight") and image.has("rs_balance")):
-            raise ValueError("RankSortMaskHead needs MODEL.ROI_HEADS.NAME: RankSortROIHeads"
-                             " (or RankingROIHeads)")
+            raise ValueError(
+                "RankSortMaskHead needs MODEL.ROI_HEADS.NAME: RankSortROIHeads (or RankingROIHeads)"
+            )
         classes.append(image.gt_classes.to(torch.int64))
-        targets.append(image.gt_masks.crop_and_resize(image.proposal_boxes.tensor, side)
-                       .to(device=mask_logits.device))
+        targets.append(
+            image.gt_masks.crop_and_resize(image.proposal_boxes.tensor, side).to(
+                device=mask_logits.device
+            )
+        )
         weights.append(image.rs_weight)
         balances.append(image.rs_balance[:1])
     if not targets:

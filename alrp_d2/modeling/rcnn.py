@@ -41,8 +41,9 @@ def classwise_proposal_targets(predictor: FastRCNNOutputLayers, predictions, pro
     positive = (gt_classes >= 0) & (gt_classes < predictor.num_classes)
     targets = classwise_targets(gt_classes, predictor.num_classes)
     pred_boxes = cat(predictor.predict_boxes_for_gt_classes(predictions, proposals), dim=0)
-    gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
-                    for p in proposals], dim=0)
+    gt_boxes = cat(
+        [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0
+    )
     return targets, positive, pred_boxes, gt_boxes
 
 
@@ -56,7 +57,8 @@ class MaxIoURPN(RPN):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["anchor_matcher"] = MaxIoUMatcher.from_thresholds(
-            cfg.MODEL.RPN.IOU_THRESHOLDS, cfg.MODEL.RPN.IOU_LABELS, cfg.MODEL.ALRP.RPN_MIN_POS_IOU)
+            cfg.MODEL.RPN.IOU_THRESHOLDS, cfg.MODEL.RPN.IOU_LABELS, cfg.MODEL.ALRP.RPN_MIN_POS_IOU
+        )
         return ret
 
 
@@ -86,10 +88,16 @@ class RankingRPN(MaxIoURPN):
         positive = gt_labels == 1
         logits = cat(pred_objectness_logits, dim=1)
         proposals = cat(self._decode_proposals(anchors, pred_anchor_deltas), dim=1)  # (N, R, 4)
-        return self.head_loss(HeadOutputs(
-            logits=logits.reshape(-1), targets=gt_labels.reshape(-1), pred_boxes=proposals[positive],
-            target_boxes=torch.stack(gt_boxes)[positive], scores=logits.detach()[positive].sigmoid(),
-            num_images=len(gt_labels)))
+        return self.head_loss(
+            HeadOutputs(
+                logits=logits.reshape(-1),
+                targets=gt_labels.reshape(-1),
+                pred_boxes=proposals[positive],
+                target_boxes=torch.stack(gt_boxes)[positive],
+                scores=logits.detach()[positive].sigmoid(),
+                num_images=len(gt_labels),
+            )
+        )
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -128,11 +136,19 @@ class RankingFastRCNNOutputLayers(FastRCNNOutputLayers):
     def losses(self, predictions, proposals):
         class_scores = predictions[0][:, : self.num_classes]
         targets, positive, pred_boxes, gt_boxes = classwise_proposal_targets(
-            self, predictions, proposals)
+            self, predictions, proposals
+        )
         weights = class_scores.detach().sigmoid().amax(-1)
-        losses = self.head_loss(HeadOutputs(
-            logits=class_scores.reshape(-1), targets=targets.reshape(-1), pred_boxes=pred_boxes[positive],
-            target_boxes=gt_boxes[positive], scores=weights[positive], num_images=len(proposals)))
+        losses = self.head_loss(
+            HeadOutputs(
+                logits=class_scores.reshape(-1),
+                targets=targets.reshape(-1),
+                pred_boxes=pred_boxes[positive],
+                target_boxes=gt_boxes[positive],
+                scores=weights[positive],
+                num_images=len(proposals),
+            )
+        )
         balance = self.head_loss.ranking_value(losses)
         for image, image_weights in zip(proposals, weights.split([len(p) for p in proposals])):
             image.rs_weight = image_weights
@@ -157,7 +173,8 @@ class RankingROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = RankingFastRCNNOutputLayers(
-            cfg, ret["box_head"].output_shape, head_loss=build_head_loss(cfg, cls, "roi"))
+            cfg, ret["box_head"].output_shape, head_loss=build_head_loss(cfg, cls, "roi")
+        )
         return ret
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):

@@ -38,8 +38,16 @@ def classwise_targets(gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor
     return targets
 
 
-def dense_head_outputs(box2box_transform, anchors, logits, targets, positive, pred_anchor_deltas,
-                       gt_boxes, num_images: int) -> HeadOutputs:
+def dense_head_outputs(
+    box2box_transform,
+    anchors,
+    logits,
+    targets,
+    positive,
+    pred_anchor_deltas,
+    gt_boxes,
+    num_images: int,
+) -> HeadOutputs:
     """What a dense head (one row per anchor) hands to its ranking loss: ``logits`` and
     ``targets`` ``(N, R, K)`` flattened, and for the ``positive`` anchors ``(N, R)``, in
     (image, anchor) order, the predicted deltas decoded around their anchors, their matched
@@ -48,10 +56,14 @@ def dense_head_outputs(box2box_transform, anchors, logits, targets, positive, pr
     deltas = cat(pred_anchor_deltas, dim=1)[positive]
     target_boxes = torch.stack(gt_boxes)[positive]
     return HeadOutputs(
-        logits=logits.reshape(-1), targets=targets.reshape(-1),
-        pred_boxes=box2box_transform.apply_deltas(deltas, anchor_boxes), target_boxes=target_boxes,
-        scores=logits.detach()[positive].sigmoid().amax(-1), num_images=num_images,
-        pred_deltas=deltas, target_deltas=box2box_transform.get_deltas(anchor_boxes, target_boxes),
+        logits=logits.reshape(-1),
+        targets=targets.reshape(-1),
+        pred_boxes=box2box_transform.apply_deltas(deltas, anchor_boxes),
+        target_boxes=target_boxes,
+        scores=logits.detach()[positive].sigmoid().amax(-1),
+        num_images=num_images,
+        pred_deltas=deltas,
+        target_deltas=box2box_transform.get_deltas(anchor_boxes, target_boxes),
     )
 
 
@@ -67,14 +79,16 @@ class _RankingRetinaNet(RetinaNet):
     """
 
     @configurable
-    def __init__(self, *, assigner: str = "iou", atss_topk: int = 9,
-                 test_candidates: str = "pairs", **kwargs):
+    def __init__(
+        self, *, assigner: str = "iou", atss_topk: int = 9, test_candidates: str = "pairs", **kwargs
+    ):
         super().__init__(**kwargs)
         if assigner not in ("iou", "atss"):
             raise ValueError(f"MODEL.ALRP.ASSIGNER must be 'iou' or 'atss', got {assigner!r}")
         if test_candidates not in ("pairs", "anchors"):
             raise ValueError(
-                f"MODEL.ALRP.TEST_CANDIDATES must be 'pairs' or 'anchors', got {test_candidates!r}")
+                f"MODEL.ALRP.TEST_CANDIDATES must be 'pairs' or 'anchors', got {test_candidates!r}"
+            )
         self.assigner = assigner
         self.atss_topk = atss_topk
         self.test_candidates = test_candidates
@@ -87,28 +101,46 @@ class _RankingRetinaNet(RetinaNet):
         ret["test_candidates"] = cfg.MODEL.ALRP.TEST_CANDIDATES
         if cfg.MODEL.ALRP.ASSIGNER == "iou":
             ret["anchor_matcher"] = MaxIoUMatcher.from_thresholds(
-                cfg.MODEL.RETINANET.IOU_THRESHOLDS, cfg.MODEL.RETINANET.IOU_LABELS,
-                cfg.MODEL.ALRP.MIN_POS_IOU)
+                cfg.MODEL.RETINANET.IOU_THRESHOLDS,
+                cfg.MODEL.RETINANET.IOU_LABELS,
+                cfg.MODEL.ALRP.MIN_POS_IOU,
+            )
         return ret
 
-    def _decode_multi_level_predictions(self, anchors: List[Boxes], pred_scores: List[Tensor],
-                                        pred_deltas: List[Tensor], score_thresh: float,
-                                        topk_candidates: int,
-                                        image_size: Tuple[int, int]) -> Instances:
+    def _decode_multi_level_predictions(
+        self,
+        anchors: List[Boxes],
+        pred_scores: List[Tensor],
+        pred_deltas: List[Tensor],
+        score_thresh: float,
+        topk_candidates: int,
+        image_size: Tuple[int, int],
+    ) -> Instances:
         # Dispatches here, not in _decode_per_level_predictions: TorchScript cannot compile
         # super(), and Detectron2's per-level decoding stays the one its "pairs" rule runs.
         if self.test_candidates == "pairs":
-            levels = [self._decode_per_level_predictions(a, s, d, score_thresh, topk_candidates,
-                                                         image_size)
-                      for s, d, a in zip(pred_scores, pred_deltas, anchors)]
+            levels = [
+                self._decode_per_level_predictions(
+                    a, s, d, score_thresh, topk_candidates, image_size
+                )
+                for s, d, a in zip(pred_scores, pred_deltas, anchors)
+            ]
         else:
-            levels = [self._decode_top_anchors(a, s, d, score_thresh, topk_candidates, image_size)
-                      for s, d, a in zip(pred_scores, pred_deltas, anchors)]
+            levels = [
+                self._decode_top_anchors(a, s, d, score_thresh, topk_candidates, image_size)
+                for s, d, a in zip(pred_scores, pred_deltas, anchors)
+            ]
         return levels[0].cat(levels)
 
-    def _decode_top_anchors(self, anchors: Boxes, pred_scores: Tensor, pred_deltas: Tensor,
-                            score_thresh: float, topk_candidates: int,
-                            image_size: Tuple[int, int]) -> Instances:
+    def _decode_top_anchors(
+        self,
+        anchors: Boxes,
+        pred_scores: Tensor,
+        pred_deltas: Tensor,
+        score_thresh: float,
+        topk_candidates: int,
+        image_size: Tuple[int, int],
+    ) -> Instances:
         """One level's candidates by the authors' rule (class docstring); a candidate whose
         box is not finite (diverged weights, inf/NaN features) is dropped, so that such a
         model detects nothing instead of failing the clipping."""
@@ -121,13 +153,18 @@ class _RankingRetinaNet(RetinaNet):
         scores = pred_scores[anchor_idxs]
         rows, classes = (scores > score_thresh).nonzero().unbind(1)
         anchor_idxs = anchor_idxs[rows]
-        boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs],
-                                                    anchors.tensor[anchor_idxs])
+        boxes = self.box2box_transform.apply_deltas(
+            pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+        )
         finite = torch.isfinite(boxes).all(dim=1)
         boxes = Boxes(boxes[finite])
         boxes.clip(image_size)
-        return Instances(image_size, pred_boxes=boxes, scores=scores[rows, classes][finite],
-                         pred_classes=classes[finite])
+        return Instances(
+            image_size,
+            pred_boxes=boxes,
+            scores=scores[rows, classes][finite],
+            pred_classes=classes[finite],
+        )
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
@@ -184,9 +221,18 @@ class RankingRetinaNet(_RankingRetinaNet):
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         num_images = len(gt_labels)
         gt_labels, logits, targets, positive = self._flatten(pred_logits, gt_labels)
-        return self.head_loss(dense_head_outputs(
-            self.box2box_transform, anchors, logits, targets, positive, pred_anchor_deltas,
-            gt_boxes, num_images))
+        return self.head_loss(
+            dense_head_outputs(
+                self.box2box_transform,
+                anchors,
+                logits,
+                targets,
+                positive,
+                pred_anchor_deltas,
+                gt_boxes,
+                num_images,
+            )
+        )
 
 
 @META_ARCH_REGISTRY.register()

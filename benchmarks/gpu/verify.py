@@ -58,52 +58,103 @@ for path in (ROOT, BENCHMARKS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-MiB = 1024 ** 2
+MiB = 1024**2
 
 # The sizes of a GPU run and of the CPU dry run (which only proves that the code runs).
 SIZES = {
     "gpu": {
         "equality": (200_000, 300),  # (M, P)
-        "loss_bench": [(1000, 1_000_000), (1000, 7_000_000), (1000, 30_000_000),
-                       (10_000, 30_000_000)],
-        "loss_warmup": 3, "loss_repeats": 20,
-        "step_image": 128, "step_precisions": ("fp32", "fp16", "bf16"), "step_families": "all",
+        "loss_bench": [
+            (1000, 1_000_000),
+            (1000, 7_000_000),
+            (1000, 30_000_000),
+            (10_000, 30_000_000),
+        ],
+        "loss_warmup": 3,
+        "loss_repeats": 20,
+        "step_image": 128,
+        "step_precisions": ("fp32", "fp16", "bf16"),
+        "step_families": "all",
         "bench_pairs": [
             # (name, config, images, (height, width), precisions)
-            ("aLRP ATSS vs focal, R50-FPN, 512x512, 8 images",
-             "configs/COCO-Detection/alrp_atss_R_50_FPN_500.yaml", 8, (512, 512), ("fp32", "bf16")),
-            ("RS-ATSS vs RetinaNet, R50-FPN, 1333x800, 4 images",
-             "configs/COCO-Detection/rs_atss_R_50_FPN_1x.yaml", 4, (800, 1333), ("fp32",)),
+            (
+                "aLRP ATSS vs focal, R50-FPN, 512x512, 8 images",
+                "configs/COCO-Detection/alrp_atss_R_50_FPN_500.yaml",
+                8,
+                (512, 512),
+                ("fp32", "bf16"),
+            ),
+            (
+                "RS-ATSS vs RetinaNet, R50-FPN, 1333x800, 4 images",
+                "configs/COCO-Detection/rs_atss_R_50_FPN_1x.yaml",
+                4,
+                (800, 1333),
+                ("fp32",),
+            ),
         ],
-        "bench_warmup": 3, "bench_steps": 20,
+        "bench_warmup": 3,
+        "bench_steps": 20,
         "model_overrides": [],
         "quickstart_overrides": [],
     },
     "cpu-dry-run": {
         "equality": (5_000, 40),
         "loss_bench": [(50, 10_000), (50, 20_000)],
-        "loss_warmup": 1, "loss_repeats": 2,
+        "loss_warmup": 1,
+        "loss_repeats": 2,
         # The first and the last family (ATSS aLRP RetinaNet, RS Mask R-CNN); AMP (slow on a
         # CPU) runs in the train benchmark's bf16 pair.
-        "step_image": 64, "step_precisions": ("fp32",), "step_families": "first and last",
+        "step_image": 64,
+        "step_precisions": ("fp32",),
+        "step_families": "first and last",
         "bench_pairs": [
-            ("aLRP ATSS vs focal, R18-FPN, 64x64, 1 image (dry run)",
-             "configs/COCO-Detection/alrp_atss_R_50_FPN_500.yaml", 1, (64, 64), ("fp32", "bf16")),
-            ("RS-ATSS vs RetinaNet, R18-FPN, 64x96, 1 image (dry run)",
-             "configs/COCO-Detection/rs_atss_R_50_FPN_1x.yaml", 1, (64, 96), ("fp32",)),
+            (
+                "aLRP ATSS vs focal, R18-FPN, 64x64, 1 image (dry run)",
+                "configs/COCO-Detection/alrp_atss_R_50_FPN_500.yaml",
+                1,
+                (64, 64),
+                ("fp32", "bf16"),
+            ),
+            (
+                "RS-ATSS vs RetinaNet, R18-FPN, 64x96, 1 image (dry run)",
+                "configs/COCO-Detection/rs_atss_R_50_FPN_1x.yaml",
+                1,
+                (64, 96),
+                ("fp32",),
+            ),
         ],
-        "bench_warmup": 0, "bench_steps": 1,
+        "bench_warmup": 0,
+        "bench_steps": 1,
         # A ResNet-18 FPN of 64 channels: the configs' heads and losses, a CPU's step time.
-        "model_overrides": ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                            "MODEL.FPN.OUT_CHANNELS", "64"],
+        "model_overrides": [
+            "MODEL.RESNETS.DEPTH",
+            "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            "64",
+            "MODEL.FPN.OUT_CHANNELS",
+            "64",
+        ],
         # The tiny splits (32 training images), one epoch; a barely trained model scores
         # every anchor about 0.01: threshold 0 keeps detections to evaluate.
         "quickstart_overrides": [
-            "DATASETS.TRAIN", '("alrp_synthetic_tiny_train",)',
-            "DATASETS.TEST", '("alrp_synthetic_tiny_val",)',
-            "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_EPOCHS", "1", "SOLVER.STEPS_EPOCHS", "()",
-            "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
-            "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
+            "DATASETS.TRAIN",
+            '("alrp_synthetic_tiny_train",)',
+            "DATASETS.TEST",
+            '("alrp_synthetic_tiny_val",)',
+            "SOLVER.IMS_PER_BATCH",
+            "8",
+            "SOLVER.MAX_EPOCHS",
+            "1",
+            "SOLVER.STEPS_EPOCHS",
+            "()",
+            "SOLVER.WARMUP_ITERS",
+            "2",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "MODEL.RETINANET.SCORE_THRESH_TEST",
+            "0.0",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "20",
         ],
     },
 }
@@ -123,12 +174,17 @@ AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------
 # The report: written whole after every section.
 
+
 class Report:
     def __init__(self, out_dir: str, mode: str, deadline: float):
         self.out_dir, self.mode, self.deadline = out_dir, mode, deadline
         self.started = time.time()
-        self.data = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                     "sections": {}, "targets": []}
+        self.data = {
+            "mode": mode,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "sections": {},
+            "targets": [],
+        }
         self.markdown = {}  # section name -> list of lines
 
     def left(self) -> float:
@@ -140,13 +196,21 @@ class Report:
         self.save()
 
     def target(self, name, measured, limit, passed, note=""):
-        self.data["targets"].append({"target": name, "measured": measured, "limit": limit,
-                                     "pass": bool(passed), "note": note})
+        self.data["targets"].append(
+            {
+                "target": name,
+                "measured": measured,
+                "limit": limit,
+                "pass": bool(passed),
+                "note": note,
+            }
+        )
 
     def save(self):
         self.data["wall_seconds"] = round(time.time() - self.started, 1)
-        _atomic_write(os.path.join(self.out_dir, "report.json"),
-                      json.dumps(self.data, indent=1, default=str))
+        _atomic_write(
+            os.path.join(self.out_dir, "report.json"), json.dumps(self.data, indent=1, default=str)
+        )
         _atomic_write(os.path.join(self.out_dir, "report.md"), self.render())
 
     def render(self) -> str:
@@ -154,17 +218,25 @@ class Report:
         title = "GPU verification" if self.mode == "gpu" else "GPU verification: CPU DRY RUN"
         out = [f"# {title}", ""]
         if self.mode != "gpu":
-            out += ["**CPU dry run** (`run.sh --cpu-dry-run`): tiny sizes on the CPU, no build, "
-                    "no CUDA tests. It proves that the script runs; its figures are **not** GPU "
-                    "results and its PASS/FAIL say nothing about the targets.", ""]
-        out += [f"Started {d['started']}; {d['wall_seconds']} s so far "
-                f"(verify.py; the install and build are timed in `build`).", ""]
+            out += [
+                "**CPU dry run** (`run.sh --cpu-dry-run`): tiny sizes on the CPU, no build, "
+                "no CUDA tests. It proves that the script runs; its figures are **not** GPU "
+                "results and its PASS/FAIL say nothing about the targets.",
+                "",
+            ]
+        out += [
+            f"Started {d['started']}; {d['wall_seconds']} s so far "
+            f"(verify.py; the install and build are timed in `build`).",
+            "",
+        ]
         if d["targets"]:
             out += ["## Targets", "", "| target | measured | limit | result |", "|---|---|---|---|"]
             for t in d["targets"]:
                 result = "PASS" if t["pass"] else "**FAIL**"
                 note = f" ({t['note']})" if t["note"] else ""
-                out.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['limit']} | {result}{note} |")
+                out.append(
+                    f"| {t['target']} | {_fmt(t['measured'])} | {t['limit']} | {result}{note} |"
+                )
             out.append("")
         for name, lines in self.markdown.items():
             sec = d["sections"][name]
@@ -191,19 +263,31 @@ def run_section(report, name, fn, need_seconds, *args):
     """Runs ``fn(report, *args) -> (data, lines, status)``; records an error or a skip for
     want of time instead of raising. Returns False when the section raised."""
     if report.left() < need_seconds:
-        report.section(name, "skipped", {"reason": f"{report.left():.0f} s left, needs ~{need_seconds} s"},
-                       [f"Skipped: {report.left():.0f} s left of the budget, the section needs "
-                        f"about {need_seconds} s."], 0.0)
+        report.section(
+            name,
+            "skipped",
+            {"reason": f"{report.left():.0f} s left, needs ~{need_seconds} s"},
+            [
+                f"Skipped: {report.left():.0f} s left of the budget, the section needs "
+                f"about {need_seconds} s."
+            ],
+            0.0,
+        )
         return True
     print(f"== {name} ({report.left():.0f} s left)", flush=True)
     start = time.time()
     try:
         data, lines, status = fn(report, *args)
-    except Exception as err:  # noqa: BLE001  (the report must record any failure)
+    except Exception as err:
         tb = traceback.format_exc()
         print(tb, file=sys.stderr, flush=True)
-        report.section(name, "error", {"error": repr(err), "traceback": tb[-4000:]},
-                       ["Error:", "", "```", tb[-3000:].rstrip(), "```"], time.time() - start)
+        report.section(
+            name,
+            "error",
+            {"error": repr(err), "traceback": tb[-4000:]},
+            ["Error:", "", "```", tb[-3000:].rstrip(), "```"],
+            time.time() - start,
+        )
         return False
     report.section(name, status, data, lines, time.time() - start)
     print(f"   {name}: {status} in {time.time() - start:.1f} s", flush=True)
@@ -212,6 +296,7 @@ def run_section(report, name, fn, need_seconds, *args):
 
 # --------------------------------------------------------------------------------------
 # Timing, memory and synchronisations.
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -226,8 +311,10 @@ def time_calls(fn, device, warmup, repeats):
         fn()
     synchronize(device)
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
+        ]
         wall = time.perf_counter()
         for start, end in events:
             start.record()
@@ -307,8 +394,10 @@ class SyncCounter:
 
 def attribute(stack) -> str:
     """``alrp_d2/...:line`` or ``detectron2/...:line`` of the innermost such frame."""
-    for prefix, marker in ((os.path.join(ROOT, "alrp_d2") + os.sep, "alrp_d2/"),
-                           (os.sep + "detectron2" + os.sep, "detectron2/")):
+    for prefix, marker in (
+        (os.path.join(ROOT, "alrp_d2") + os.sep, "alrp_d2/"),
+        (os.sep + "detectron2" + os.sep, "detectron2/"),
+    ):
         for frame in reversed(stack):
             name = frame.filename
             if marker == "alrp_d2/" and name.startswith(prefix):
@@ -325,24 +414,38 @@ def in_ranking_losses(place: str) -> bool:
 # --------------------------------------------------------------------------------------
 # 1. environment
 
+
 def section_environment(report, device, build):
-    data = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "device": str(device), "cpu_threads": torch.get_num_threads(), "build": build}
+    data = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "build": build,
+    }
     lines = []
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        data.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
-                    device_memory_gib=round(props.total_memory / 1024 ** 3, 1),
-                    multiprocessors=props.multi_processor_count)
+        data.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            device_memory_gib=round(props.total_memory / 1024**3, 1),
+            multiprocessors=props.multi_processor_count,
+        )
     else:
         data["device_name"] = f"CPU ({platform.processor() or platform.machine()})"
     import detectron2
     from detectron2 import _C
 
-    data["detectron2"] = {"version": detectron2.__version__, "path": os.path.dirname(detectron2.__file__),
-                          "has_cuda": bool(_C.has_cuda()), "cuda_version": _C.get_cuda_version(),
-                          "compiler": _C.get_compiler_version()}
+    data["detectron2"] = {
+        "version": detectron2.__version__,
+        "path": os.path.dirname(detectron2.__file__),
+        "has_cuda": bool(_C.has_cuda()),
+        "cuda_version": _C.get_cuda_version(),
+        "compiler": _C.get_compiler_version(),
+    }
     import torchvision
 
     data["torchvision"] = torchvision.__version__
@@ -360,21 +463,43 @@ def section_environment(report, device, build):
     if device.type == "cuda":
         diff = deform["max_rel_diff"]
         ok = data["detectron2"]["has_cuda"] and diff is not None and diff <= 1e-3
-        report.target("detectron2._C has CUDA (has_cuda(), deformable convolution on CUDA = CPU)",
-                      deform["max_rel_diff"], "<= 1e-3", ok)
+        report.target(
+            "detectron2._C has CUDA (has_cuda(), deformable convolution on CUDA = CPU)",
+            deform["max_rel_diff"],
+            "<= 1e-3",
+            ok,
+        )
         status = "done" if ok else "failed"
     lines += ["| what | value |", "|---|---|"]
-    for key in ("python", "torch", "torch_cuda", "torchvision", "device_name", "capability",
-                "device_memory_gib", "multiprocessors", "cpu_threads", "pytorch-lightning", "fvcore",
-                "iopath", "pycocotools", "omegaconf", "numpy"):
+    for key in (
+        "python",
+        "torch",
+        "torch_cuda",
+        "torchvision",
+        "device_name",
+        "capability",
+        "device_memory_gib",
+        "multiprocessors",
+        "cpu_threads",
+        "pytorch-lightning",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "omegaconf",
+        "numpy",
+    ):
         if key in data:
             lines.append(f"| {key} | {data[key]} |")
     d2 = data["detectron2"]
-    lines.append(f"| detectron2 | {d2['version']} at {d2['path']}; _C.has_cuda() {d2['has_cuda']}, "
-                 f"CUDA {d2['cuda_version']}, {d2['compiler']} |")
-    lines.append(f"| deformable convolution: detectron2._C on {device.type} vs torchvision on the CPU "
-                 f"(float64) | largest difference over the largest value (output, gradients): "
-                 f"{_fmt(deform['max_rel_diff'])} {deform.get('note', '')} |")
+    lines.append(
+        f"| detectron2 | {d2['version']} at {d2['path']}; _C.has_cuda() {d2['has_cuda']}, "
+        f"CUDA {d2['cuda_version']}, {d2['compiler']} |"
+    )
+    lines.append(
+        f"| deformable convolution: detectron2._C on {device.type} vs torchvision on the CPU "
+        f"(float64) | largest difference over the largest value (output, gradients): "
+        f"{_fmt(deform['max_rel_diff'])} {deform.get('note', '')} |"
+    )
     if build:
         lines.append(f"| build | {json.dumps(build)} |")
     return data, lines, status
@@ -400,21 +525,28 @@ def deform_conv_check(device):
         (y * y).sum().backward()
         return [t.detach().double().cpu() for t in (y, xi.grad, oi.grad, w.grad)]
 
-    ref = run(lambda xi, oi, w: deform_conv2d(xi, oi, w, padding=1), torch.device("cpu"), torch.float64)
+    ref = run(
+        lambda xi, oi, w: deform_conv2d(xi, oi, w, padding=1), torch.device("cpu"), torch.float64
+    )
     if device.type != "cuda":
         return {"max_rel_diff": None, "note": "detectron2's DeformConv runs on CUDA only"}
     from detectron2.layers.deform_conv import deform_conv
 
     try:
-        got = run(lambda xi, oi, w: deform_conv(xi, oi, w, 1, 1, 1, 1, 1, 64), device, torch.float32)
+        got = run(
+            lambda xi, oi, w: deform_conv(xi, oi, w, 1, 1, 1, 1, 1, 64), device, torch.float32
+        )
     except (RuntimeError, NotImplementedError) as err:  # built without its CUDA ops
         return {"max_rel_diff": None, "note": f"{type(err).__name__}: {err}"}
-    diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, ref))
+    diff = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, ref)
+    )
     return {"max_rel_diff": diff, "shape": list(x.shape)}
 
 
 # --------------------------------------------------------------------------------------
 # 2-3. the losses on the device
+
 
 def loss_inputs(m, p, seed=0):
     """Logits (a third of them rounded to 1/8: ties), 10% ignored, ``p`` positives; the
@@ -442,10 +574,12 @@ def loss_calls():
         ranking, sorting = rank_sort_loss(x, lab, validate=validate)
         return ranking + sorting
 
-    return {"aLRP": alrp,
-            "AP": lambda x, t, e, lab, validate: ap_loss(x, t, validate=validate),
-            "NDCG": lambda x, t, e, lab, validate: ndcg_loss(x, t, validate=validate),
-            "Rank & Sort": rank_sort}
+    return {
+        "aLRP": alrp,
+        "AP": lambda x, t, e, lab, validate: ap_loss(x, t, validate=validate),
+        "NDCG": lambda x, t, e, lab, validate: ndcg_loss(x, t, validate=validate),
+        "Rank & Sort": rank_sort,
+    }
 
 
 def run_loss(fn, inputs, dtype, device, validate):
@@ -470,31 +604,52 @@ def section_loss_equality(report, device, sizes):
             value_diff = float((got[0] - ref[0]).abs() / ref[0].abs().clamp_min(1e-30))
             grad_diff = float((got[1] - ref[1]).abs().max() / ref[1].abs().max().clamp_min(1e-30))
             if name == "aLRP":  # the localisation errors' gradient too
-                grad_diff = max(grad_diff, float((got[2] - ref[2]).abs().max()
-                                                 / ref[2].abs().max().clamp_min(1e-30)))
+                grad_diff = max(
+                    grad_diff,
+                    float((got[2] - ref[2]).abs().max() / ref[2].abs().max().clamp_min(1e-30)),
+                )
             value_tol, grad_tol = EQUALITY_TOLERANCE[dtype_name]
             ok = value_diff <= value_tol and grad_diff <= grad_tol
             failed |= not ok
-            data[f"{name}/{dtype_name}"] = {"value_cpu": float(ref[0]), "value_device": float(got[0]),
-                                            "value_rel_diff": value_diff, "grad_rel_diff": grad_diff,
-                                            "pass": ok}
-            rows.append(f"| {name} | {dtype_name} | {float(ref[0]):.6f} | {float(got[0]):.6f} | "
-                        f"{value_diff:.1e} (<= {value_tol:.0e}) | {grad_diff:.1e} (<= {grad_tol:.0e}) | "
-                        f"{'PASS' if ok else '**FAIL**'} |")
-            report.target(f"{name} equal on {device.type} and CPU, {dtype_name} logits",
-                          max(value_diff / value_tol, grad_diff / grad_tol), "<= 1 (difference / tolerance)", ok)
-    lines = [f"M = {m} anchors, P = {p} positives, a third of the logits rounded to 1/8 (ties), 10% ignored; "
-             "the same float32 logits cast to each dtype on both. "
-             "The CPU with validation on against the device with validation off; value: "
-             "relative difference; gradient: largest difference over the largest gradient.", "",
-             f"| loss | logits | value CPU | value {device.type} | value diff | gradient diff | result |",
-             "|---|---|---|---|---|---|---|"] + rows
+            data[f"{name}/{dtype_name}"] = {
+                "value_cpu": float(ref[0]),
+                "value_device": float(got[0]),
+                "value_rel_diff": value_diff,
+                "grad_rel_diff": grad_diff,
+                "pass": ok,
+            }
+            rows.append(
+                f"| {name} | {dtype_name} | {float(ref[0]):.6f} | {float(got[0]):.6f} | "
+                f"{value_diff:.1e} (<= {value_tol:.0e}) | {grad_diff:.1e} (<= {grad_tol:.0e}) | "
+                f"{'PASS' if ok else '**FAIL**'} |"
+            )
+            report.target(
+                f"{name} equal on {device.type} and CPU, {dtype_name} logits",
+                max(value_diff / value_tol, grad_diff / grad_tol),
+                "<= 1 (difference / tolerance)",
+                ok,
+            )
+    lines = [
+        f"M = {m} anchors, P = {p} positives, a third of the logits rounded to 1/8 (ties), "
+        "10% ignored; "
+        "the same float32 logits cast to each dtype on both. "
+        "The CPU with validation on against the device with validation off; value: "
+        "relative difference; gradient: largest difference over the largest gradient.",
+        "",
+        f"| loss | logits | value CPU | value {device.type} | value diff | gradient diff "
+        "| result |",
+        "|---|---|---|---|---|---|---|",
+    ] + rows
     return {"M": m, "P": p, "results": data}, lines, "failed" if failed else "done"
 
 
 def section_loss_sync(report, device, sizes):
     if device.type != "cuda":
-        return {"note": "no CUDA device"}, ["Not applicable on the CPU (nothing to synchronise)."], "n/a"
+        return (
+            {"note": "no CUDA device"},
+            ["Not applicable on the CPU (nothing to synchronise)."],
+            "n/a",
+        )
     m, p = sizes["equality"]
     inputs = [t.to(device) for t in loss_inputs(m, p, seed=1)]
     rows, data = [], {}
@@ -513,19 +668,37 @@ def section_loss_sync(report, device, sizes):
             call()
             error = None
         except RuntimeError as err:
-            error = f"{err}".splitlines()[0][:200] + " at " + attribute(traceback.extract_tb(err.__traceback__))
+            error = (
+                f"{err}".splitlines()[0][:200]
+                + " at "
+                + attribute(traceback.extract_tb(err.__traceback__))
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
         with SyncCounter(device) as counter:
             call()
         ok = error is None and counter.count == 0
-        data[name] = {"error_mode": error or "no error", "syncs": counter.count, "where": counter.by_place()}
-        report.target(f"{name}: no host-device synchronisation, validate=False (sync debug mode error)",
-                      counter.count, "0", ok)
-        rows.append(f"| {name} | {error or 'no error'} | {counter.count} | "
-                    f"{', '.join(f'{k} x{v}' for k, v in counter.by_place().items()) or '-'} |")
-    lines = [f"Forward and backward, float32, M = {m}, P = {p}, `validate=False`.", "",
-             "| loss | sync debug mode \"error\" | syncs (\"warn\") | where |", "|---|---|---|---|"] + rows
+        data[name] = {
+            "error_mode": error or "no error",
+            "syncs": counter.count,
+            "where": counter.by_place(),
+        }
+        report.target(
+            f"{name}: no host-device synchronisation, validate=False (sync debug mode error)",
+            counter.count,
+            "0",
+            ok,
+        )
+        rows.append(
+            f"| {name} | {error or 'no error'} | {counter.count} | "
+            f"{', '.join(f'{k} x{v}' for k, v in counter.by_place().items()) or '-'} |"
+        )
+    lines = [
+        f"Forward and backward, float32, M = {m}, P = {p}, `validate=False`.",
+        "",
+        '| loss | sync debug mode "error" | syncs ("warn") | where |',
+        "|---|---|---|---|",
+    ] + rows
     failed = any(v["syncs"] != 0 or v["error_mode"] != "no error" for v in data.values())
     return data, lines, "failed" if failed else "done"
 
@@ -549,11 +722,14 @@ def families():
         cfg.merge_from_file(path)
         m = cfg.MODEL
         rcnn = m.META_ARCHITECTURE == "GeneralizedRCNN"
-        key = (m.META_ARCHITECTURE, m.RANKING_LOSS.NAME,
-               f"{m.PROPOSAL_GENERATOR.NAME}+{m.ROI_HEADS.NAME}" if rcnn else "",
-               m.ROI_MASK_HEAD.NAME if rcnn and m.MASK_ON else "",
-               m.ALRP.ASSIGNER if m.META_ARCHITECTURE in RANKING_RETINANETS else "",
-               "deformable" if any(m.RESNETS.DEFORM_ON_PER_STAGE) else "")
+        key = (
+            m.META_ARCHITECTURE,
+            m.RANKING_LOSS.NAME,
+            f"{m.PROPOSAL_GENERATOR.NAME}+{m.ROI_HEADS.NAME}" if rcnn else "",
+            m.ROI_MASK_HEAD.NAME if rcnn and m.MASK_ON else "",
+            m.ALRP.ASSIGNER if m.META_ARCHITECTURE in RANKING_RETINANETS else "",
+            "deformable" if any(m.RESNETS.DEFORM_ON_PER_STAGE) else "",
+        )
         chosen.setdefault(key, path)
     return {" ".join(k for k in key if k): path for key, path in chosen.items()}
 
@@ -595,14 +771,25 @@ def make_images(n, height, width, device, num_classes, seed=0, masks=False):
         inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = torch.randint(0, num_classes, (k,), generator=g)
         if masks:
-            ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+            ys, xs = torch.meshgrid(
+                torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij"
+            )
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
             rx, ry = (boxes[:, 2] - boxes[:, 0]) / 2, (boxes[:, 3] - boxes[:, 1]) / 2
-            inst.gt_masks = BitMasks(((xs[None] - cx[:, None, None]) / rx[:, None, None]) ** 2
-                                     + ((ys[None] - cy[:, None, None]) / ry[:, None, None]) ** 2 <= 1)
+            inst.gt_masks = BitMasks(
+                ((xs[None] - cx[:, None, None]) / rx[:, None, None]) ** 2
+                + ((ys[None] - cy[:, None, None]) / ry[:, None, None]) ** 2
+                <= 1
+            )
         image = torch.randint(0, 255, (3, height, width), generator=g).float()
-        batch.append({"image": image.to(device), "instances": inst.to(device),
-                      "height": height, "width": width})
+        batch.append(
+            {
+                "image": image.to(device),
+                "instances": inst.to(device),
+                "height": height,
+                "width": width,
+            }
+        )
     return batch
 
 
@@ -649,7 +836,9 @@ def build(path, device, sizes, num_classes=3, image=None, meta_architecture=None
 def section_training_steps(report, device, sizes):
     every = fams = families()
     if sizes["step_families"] == "first and last":
-        first, *_, last = every
+        # of those the dry run's ResNet-18 can build: Detectron2 has deformable blocks
+        # from ResNet-50 on only
+        first, *_, last = [n for n in every if not n.endswith("deformable")]
         fams = {first: every[first], last: every[last]}
     size = sizes["step_image"]
     precisions = sizes["step_precisions"]
@@ -673,8 +862,9 @@ def section_training_steps(report, device, sizes):
                 synchronize(device)
                 seconds = time.perf_counter() - start
             values = {k: float(v) for k, v in losses.items()}
-            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
-                               if p.grad is not None)
+            grads_finite = all(
+                bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+            )
             ok = all(math.isfinite(v) for v in values.values()) and grads_finite
             if precision == "fp16" and not grads_finite:  # the scaler skips such a step
                 ok = all(math.isfinite(v) for v in values.values())
@@ -682,43 +872,75 @@ def section_training_steps(report, device, sizes):
             in_losses = None
             if counter.active:
                 in_losses = sum(v for k, v in counter.by_place().items() if in_ranking_losses(k))
-            data[f"{name}/{precision}"] = {"config": os.path.relpath(path, ROOT), "losses": values,
-                                           "grads_finite": grads_finite, "seconds": seconds,
-                                           "syncs": counter.count, "syncs_in_losses": in_losses,
-                                           "where": counter.by_place(), "pass": ok}
-            report.target(f"training step {name}, {precision}: finite losses and gradients",
-                          "finite" if ok else "not finite", "finite", ok)
+            data[f"{name}/{precision}"] = {
+                "config": os.path.relpath(path, ROOT),
+                "losses": values,
+                "grads_finite": grads_finite,
+                "seconds": seconds,
+                "syncs": counter.count,
+                "syncs_in_losses": in_losses,
+                "where": counter.by_place(),
+                "pass": ok,
+            }
+            report.target(
+                f"training step {name}, {precision}: finite losses and gradients",
+                "finite" if ok else "not finite",
+                "finite",
+                ok,
+            )
             loss_text = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-            rows.append(f"| {name} (`{os.path.basename(path)}`) | {precision} | {seconds:.3f} | "
-                        f"{_fmt(counter.count)} ({_fmt(in_losses)}) | {loss_text} | "
-                        f"{'PASS' if ok else '**FAIL**'} |")
+            rows.append(
+                f"| {name} (`{os.path.basename(path)}`) | {precision} | {seconds:.3f} | "
+                f"{_fmt(counter.count)} ({_fmt(in_losses)}) | {loss_text} | "
+                f"{'PASS' if ok else '**FAIL**'} |"
+            )
             stepper = None
         model = batch = None
-    deformable = [n for n in fams if n.endswith("deformable")]
-    lines = [f"One config per family under `configs/COCO-Detection` ({len(every)} families"
-             + ("" if sizes["step_families"] == "all" else f", the dry run's {sizes['step_families']}")
-             + f"), random weights, 2 images of {size}x{size}, second step of each; AMP fp16 with a "
-             "gradient scaler (Lightning's `16-mixed`), bf16 without."
-             + (f" Dry run's backbone: {' '.join(sizes['model_overrides'])}." if sizes["model_overrides"] else ""),
-             "Deformable convolution: " + (", ".join(deformable) if deformable else
-                                           "no config sets `MODEL.RESNETS.DEFORM_ON_PER_STAGE` yet; "
-                                           "the op itself is checked under environment."), "",
-             "| family (config) | precision | step (s) | syncs (in alrp_d2/losses) | losses | result |",
-             "|---|---|---|---|---|---|"] + rows
-    return {"families": {k: os.path.relpath(v, ROOT) for k, v in every.items()},
-            "stepped": list(fams), "steps": data}, lines, \
-        "failed" if failed else "done"
+    deformable = [n for n in every if n.endswith("deformable")]
+    if any(n not in fams for n in deformable):
+        deformable.append("not stepped in the dry run (its ResNet-18 has no deformable blocks)")
+    lines = [
+        f"One config per family under `configs/COCO-Detection` ({len(every)} families"
+        + ("" if sizes["step_families"] == "all" else f", the dry run's {sizes['step_families']}")
+        + f"), random weights, 2 images of {size}x{size}, second step of each; AMP fp16 with a "
+        "gradient scaler (Lightning's `16-mixed`), bf16 without."
+        + (
+            f" Dry run's backbone: {' '.join(sizes['model_overrides'])}."
+            if sizes["model_overrides"]
+            else ""
+        ),
+        "Deformable convolution: "
+        + (
+            ", ".join(deformable)
+            if deformable
+            else "no config sets `MODEL.RESNETS.DEFORM_ON_PER_STAGE` yet; "
+            "the op itself is checked under environment."
+        ),
+        "",
+        "| family (config) | precision | step (s) | syncs (in alrp_d2/losses) | losses | result |",
+        "|---|---|---|---|---|---|",
+    ] + rows
+    return (
+        {
+            "families": {k: os.path.relpath(v, ROOT) for k, v in every.items()},
+            "stepped": list(fams),
+            "steps": data,
+        },
+        lines,
+        "failed" if failed else "done",
+    )
 
 
 # --------------------------------------------------------------------------------------
 # 5. the loss benchmark
 
+
 def section_loss_benchmark(report, device, sizes):
     from fvcore.nn import sigmoid_focal_loss as fvcore_focal
+    from loss_speed import make_batch  # benchmarks/loss_speed.py: the same inputs
     from torchvision.ops import sigmoid_focal_loss as torchvision_focal
 
     from alrp_d2.losses import alrp_loss, ap_loss, rank_sort_loss
-    from loss_speed import make_batch  # benchmarks/loss_speed.py: the same inputs
 
     rows, results = [], []
     for p, m in sizes["loss_bench"]:
@@ -741,53 +963,81 @@ def section_loss_benchmark(report, device, sizes):
             ap_loss(logits.detach().requires_grad_(), targets, validate=False).backward()
 
         def rank_sort():
-            ranking, sorting = rank_sort_loss(logits.detach().requires_grad_(), rs_targets, validate=False)
+            ranking, sorting = rank_sort_loss(
+                logits.detach().requires_grad_(), rs_targets, validate=False
+            )
             (ranking + sorting).backward()
 
         def focal_tv():
             x = logits.detach().requires_grad_()
-            (torchvision_focal(x, focal_targets, alpha=0.25, gamma=2.0, reduction="sum") / p).backward()
+            (
+                torchvision_focal(x, focal_targets, alpha=0.25, gamma=2.0, reduction="sum") / p
+            ).backward()
 
         def focal_fv():
             x = logits.detach().requires_grad_()
             (fvcore_focal(x, focal_targets, alpha=0.25, gamma=2.0, reduction="sum") / p).backward()
 
-        fns = {"aLRP": alrp, "AP": ap, "Rank & Sort": rank_sort,
-               "focal (torchvision)": focal_tv, "focal (fvcore)": focal_fv}
+        fns = {
+            "aLRP": alrp,
+            "AP": ap,
+            "Rank & Sort": rank_sort,
+            "focal (torchvision)": focal_tv,
+            "focal (fvcore)": focal_fv,
+        }
         row = {"P": p, "M": m, "seconds": {}, "wall_seconds": {}, "peak_mib": {}}
         for name, fn in fns.items():
             t, wall = time_calls(fn, device, sizes["loss_warmup"], sizes["loss_repeats"])
             row["seconds"][name], row["wall_seconds"][name] = t, wall
             row["peak_mib"][name] = peak_memory(fn, device)
         focal = min(row["seconds"]["focal (torchvision)"], row["seconds"]["focal (fvcore)"])
-        row["ratio_to_faster_focal"] = {k: row["seconds"][k] / focal for k in ("aLRP", "AP", "Rank & Sort")}
+        row["ratio_to_faster_focal"] = {
+            k: row["seconds"][k] / focal for k in ("aLRP", "AP", "Rank & Sort")
+        }
         results.append(row)
         s, mem, r = row["seconds"], row["peak_mib"], row["ratio_to_faster_focal"]
-        rows.append(f"| {p} | {m:.0e} | " + " | ".join(f"{s[k] * 1e3:.3f}" for k in fns) + " | "
-                    + " | ".join(f"{r[k]:.2f}x" for k in ("aLRP", "AP", "Rank & Sort")) + " | "
-                    + " / ".join("-" if mem[k] is None else f"{mem[k]:.0f}" for k in fns) + " |")
-        if (p, m) == LOSS_TARGET_SIZE or (report.mode != "gpu" and (p, m) == sizes["loss_bench"][-1]):
+        rows.append(
+            f"| {p} | {m:.0e} | "
+            + " | ".join(f"{s[k] * 1e3:.3f}" for k in fns)
+            + " | "
+            + " | ".join(f"{r[k]:.2f}x" for k in ("aLRP", "AP", "Rank & Sort"))
+            + " | "
+            + " / ".join("-" if mem[k] is None else f"{mem[k]:.0f}" for k in fns)
+            + " |"
+        )
+        if (p, m) == LOSS_TARGET_SIZE or (
+            report.mode != "gpu" and (p, m) == sizes["loss_bench"][-1]
+        ):
             for k in ("aLRP", "AP", "Rank & Sort"):
-                report.target(f"{k} loss time / faster focal loss, P={p}, M={m:.0e} (moonshot {LOSS_MOONSHOT}x)",
-                              r[k], f"<= {LOSS_TARGET}x", r[k] <= LOSS_TARGET,
-                              "moonshot met" if r[k] <= LOSS_MOONSHOT else "")
+                report.target(
+                    f"{k} loss time / faster focal loss, P={p}, M={m:.0e}"
+                    f" (moonshot {LOSS_MOONSHOT}x)",
+                    r[k],
+                    f"<= {LOSS_TARGET}x",
+                    r[k] <= LOSS_TARGET,
+                    "moonshot met" if r[k] <= LOSS_MOONSHOT else "",
+                )
         logits = targets = loc_errors = labels = rs_targets = focal_targets = fns = None  # freed
         if device.type == "cuda":
             torch.cuda.empty_cache()
     timing = "CUDA events" if device.type == "cuda" else "wall clock"
-    lines = [f"Forward plus backward, medians of {sizes['loss_repeats']} calls after "
-             f"{sizes['loss_warmup']} warm-up ({timing}); `validate=False` (as the heads call them); "
-             "inputs of `benchmarks/loss_speed.py` (standard-normal logits, 10% ignored); focal "
-             "loss over all M logits, alpha 0.25, gamma 2. Peak: memory allocated by one call "
-             "beyond its inputs (aLRP / AP / RS / focal tv / focal fvcore).", "",
-             "| P | M | aLRP (ms) | AP (ms) | RS (ms) | focal tv (ms) | focal fvcore (ms) "
-             "| aLRP/focal | AP/focal | RS/focal | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"] + rows
+    lines = [
+        f"Forward plus backward, medians of {sizes['loss_repeats']} calls after "
+        f"{sizes['loss_warmup']} warm-up ({timing}); `validate=False` (as the heads call them); "
+        "inputs of `benchmarks/loss_speed.py` (standard-normal logits, 10% ignored); focal "
+        "loss over all M logits, alpha 0.25, gamma 2. Peak: memory allocated by one call "
+        "beyond its inputs (aLRP / AP / RS / focal tv / focal fvcore).",
+        "",
+        "| P | M | aLRP (ms) | AP (ms) | RS (ms) | focal tv (ms) | focal fvcore (ms) "
+        "| aLRP/focal | AP/focal | RS/focal | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ] + rows
     return {"rows": results}, lines, "done"
 
 
 # --------------------------------------------------------------------------------------
 # 6. the training-step benchmark
+
 
 def section_train_benchmark(report, device, sizes):
     rows, results = [], []
@@ -806,71 +1056,123 @@ def section_train_benchmark(report, device, sizes):
                     torch.cuda.reset_peak_memory_stats(device)
                 model = build(path, device, sizes, num_classes=80, meta_architecture=arch)
                 stepper = Stepper(model, device, precision)
-                t, wall = time_calls(lambda: stepper(batch), device, sizes["bench_warmup"], sizes["bench_steps"])
+                t, wall = time_calls(
+                    lambda: stepper(batch), device, sizes["bench_warmup"], sizes["bench_steps"]
+                )
                 with SyncCounter(device) as counter:
                     if counter.active:
                         stepper(batch)
                         synchronize(device)
-                runs[label] = {"meta_architecture": arch, "seconds": t, "wall_seconds": wall,
-                               "syncs": counter.count, "where": counter.by_place(),
-                               "max_memory_mib": (torch.cuda.max_memory_allocated(device) / MiB
-                                                  if device.type == "cuda" else None)}
+                runs[label] = {
+                    "meta_architecture": arch,
+                    "seconds": t,
+                    "wall_seconds": wall,
+                    "syncs": counter.count,
+                    "where": counter.by_place(),
+                    "max_memory_mib": (
+                        torch.cuda.max_memory_allocated(device) / MiB
+                        if device.type == "cuda"
+                        else None
+                    ),
+                }
                 model = stepper = None  # freed before the next model is built
             ratio = runs["ranking"]["seconds"] / runs["focal"]["seconds"]
-            result = {"pair": name, "config": os.path.relpath(path, ROOT), "precision": precision,
-                      "ratio": ratio, **runs}
-            report.target(f"training step {ranking_arch} / RetinaNet, {name}, {precision}",
-                          ratio, f"<= {STEP_TARGET}x", ratio <= STEP_TARGET)
+            result = {
+                "pair": name,
+                "config": os.path.relpath(path, ROOT),
+                "precision": precision,
+                "ratio": ratio,
+                **runs,
+            }
+            report.target(
+                f"training step {ranking_arch} / RetinaNet, {name}, {precision}",
+                ratio,
+                f"<= {STEP_TARGET}x",
+                ratio <= STEP_TARGET,
+            )
             syncs_r, syncs_f = runs["ranking"]["syncs"], runs["focal"]["syncs"]
             if syncs_r is not None:
-                in_losses = sum(v for k, v in runs["ranking"]["where"].items() if in_ranking_losses(k))
+                in_losses = sum(
+                    v for k, v in runs["ranking"]["where"].items() if in_ranking_losses(k)
+                )
                 result["syncs_in_losses"] = in_losses
-                report.target(f"syncs per step in alrp_d2/losses, {name}, {precision}",
-                              in_losses, "0", in_losses == 0)
-                report.target(f"syncs per step {ranking_arch} vs RetinaNet, {name}, {precision}",
-                              f"{syncs_r} vs {syncs_f}", "<= RetinaNet's", syncs_r <= syncs_f)
+                report.target(
+                    f"syncs per step in alrp_d2/losses, {name}, {precision}",
+                    in_losses,
+                    "0",
+                    in_losses == 0,
+                )
+                report.target(
+                    f"syncs per step {ranking_arch} vs RetinaNet, {name}, {precision}",
+                    f"{syncs_r} vs {syncs_f}",
+                    "<= RetinaNet's",
+                    syncs_r <= syncs_f,
+                )
             results.append(result)
             where = "; ".join(f"{k} x{v}" for k, v in runs["ranking"]["where"].items()) or "-"
             where_f = "; ".join(f"{k} x{v}" for k, v in runs["focal"]["where"].items()) or "-"
-            mem = "-" if runs["ranking"]["max_memory_mib"] is None else \
-                f"{runs['ranking']['max_memory_mib']:.0f} / {runs['focal']['max_memory_mib']:.0f}"
-            rows.append(f"| {name} | {precision} | {runs['ranking']['seconds']:.4f} | "
-                        f"{runs['focal']['seconds']:.4f} | {ratio:.3f}x | {_fmt(syncs_r)} / {_fmt(syncs_f)} | "
-                        f"{mem} |")
+            mem = (
+                "-"
+                if runs["ranking"]["max_memory_mib"] is None
+                else f"{runs['ranking']['max_memory_mib']:.0f} / "
+                f"{runs['focal']['max_memory_mib']:.0f}"
+            )
+            rows.append(
+                f"| {name} | {precision} | {runs['ranking']['seconds']:.4f} | "
+                f"{runs['focal']['seconds']:.4f} | {ratio:.3f}x | "
+                f"{_fmt(syncs_r)} / {_fmt(syncs_f)} | "
+                f"{mem} |"
+            )
             rows.append(f"| | syncs of the ranking model: {where} | | | | RetinaNet: {where_f} | |")
         batch = None
     timing = "CUDA events" if device.type == "cuda" else "wall clock"
-    lines = [f"Forward, backward and SGD step, random weights (BN), 80 classes, random boxes; "
-             f"medians of {sizes['bench_steps']} steps after {sizes['bench_warmup']} ({timing}). "
-             "The focal model is Detectron2's `RetinaNet` built from the same config (same "
-             "backbone, anchors and head; its IoU matcher and focal loss). Syncs: one more step "
-             "with `torch.cuda.set_sync_debug_mode(\"warn\")`, each at the innermost frame of "
-             "alrp_d2 or Detectron2 (`other`: torch, or a backward's replayed at `backward()`).", "",
-             "| pair | precision | ranking step (s) | focal step (s) | ratio | syncs per step (ranking / focal) "
-             "| peak MiB (ranking / focal) |", "|---|---|---|---|---|---|---|"] + rows
+    lines = [
+        f"Forward, backward and SGD step, random weights (BN), 80 classes, random boxes; "
+        f"medians of {sizes['bench_steps']} steps after {sizes['bench_warmup']} ({timing}). "
+        "The focal model is Detectron2's `RetinaNet` built from the same config (same "
+        "backbone, anchors and head; its IoU matcher and focal loss). Syncs: one more step "
+        'with `torch.cuda.set_sync_debug_mode("warn")`, each at the innermost frame of '
+        "alrp_d2 or Detectron2 (`other`: torch, or a backward's replayed at `backward()`).",
+        "",
+        "| pair | precision | ranking step (s) | focal step (s) | ratio "
+        "| syncs per step (ranking / focal) "
+        "| peak MiB (ranking / focal) |",
+        "|---|---|---|---|---|---|---|",
+    ] + rows
     return {"rows": results}, lines, "done"
 
 
 # --------------------------------------------------------------------------------------
 # 7. the quickstart
 
+
 def section_quickstart(report, device, sizes, out_dir):
     work = tempfile.mkdtemp(prefix="alrp-quickstart-")
     output = os.path.join(work, "output")
-    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", os.path.join(ROOT, QUICKSTART),
-           "--accelerator", "gpu" if device.type == "cuda" else "cpu"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train_net.py"),
+        "--config-file",
+        os.path.join(ROOT, QUICKSTART),
+        "--accelerator",
+        "gpu" if device.type == "cuda" else "cpu",
+    ]
     cmd += sizes["quickstart_overrides"] + ["OUTPUT_DIR", output]
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.join(work, "datasets"), PYTHONUNBUFFERED="1")
     timeout = max(10.0, report.left() - 5)
     start = time.time()
     log_path = os.path.join(out_dir, "quickstart.log")
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
         returncode, text = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
         returncode = "timeout"
-        text = "".join(t.decode(errors="replace") if isinstance(t, bytes) else (t or "")
-                       for t in (err.stdout, err.stderr))
+        text = "".join(
+            t.decode(errors="replace") if isinstance(t, bytes) else (t or "")
+            for t in (err.stdout, err.stderr)
+        )
     wall = time.time() - start
     metrics_path = os.path.join(output, "final_metrics.json")
     metrics = {}
@@ -878,31 +1180,56 @@ def section_quickstart(report, device, sizes, out_dir):
         with open(metrics_path) as f:
             metrics = json.load(f)
     shutil.rmtree(work, ignore_errors=True)
-    _atomic_write(log_path, "$ " + " ".join(cmd) + "\n" + "\n".join(text.splitlines()[-300:]) + "\n")
+    _atomic_write(
+        log_path, "$ " + " ".join(cmd) + "\n" + "\n".join(text.splitlines()[-300:]) + "\n"
+    )
     ap50, olrp, ap = metrics.get("bbox/AP50"), metrics.get("lrp/oLRP"), metrics.get("bbox/AP")
     ok = returncode == 0 and ap50 is not None and olrp is not None
-    data = {"command": " ".join(cmd[1:]), "returncode": returncode, "wall_seconds": wall,
-            "bbox/AP": ap, "bbox/AP50": ap50, "lrp/oLRP": olrp,
-            "metrics": {k: v for k, v in metrics.items() if k.startswith(("bbox/", "lrp/"))}}
-    report.target("quickstart trains and evaluates (AP50, oLRP measured)",
-                  f"AP50 {_fmt(ap50)}, oLRP {_fmt(olrp)}, {wall:.0f} s", "exit 0", ok)
-    lines = [f"`python {os.path.relpath(cmd[1], ROOT)} {' '.join(cmd[2:-2])} OUTPUT_DIR <tmp>` "
-             "(datasets generated under a temporary folder: generation included in the wall time). "
-             "Its output's end: `quickstart.log`.", "",
-             "| exit | wall time (s) | bbox AP | AP50 | oLRP |", "|---|---|---|---|---|",
-             f"| {returncode} | {wall:.1f} | {_fmt(ap)} | {_fmt(ap50)} | {_fmt(olrp)} |"]
+    data = {
+        "command": " ".join(cmd[1:]),
+        "returncode": returncode,
+        "wall_seconds": wall,
+        "bbox/AP": ap,
+        "bbox/AP50": ap50,
+        "lrp/oLRP": olrp,
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(("bbox/", "lrp/"))},
+    }
+    report.target(
+        "quickstart trains and evaluates (AP50, oLRP measured)",
+        f"AP50 {_fmt(ap50)}, oLRP {_fmt(olrp)}, {wall:.0f} s",
+        "exit 0",
+        ok,
+    )
+    lines = [
+        f"`python {os.path.relpath(cmd[1], ROOT)} {' '.join(cmd[2:-2])} OUTPUT_DIR <tmp>` "
+        "(datasets generated under a temporary folder: generation included in the wall time). "
+        "Its output's end: `quickstart.log`.",
+        "",
+        "| exit | wall time (s) | bbox AP | AP50 | oLRP |",
+        "|---|---|---|---|---|",
+        f"| {returncode} | {wall:.1f} | {_fmt(ap)} | {_fmt(ap50)} | {_fmt(olrp)} |",
+    ]
     return data, lines, "done" if ok else "failed"
 
 
 # --------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="alrp-gpu-"))
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="alrp-gpu-")
+    )
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU")
-    parser.add_argument("--deadline", type=float, default=None,
-                        help="epoch seconds by which to stop (default: 7 minutes from now)")
-    parser.add_argument("--build-json", default=None, help="run.sh's record of the install and build")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="epoch seconds by which to stop (default: 7 minutes from now)",
+    )
+    parser.add_argument(
+        "--build-json", default=None, help="run.sh's record of the install and build"
+    )
     parser.add_argument("--sections", default=None, help="comma-separated subset of sections")
     args = parser.parse_args(argv)
     mode = "cpu-dry-run" if args.cpu_dry_run else "gpu"
@@ -915,7 +1242,9 @@ def main(argv=None) -> int:
     if mode == "gpu":
         if not torch.cuda.is_available():
             print("no CUDA device: run with --cpu-dry-run for the CPU", file=sys.stderr)
-            report.section("environment", "error", {"error": "no CUDA device"}, ["No CUDA device."], 0.0)
+            report.section(
+                "environment", "error", {"error": "no CUDA device"}, ["No CUDA device."], 0.0
+            )
             return 1
         device = torch.device("cuda", 0)
     else:
@@ -942,8 +1271,11 @@ def main(argv=None) -> int:
         ok &= run_section(report, name, fn, need, *extra)
     report.save()
     targets = report.data["targets"]
-    print(f"verify.py: {sum(t['pass'] for t in targets)} of {len(targets)} targets pass; "
-          f"report: {os.path.join(args.out, 'report.md')}", flush=True)
+    print(
+        f"verify.py: {sum(t['pass'] for t in targets)} of {len(targets)} targets pass; "
+        f"report: {os.path.join(args.out, 'report.md')}",
+        flush=True,
+    )
     return 0 if ok else 1
 
 
