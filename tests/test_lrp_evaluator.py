@@ -303,10 +303,13 @@ def test_build_evaluator_tasks(mask_dataset_name, tmp_path, mask_on):
     expected = ("bbox", "segm") if mask_on else ("bbox",)
     assert DetectionModule.evaluation_tasks(cfg) == expected
     # build_evaluator without building the model: it reads only ``cfg``.
-    module = SimpleNamespace(cfg=cfg, evaluation_tasks=DetectionModule.evaluation_tasks)
+    module = SimpleNamespace(
+        cfg=cfg, evaluation_tasks=DetectionModule.evaluation_tasks, _lrp_evaluators={}
+    )
     evaluators = DetectionModule.build_evaluator(module, mask_dataset_name)
     coco, lrp = evaluators._evaluators
     assert isinstance(lrp, LRPEvaluator) and coco._tasks == lrp._tasks == expected
+    assert module._lrp_evaluators == {mask_dataset_name: lrp}  # its thresholds go to model_best
     results = run_evaluator(evaluators)
     flat = flatten_results_dict(results)
     assert {"bbox/AP", "lrp/oLRP"} <= set(flat)
