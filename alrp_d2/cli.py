@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "add_config_file",
+    "add_dataset_flag",
     "add_overrides",
     "load_config",
     "run_command",
@@ -49,6 +50,18 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 def add_config_file(parser: argparse.ArgumentParser, help: str) -> None:
     """``--config-file FILE``, as Detectron2's ``default_argument_parser`` names it."""
     parser.add_argument("--config-file", required=True, metavar="FILE", help=help)
+
+
+def add_dataset_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--dataset NAME JSON IMAGE_ROOT`` (repeatable): a COCO-format dataset to register."""
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help=help,
+    )
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:

@@ -49,7 +49,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cli import UsageError, add_config_file, add_overrides, load_config, run_command
+from .cli import (
+    UsageError,
+    add_config_file,
+    add_dataset_flag,
+    add_overrides,
+    load_config,
+    run_command,
+)
 from .run_folder import THRESHOLD_FILES, RunFolder
 
 __all__ = [
@@ -262,13 +269,8 @@ def argument_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=1.0, help="size of the pictures relative to the images"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument(
-        "--dataset",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset the config names (as train_net.py --dataset)",
+    add_dataset_flag(
+        parser, "register a COCO-format dataset the config names (as train_net.py --dataset)"
     )
     parser.add_argument(
         "--contiguous-ids",

@@ -22,7 +22,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils.logger import setup_logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..cli import load_config, run_command
+from ..cli import add_dataset_flag, load_config, run_command
 from ..config import model_num_classes
 from ..data.check import check_datasets
 from ..data.register import datasets_from_env, register_coco_datasets
@@ -70,13 +70,9 @@ def argument_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read every image and annotation of the config's datasets, list the problems, exit",
     )
-    parser.add_argument(
-        "--dataset",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME before the config is read (repeatable;"
+    add_dataset_flag(
+        parser,
+        "register a COCO-format dataset under NAME before the config is read (repeatable;"
         " also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...)",
     )
     parser.add_argument(
