@@ -6,7 +6,8 @@ annotated by one ``iscrowd`` box) and some are empty. Written once as PNG files 
 COCO json under ``$DETECTRON2_DATASETS/alrp_synthetic`` (default ``./datasets``) and
 registered in Detectron2's DatasetCatalog and MetadataCatalog in COCO form as
 ``alrp_synthetic_train`` and ``alrp_synthetic_val`` (and ``alrp_synthetic_tiny_train``
-and ``alrp_synthetic_tiny_val`` for smoke tests).
+and ``alrp_synthetic_tiny_val`` for smoke tests), and in LVIS's format as
+``alrp_synthetic_lvis_<split>`` (:mod:`alrp_d2.data.synthetic_lvis`).
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def generate_split(root: str, split: str) -> str:
 
 
 def register_synthetic(root: str | None = None) -> None:
-    """Registers ``alrp_synthetic_<split>`` for every split (generated on first use)."""
+    """Registers ``alrp_synthetic_<split>`` for every split (generated on first use), and
+    the same images in LVIS's format as ``alrp_synthetic_lvis_<split>``
+    (:mod:`alrp_d2.data.synthetic_lvis`)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
@@ -200,3 +203,6 @@ def register_synthetic(root: str | None = None) -> None:
             synthetic_root=root,
             synthetic_split=split,
         )
+    from .synthetic_lvis import register_synthetic_lvis  # it imports this module
+
+    register_synthetic_lvis(root)

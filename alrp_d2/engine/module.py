@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
 from .. import modeling  # noqa: F401  (registers the models)
-from ..evaluation import LRPEvaluator
+from ..evaluation import LRPEvaluator, LVISAPEvaluator, LVISLRPEvaluator, is_lvis_dataset
 from ..run_folder import RunFolder
 
 __all__ = ["DetectionModule", "schedule_in_iterations"]
@@ -58,7 +58,8 @@ class DetectionModule(pl.LightningModule):
     scalars, e.g. ``alrp/num_pos``, are logged with its losses); the optimizer and
     learning-rate schedule come from Detectron2's builders, stepped every iteration.
     Validation runs Detectron2's ``COCOEvaluator`` and this project's ``LRPEvaluator``
-    across ranks; their results are printed as Detectron2 prints them and logged
+    across ranks (on LVIS datasets Detectron2's ``LVISEvaluator`` and ``LVISLRPEvaluator``:
+    :meth:`build_evaluator`); their results are printed as Detectron2 prints them and logged
     flattened (``bbox/AP50``, ``lrp/oLRP``).
     """
 
@@ -135,15 +136,22 @@ class DetectionModule(pl.LightningModule):
         return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
 
     def build_evaluator(self, dataset_name: str) -> DatasetEvaluators:
-        """COCO AP and, with ``TEST.LRP_EVALUATOR``, optimal LRP of boxes and, with
-        ``MODEL.MASK_ON``, masks (``segm/AP``, ``lrp_segm/oLRP``)."""
+        """AP and, with ``TEST.LRP_EVALUATOR``, optimal LRP of boxes and, with
+        ``MODEL.MASK_ON``, masks (``segm/AP``, ``lrp_segm/oLRP``), by the dataset's rules:
+        LVIS's (Detectron2's ``LVISEvaluator``, ``LVISLRPEvaluator``) for an LVIS dataset
+        (``is_lvis_dataset``: ``evaluator_type`` ``"lvis"`` or an LVIS json), else COCO's.
+        The one place that chooses a dataset's evaluators."""
         output_dir = RunFolder(self.cfg.OUTPUT_DIR).inference(dataset_name)
         tasks = self.evaluation_tasks(self.cfg)
+        lvis = is_lvis_dataset(dataset_name)
+        ap_evaluator, lrp_evaluator = (
+            (LVISAPEvaluator, LVISLRPEvaluator) if lvis else (COCOEvaluator, LRPEvaluator)
+        )
         evaluators = [
-            COCOEvaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)
+            ap_evaluator(dataset_name, tasks=tasks, distributed=True, output_dir=output_dir)
         ]
         if self.cfg.TEST.LRP_EVALUATOR:
-            lrp = LRPEvaluator(dataset_name, output_dir=output_dir, distributed=True, tasks=tasks)
+            lrp = lrp_evaluator(dataset_name, output_dir=output_dir, distributed=True, tasks=tasks)
             self._lrp_evaluators[dataset_name] = lrp
             evaluators.append(lrp)
         return DatasetEvaluators(evaluators)

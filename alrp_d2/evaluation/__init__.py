@@ -1,10 +1,27 @@
-"""Evaluation: optimal LRP (pure numpy + pycocotools) and its Detectron2 evaluator."""
+"""Evaluation: optimal LRP (pure numpy + pycocotools) of COCO and LVIS datasets, and its
+Detectron2 evaluators."""
 
 import importlib
 
-__all__ = ["format_summary", "lrp_from_coco", "LRPEvaluator"]
+__all__ = [
+    "format_summary",
+    "is_lvis_dataset",
+    "lrp_from_coco",
+    "lrp_from_lvis",
+    "LRPEvaluator",
+    "LVISAPEvaluator",
+    "LVISLRPEvaluator",
+]
 
-_HOMES = {"format_summary": ".lrp", "lrp_from_coco": ".lrp", "LRPEvaluator": ".lrp_evaluator"}
+_HOMES = {
+    "format_summary": ".lrp",
+    "is_lvis_dataset": ".lvis_evaluation",
+    "lrp_from_coco": ".lrp",
+    "lrp_from_lvis": ".lrp",
+    "LRPEvaluator": ".lrp_evaluator",
+    "LVISAPEvaluator": ".lvis_evaluation",
+    "LVISLRPEvaluator": ".lrp_evaluator",
+}
 
 
 def __getattr__(name):

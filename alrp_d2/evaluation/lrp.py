@@ -31,7 +31,26 @@ annotations' ``area`` (a mask's own area for results loaded without ``bbox``, as
 Detectron2 loads them for mask AP).  The matching is vectorised over all (image, class)
 pairs: one step per detection rank instead of a Python loop per detection and ground truth.
 
-Command line: ``python -m alrp_d2.evaluation.lrp GT.json DETS.json``.
+LVIS (``lrp_from_lvis``) evaluates a federated dataset: each class only on the images
+whose labels say something about it, as the LVIS API's ``LVISEval`` does for AP (and the
+LVIS variant of the official LRP-Error code for oLRP).  With ``P(i)`` the classes annotated
+in image ``i``, ``N(i)`` its ``neg_category_ids`` (verified absent) and ``E(i)`` its
+``not_exhaustive_category_ids``:
+
+* the ``max_dets`` (300) best scored detections of each image, all classes together, are
+  kept (LVIS's ``LVISResults``), and none is capped per class;
+* a detection of class ``c`` in image ``i`` counts only if ``c`` is in ``P(i)`` or
+  ``N(i)``: elsewhere nobody knows whether ``c`` is there, so it is dropped;
+* an unmatched detection of ``c`` in image ``i`` with ``c`` in ``E(i)`` is ignored, not a
+  false positive (some instances of ``c`` there lack annotations); a matched one stays a
+  true positive;
+* no crowd regions (LVIS has none): every ground truth matches once at plain IoU; one
+  whose ``ignore`` flag is set is ignored as COCO ignores crowds;
+* besides the means over all classes, ``oLRP_r``, ``oLRP_c`` and ``oLRP_f`` average oLRP
+  over the rare, common and frequent classes (each category's ``frequency``).
+
+Command line: ``python -m alrp_d2.evaluation.lrp GT.json DETS.json`` (``--lvis`` for an
+LVIS ground truth).
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ AREA_RANGES = {
 }
 GRID = np.round(np.arange(0, 101) / 100, 2)
 TIES = ("threshold", "official")
+FREQUENCIES = ("r", "c", "f")  # LVIS's rare, common and frequent classes
 CHUNK = 4096  # (image, class) pairs matched at once; bounds the padded arrays
 
 
@@ -78,21 +98,34 @@ def _box_iou_padded(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.nda
     return iou
 
 
-def _segm_iou(dt_anns, gt_anns) -> np.ndarray:
-    """Mask IoU of annotations with compressed RLE segmentations (crowd: intersection
-    over the detection's area)."""
+def _segm_iou(dt_anns, gt_anns, crowd) -> np.ndarray:
+    """Mask IoU of annotations with compressed RLE segmentations (``crowd``, per ground
+    truth: intersection over the detection's area)."""
     from pycocotools import mask as mask_utils
 
     d = [a["segmentation"] for a in dt_anns]
     g = [a["segmentation"] for a in gt_anns]
-    crowd = [int(a.get("iscrowd", 0)) for a in gt_anns]
-    return np.asarray(mask_utils.iou(d, g, crowd)).reshape(len(d), len(g))
+    return np.asarray(mask_utils.iou(d, g, [int(c) for c in crowd])).reshape(len(d), len(g))
 
 
 class _Groups:
-    """Detections and ground truths grouped by (image, class), padded per chunk."""
+    """Detections and ground truths grouped by (image, class), under ``rules``.
 
-    def __init__(self, coco_gt, coco_dt, iou_type: str, max_dets: int, cat_ids: List[int], img_ids):
+    ``"coco"``: at most ``max_dets`` detections per (image, class), crowd ground truths.
+    ``"lvis"``: at most ``max_dets`` per image, all classes together; only the detections
+    of the pairs that the image's annotations or ``neg_category_ids`` verify; each pair's
+    ``not_exhaustive`` flag (module docstring)."""
+
+    def __init__(
+        self,
+        coco_gt,
+        coco_dt,
+        iou_type: str,
+        max_dets: int,
+        cat_ids: List[int],
+        img_ids,
+        rules: str = "coco",
+    ):
         img_ids = sorted(coco_gt.getImgIds() if img_ids is None else img_ids)
         cat_set = set(cat_ids)
         gts: Dict[tuple, list] = {}
@@ -100,9 +133,27 @@ class _Groups:
         for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_ids, catIds=cat_ids)):
             gts.setdefault((ann["image_id"], ann["category_id"]), []).append(ann)
         img_set = set(img_ids)
-        for ann in coco_dt.loadAnns(coco_dt.getAnnIds(imgIds=img_ids, catIds=cat_ids)):
-            if ann["image_id"] in img_set and ann["category_id"] in cat_set:
-                dts.setdefault((ann["image_id"], ann["category_id"]), []).append(ann)
+        # LVIS caps an image's detections before it looks at their classes.
+        detections = coco_dt.loadAnns(
+            coco_dt.getAnnIds(imgIds=img_ids, catIds=cat_ids if rules == "coco" else [])
+        )
+        not_exhaustive: Dict[int, set] = {}
+        if rules == "lvis":
+            negative, not_exhaustive = _federated_lists(coco_gt, img_ids)
+            detections = _best_per_image(detections, max_dets)
+        detections = [
+            a for a in detections if a["image_id"] in img_set and a["category_id"] in cat_set
+        ]
+        if rules == "lvis":
+            # A class is evaluated on an image only where its presence is known.
+            detections = [
+                a
+                for a in detections
+                if (a["image_id"], a["category_id"]) in gts
+                or a["category_id"] in negative[a["image_id"]]
+            ]
+        for ann in detections:
+            dts.setdefault((ann["image_id"], ann["category_id"]), []).append(ann)
         # COCO's order: pairs by class then image; detections by descending score.
         keys = sorted(set(gts) | set(dts), key=lambda k: (k[1], k[0]))
         self.keys = keys
@@ -111,12 +162,63 @@ class _Groups:
         for k in keys:
             d = dts.get(k, [])
             order = np.argsort([-a["score"] for a in d], kind="mergesort")
-            self.dt.append([d[i] for i in order[:max_dets]])
+            self.dt.append([d[i] for i in order[: max_dets if rules == "coco" else None]])
+        self.not_exhaustive = np.array(
+            [c in not_exhaustive.get(i, ()) for i, c in keys], dtype=bool
+        ).reshape(len(keys))
         if iou_type == "segm":
             # Polygons and uncompressed RLE to compressed RLE, as COCOeval does (on copies).
             self.gt = [[_with_rle(coco_gt, coco_gt, a) for a in g] for g in self.gt]
             self.dt = [[_with_rle(coco_dt, coco_gt, a) for a in d] for d in self.dt]
         self.iou_type = iou_type
+        self.rules = rules
+
+
+def _best_per_image(detections: list, max_dets: int) -> list:
+    """The ``max_dets`` best scored detections of each image, all classes together, in
+    their order (of equal scores, the first ones), as LVIS's ``LVISResults`` keeps them."""
+    by_image: Dict[int, list] = {}
+    for ann in detections:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    dropped = set()
+    for anns in by_image.values():
+        if len(anns) > max_dets:
+            order = np.argsort([-a["score"] for a in anns], kind="stable")
+            dropped.update(id(anns[i]) for i in order[max_dets:])
+    return [a for a in detections if id(a) not in dropped]
+
+
+def _federated_lists(coco_gt, img_ids) -> tuple:
+    """``({image: neg_category_ids}, {image: not_exhaustive_category_ids})`` as sets;
+    ``ValueError`` naming the first images that lack either list (not an LVIS json)."""
+    keys = ("neg_category_ids", "not_exhaustive_category_ids")
+    images = coco_gt.loadImgs(img_ids)
+    missing = [(im["id"], k) for im in images for k in keys if not isinstance(im.get(k), list)]
+    if missing:
+        shown = ", ".join(f"image {i} has no list {k!r}" for i, k in missing[:3])
+        raise ValueError(
+            f"the ground truth is not in LVIS format: {shown}"
+            f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}; LVIS's"
+            f" federated evaluation needs {keys[0]} and {keys[1]} on every image"
+        )
+    return (
+        {im["id"]: set(im[keys[0]]) for im in images},
+        {im["id"]: set(im[keys[1]]) for im in images},
+    )
+
+
+def _frequencies(coco_gt, cat_ids) -> Dict[int, str]:
+    """Each category's LVIS ``frequency`` (r, c or f); ``ValueError`` naming those without."""
+    cats = coco_gt.loadCats(cat_ids)
+    bad = [c for c in cats if c.get("frequency") not in FREQUENCIES]
+    if bad:
+        shown = ", ".join(f"{c['id']} ({c.get('name')!r}: {c.get('frequency')!r})" for c in bad[:3])
+        raise ValueError(
+            f"the ground truth is not in LVIS format: categories {shown}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} have no frequency"
+            " 'r', 'c' or 'f' (LVIS's rare, common and frequent groups)"
+        )
+    return {c["id"]: c["frequency"] for c in cats}
 
 
 def _with_rle(coco, fallback, ann):
@@ -129,8 +231,11 @@ def _with_rle(coco, fallback, ann):
     return {**ann, "segmentation": source.annToRLE(ann)}
 
 
-def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
+def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges, rules="coco", not_exhaustive=None):
     """COCO's greedy matching for a chunk of (image, class) pairs, every area range.
+
+    ``rules="lvis"``: no crowd (an annotation's ``ignore`` flag ignores it instead), and
+    the unmatched detections of the pairs flagged in ``not_exhaustive`` are ignored.
 
     Returns per area range: detection scores, ignore flags, matched IoU (NaN if
     unmatched), the pair index of each detection, and the number of non-ignored
@@ -143,7 +248,8 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
     score = np.zeros((c, d_max))
     d_area = np.zeros((c, d_max))
     g_area = np.zeros((c, g_max))
-    crowd = np.zeros((c, g_max), bool)
+    crowd = np.zeros((c, g_max), bool)  # matchable many times, IoU over the detection
+    flagged = np.zeros((c, g_max), bool)  # ignored whatever its area
     if iou_type == "bbox":
         d_box = np.zeros((c, d_max, 4))
         g_box = np.zeros((c, g_max, 4))
@@ -157,14 +263,17 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
             d_area[i, :nd] = [a["area"] for a in dl]
         if ng:
             g_area[i, :ng] = [a["area"] for a in gl]
-            crowd[i, :ng] = [bool(a.get("iscrowd", 0)) for a in gl]
+            if rules == "coco":
+                crowd[i, :ng] = flagged[i, :ng] = [bool(a.get("iscrowd", 0)) for a in gl]
+            else:
+                flagged[i, :ng] = [bool(a.get("ignore", 0)) for a in gl]
         if iou_type == "bbox":
             if nd:
                 d_box[i, :nd] = [a["bbox"] for a in dl]
             if ng:
                 g_box[i, :ng] = [a["bbox"] for a in gl]
         elif nd and ng:
-            iou[i, :nd, :ng] = _segm_iou(dl, gl)
+            iou[i, :nd, :ng] = _segm_iou(dl, gl, crowd[i, :ng])
     if iou_type == "bbox":
         iou = np.where(
             d_valid[:, :, None] & g_valid[:, None, :], _box_iou_padded(d_box, g_box, crowd), -1.0
@@ -175,7 +284,7 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
     reversed_g = np.arange(g_max)[::-1]
     results = {}
     for name, (lo, hi) in area_ranges.items():
-        g_ignore = crowd | (g_area < lo) | (g_area > hi)
+        g_ignore = flagged | (g_area < lo) | (g_area > hi)
         taken = np.zeros((c, g_max), bool)
         matched_iou = np.full((c, d_max), np.nan)
         matched_ignored = np.zeros((c, d_max), bool)
@@ -198,6 +307,8 @@ def _match_chunk(dt_lists, gt_lists, iou_type, tau, area_ranges):
             matched_ignored[hit, r] = g_ignore[rows[hit], best[hit]]
         unmatched = np.isnan(matched_iou)
         outside = (d_area < lo) | (d_area > hi)
+        if not_exhaustive is not None:
+            outside = outside | np.asarray(not_exhaustive, bool)[:, None]
         d_ignore = matched_ignored | (unmatched & outside) | ~d_valid
         results[name] = {
             "score": score,
@@ -285,6 +396,52 @@ def lrp_from_coco(
     LRP-Error code's order (image id, then the detection's order in ``coco_dt``), to
     reproduce published figures (module docstring). The grid thresholds ignore ``ties``.
     """
+    _check_arguments(iou_type, tau, max_dets, thresholds, ties)
+    return _lrp(coco_gt, coco_dt, iou_type, tau, int(max_dets), thresholds, img_ids, ties, "coco")
+
+
+def lrp_from_lvis(
+    lvis_gt,
+    lvis_dt,
+    iou_type: str = "bbox",
+    tau: float = 0.5,
+    max_dets: int = 300,
+    thresholds: str = "exact",
+    img_ids: Optional[List[int]] = None,
+    ties: str = "threshold",
+) -> Dict[str, object]:
+    """oLRP of ``lvis_dt`` against an LVIS-format ground truth ``lvis_gt`` (pycocotools
+    ``COCO`` objects of an LVIS json and of its results), by LVIS's federated rules
+    (module docstring): ``max_dets`` per image (LVIS's 300), detections only on the images
+    that annotate or exclude their class, unmatched detections of not exhaustively
+    annotated classes ignored, no crowd.
+
+    Returns what :func:`lrp_from_coco` returns plus ``oLRP_r``, ``oLRP_c`` and ``oLRP_f``,
+    the mean oLRP of the rare, common and frequent classes that have ground truth (NaN
+    for a group without any). ``ValueError`` naming the problem when ``lvis_gt`` lacks
+    LVIS's fields: each image's ``neg_category_ids`` and ``not_exhaustive_category_ids``,
+    each category's ``frequency``.
+    """
+    _check_arguments(iou_type, tau, max_dets, thresholds, ties)
+    frequency = _frequencies(lvis_gt, sorted(lvis_gt.getCatIds()))
+    out = _lrp(lvis_gt, lvis_dt, iou_type, tau, int(max_dets), thresholds, img_ids, ties, "lvis")
+    per_class = out.pop("per_class")
+    for group in FREQUENCIES:
+        out[f"oLRP_{group}"] = _nanmean(
+            [r["oLRP"] for c, r in per_class.items() if frequency[c] == group]
+        )
+    out["per_class"] = per_class
+    return out
+
+
+def check_lvis_ground_truth(lvis_gt) -> None:
+    """``ValueError`` naming what ``lvis_gt`` (a ``COCO`` object of a json) lacks of LVIS's
+    fields: each image's federated lists, each category's frequency."""
+    _federated_lists(lvis_gt, lvis_gt.getImgIds())
+    _frequencies(lvis_gt, lvis_gt.getCatIds())
+
+
+def _check_arguments(iou_type, tau, max_dets, thresholds, ties) -> None:
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if thresholds not in ("exact", "grid"):
@@ -295,8 +452,12 @@ def lrp_from_coco(
         raise ValueError(f"tau must be in (0, 1), got {tau}")
     if int(max_dets) < 1:
         raise ValueError(f"max_dets must be at least 1, got {max_dets}")
+
+
+def _lrp(coco_gt, coco_dt, iou_type, tau, max_dets, thresholds, img_ids, ties, rules):
+    """The figures of :func:`lrp_from_coco` under ``rules`` (``"coco"`` or ``"lvis"``)."""
     cat_ids = sorted(coco_gt.getCatIds())
-    groups = _Groups(coco_gt, coco_dt, iou_type, int(max_dets), cat_ids, img_ids)
+    groups = _Groups(coco_gt, coco_dt, iou_type, max_dets, cat_ids, img_ids, rules)
     pooled = {
         name: {"score": [], "iou": [], "cat": [], "tie": [], "gt": np.zeros(len(cat_ids), int)}
         for name in AREA_RANGES
@@ -314,12 +475,14 @@ def lrp_from_coco(
             iou_type,
             tau,
             AREA_RANGES,
+            rules,
+            groups.not_exhaustive[members],
         )
         cats = np.array([cat_index[groups.keys[i][1]] for i in members])
-        # Order of equal scores in the official code: image, then rank within the image.
+        # Order of equal scores in the official code: image, then rank within the image
+        # (a pair never holds more than max_dets detections, under either rules).
         tie = (
-            np.array([image_rank[groups.keys[i][0]] for i in members])[:, None]
-            * (int(max_dets) + 1)
+            np.array([image_rank[groups.keys[i][0]] for i in members])[:, None] * (max_dets + 1)
             + np.arange(res["all"]["score"].shape[1])[None, :]
         )
         for name, r in res.items():
@@ -364,13 +527,19 @@ SUMMARY_ROWS = [
     ("oLRP_small", "Optimal LRP", "small"),
     ("oLRP_medium", "Optimal LRP", "medium"),
     ("oLRP_large", "Optimal LRP", "large"),
+    # LVIS's frequency groups, in the results of lrp_from_lvis only
+    ("oLRP_r", "Optimal LRP rare", "all"),
+    ("oLRP_c", "Optimal LRP common", "all"),
+    ("oLRP_f", "Optimal LRP freq", "all"),
 ]
 
 
 def format_summary(result: Dict[str, object], tau: float = 0.5, max_dets: int = 100) -> str:
-    """Summary lines in the style of COCOeval.summarize()."""
+    """Summary lines in the style of COCOeval.summarize(), one per figure of ``result``."""
     lines = []
     for key, title, area in SUMMARY_ROWS:
+        if key not in result:
+            continue
         lines.append(
             f" {title:<18} @[ IoU={tau:<4} | area={area:>6} | maxDets={max_dets:>3} ]"
             f" = {result[key]:0.3f}"
@@ -381,13 +550,19 @@ def format_summary(result: Dict[str, object], tau: float = 0.5, max_dets: int = 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m alrp_d2.evaluation.lrp",
-        description="Optimal LRP of COCO-format detections against COCO ground truth.",
+        description="Optimal LRP of COCO-format detections against COCO (or LVIS) ground truth.",
     )
-    parser.add_argument("gt", help="COCO ground-truth json")
+    parser.add_argument("gt", help="COCO ground-truth json (LVIS json with --lvis)")
     parser.add_argument("dets", help="COCO results json (a list of detections)")
     parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
     parser.add_argument("--tau", type=float, default=0.5)
-    parser.add_argument("--max-dets", type=int, default=100)
+    parser.add_argument(
+        "--max-dets",
+        type=int,
+        default=None,
+        help="detections kept per image and class (default 100); with --lvis per image"
+        " (default 300)",
+    )
     parser.add_argument("--thresholds", default="exact", choices=["exact", "grid"])
     parser.add_argument(
         "--ties",
@@ -395,6 +570,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         choices=list(TIES),
         help="threshold: never split equal scores (default); official: the official"
         " LRP-Error code's cut anywhere, in image order",
+    )
+    parser.add_argument(
+        "--lvis",
+        action="store_true",
+        help="the ground truth is LVIS: its federated rules (neg_category_ids,"
+        " not_exhaustive_category_ids, 300 detections per image) and oLRP of the rare,"
+        " common and frequent classes",
     )
     parser.add_argument("--per-class", action="store_true", help="also print each class's figures")
     return run_command(_run, parser.parse_args(argv))
@@ -405,10 +587,19 @@ def _run(args) -> int:
         coco_gt, coco_dt = _read_coco_pair(args.gt, args.dets)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    result = lrp_from_coco(
-        coco_gt, coco_dt, args.iou_type, args.tau, args.max_dets, args.thresholds, ties=args.ties
-    )
-    print(format_summary(result, args.tau, args.max_dets))
+    evaluate = lrp_from_lvis if args.lvis else lrp_from_coco
+    max_dets = args.max_dets if args.max_dets is not None else (300 if args.lvis else 100)
+    try:
+        _check_arguments(args.iou_type, args.tau, max_dets, args.thresholds, args.ties)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        result = evaluate(
+            coco_gt, coco_dt, args.iou_type, args.tau, max_dets, args.thresholds, ties=args.ties
+        )
+    except ValueError as err:  # the ground truth lacks LVIS's fields
+        raise UsageError(f"{args.gt}: {err}") from None
+    print(format_summary(result, args.tau, max_dets))
     if args.per_class:
         names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
         for cid, r in result["per_class"].items():

@@ -16,12 +16,18 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..run_folder import THRESHOLD_FILES
-from .lrp import empty_results, format_summary, lrp_from_coco
+from .lrp import (
+    check_lvis_ground_truth,
+    empty_results,
+    format_summary,
+    lrp_from_coco,
+    lrp_from_lvis,
+)
 
-__all__ = ["LRPEvaluator"]
+__all__ = ["LRPEvaluator", "LVISLRPEvaluator"]
 
-_REPORTED = ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_small", "oLRP_medium", "oLRP_large")
 TASKS = ("bbox", "segm")
+PER_CLASS = ("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "threshold")  # a thresholds table's row
 RESULT_KEYS = {"bbox": "lrp", "segm": "lrp_segm"}  # the results' key of each task
 
 
@@ -42,8 +48,12 @@ class LRPEvaluator(COCOEvaluator):
 
     After :meth:`evaluate`, ``threshold_tables`` holds each task's table (the content of its
     thresholds file) on the main process: what ``model_best.pth`` keeps of the evaluation
-    that chose it.
+    that chose it. A table has a row for every category of the dataset, in id order, so that
+    ``predict`` maps class indices to category ids; a class without ground truth in the
+    dataset has no figures and a ``null`` threshold.
     """
+
+    _lrp = staticmethod(lrp_from_coco)  # the rules: COCO's
 
     def __init__(
         self,
@@ -64,6 +74,8 @@ class LRPEvaluator(COCOEvaluator):
                 raise ValueError(f"LRPEvaluator tasks must be among {TASKS}, got {tasks}")
         super().__init__(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir)
         self._tau, self._max_dets, self._thresholds, self._ties = tau, max_dets, thresholds, ties
+        mapping = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
+        self._dataset_ids = {v: k for k, v in mapping.items()} if mapping else None
         self._logger = logging.getLogger(__name__)
         self.threshold_tables = {}
 
@@ -87,15 +99,20 @@ class LRPEvaluator(COCOEvaluator):
             return {}
         detections = list(itertools.chain(*[p.get("instances", []) for p in predictions]))
         tasks = self._tasks or self._tasks_from_predictions(detections)
-        mapping = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
-        reverse = {v: k for k, v in mapping.items()} if mapping else None
         results = OrderedDict()
         for task in sorted(set(tasks), key=TASKS.index):
-            result = self._evaluate_task(task, detections, reverse, img_ids)
-            results[RESULT_KEYS[task]] = {key: 100.0 * result[key] for key in _REPORTED}
+            result = self._evaluate_task(task, detections, img_ids)
+            results[RESULT_KEYS[task]] = {
+                key: 100.0 * value for key, value in result.items() if key != "per_class"
+            }
         return results
 
-    def _evaluate_task(self, task, detections, reverse, img_ids):
+    def _dataset_category_id(self, class_index: int) -> int:
+        """The dataset's category id of a class index, by the metadata's
+        ``thing_dataset_id_to_contiguous_id`` (as Detectron2's ``COCOEvaluator``)."""
+        return self._dataset_ids[class_index] if self._dataset_ids else class_index
+
+    def _evaluate_task(self, task, detections, img_ids):
         """``lrp_from_coco`` of one task on copies of the detections (``loadRes`` edits
         what it loads)."""
         if task == "segm":
@@ -109,13 +126,12 @@ class LRPEvaluator(COCOEvaluator):
             detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
         else:
             detections = [dict(d) for d in detections]
-        if reverse:
-            for d in detections:
-                d["category_id"] = reverse[d["category_id"]]
+        for d in detections:
+            d["category_id"] = self._dataset_category_id(d["category_id"])
         coco_gt = self._coco_api
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(detections) if detections else empty_results(coco_gt)
-        result = lrp_from_coco(
+        result = self._lrp(
             coco_gt,
             coco_dt,
             task,
@@ -138,14 +154,19 @@ class LRPEvaluator(COCOEvaluator):
         return result
 
     def _threshold_table(self, result) -> dict:
-        """``{category id: {name, threshold, ...}}``: a ``lrp_thresholds.json``'s content."""
-        names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self._coco_api.getCatIds())}
+        """``{category id: {name, threshold, ...}}``: a ``lrp_thresholds.json``'s content,
+        every category of the dataset (LVIS's validation set lacks some of its classes)."""
+        cats = self._coco_api.loadCats(sorted(self._coco_api.getCatIds()))
+        absent = dict.fromkeys(PER_CLASS, float("nan"))
         return {
-            str(cid): {
-                "name": names.get(cid, str(cid)),
-                **{k: (None if math.isnan(v) else v) for k, v in r.items()},
+            str(c["id"]): {
+                "name": c.get("name", str(c["id"])),
+                **{
+                    k: (None if math.isnan(v) else v)
+                    for k, v in result["per_class"].get(c["id"], absent).items()
+                },
             }
-            for cid, r in result["per_class"].items()
+            for c in cats
         }
 
     def _write_thresholds(self, table, file_name):
@@ -154,3 +175,54 @@ class LRPEvaluator(COCOEvaluator):
         with PathManager.open(path, "w") as f:
             json.dump(table, f, indent=2)
         self._logger.info("Per-class oLRP thresholds written to %s", path)
+
+
+class LVISLRPEvaluator(LRPEvaluator):
+    """Optimal LRP of an LVIS dataset by LVIS's federated rules
+    (:func:`alrp_d2.evaluation.lrp.lrp_from_lvis`): 300 detections per image, each class
+    evaluated only on the images that annotate it or list it in ``neg_category_ids``, the
+    unmatched detections of a class in ``not_exhaustive_category_ids`` ignored. Reported
+    as :class:`LRPEvaluator` reports COCO's, plus ``oLRP_r``, ``oLRP_c`` and ``oLRP_f``
+    (rare, common, frequent classes), with the same thresholds files.
+
+    Class indices map to category ids as Detectron2's ``LVISEvaluator`` maps them: by the
+    metadata's ``thing_dataset_id_to_contiguous_id`` when it has one, else index plus 1
+    (``load_lvis_json`` numbers LVIS's classes by category id minus 1). A dataset whose
+    json lacks LVIS's fields is refused here, naming what is missing.
+    """
+
+    _lrp = staticmethod(lrp_from_lvis)
+
+    def __init__(
+        self,
+        dataset_name,
+        output_dir=None,
+        distributed=True,
+        *,
+        tasks=None,
+        tau: float = 0.5,
+        max_dets: int = 300,
+        thresholds: str = "exact",
+        ties: str = "threshold",
+    ):
+        super().__init__(
+            dataset_name,
+            output_dir=output_dir,
+            distributed=distributed,
+            tasks=tasks,
+            tau=tau,
+            max_dets=max_dets,
+            thresholds=thresholds,
+            ties=ties,
+        )
+        if self._do_evaluation:
+            try:
+                check_lvis_ground_truth(self._coco_api)
+            except ValueError as err:
+                raise ValueError(
+                    f"[LVISLRPEvaluator] dataset {dataset_name!r} ({self._metadata.json_file}):"
+                    f" {err}"
+                ) from None
+
+    def _dataset_category_id(self, class_index: int) -> int:
+        return self._dataset_ids[class_index] if self._dataset_ids else class_index + 1
