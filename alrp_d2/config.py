@@ -18,9 +18,11 @@ from . import modeling  # noqa: F401  (registers the models)
 __all__ = [
     "add_alrp_config",
     "add_augmentation_config",
+    "add_data_config",
     "add_engine_config",
     "add_foveabox_config",
     "add_ranking_loss_config",
+    "add_rcnn_config",
     "add_reporting_config",
     "get_cfg",
     "model_num_classes",
@@ -116,6 +118,28 @@ def add_rank_sort_config(cfg: CN) -> None:
     cfg.MODEL.RANK_SORT.VALIDATE_INPUTS = False  # re-check loss inputs each step (costs a sync)
 
 
+def add_rcnn_config(cfg: CN) -> None:
+    """The R-CNN parts of the Rank & Sort authors' models that Detectron2 has no key for.
+
+    - ``MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS``: ``RankingCascadeROIHeads`` multiplies
+      each stage's losses by its weight (mmdetection's ``stage_loss_weights``; one per
+      ``MODEL.ROI_BOX_CASCADE_HEAD.IOUS``). Detectron2's ``CascadeROIHeads`` does not read it
+      (it sums the stages' losses and scales the gradient into the features by 1 / stages).
+    - ``MODEL.CARAFE``: the content-aware upsampling of ``build_carafe_resnet_fpn_backbone``
+      (mmdetection's ``FPN_CARAFE``, the authors' "+" models): reassembly kernels of
+      ``UP_KERNEL`` x ``UP_KERNEL`` in ``UP_GROUP`` channel groups, predicted by a
+      ``ENCODER_KERNEL`` convolution (dilation ``ENCODER_DILATION``) of the features
+      compressed to ``COMPRESSED_CHANNELS``.
+    """
+    cfg.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = (1.0, 1.0, 1.0)
+    cfg.MODEL.CARAFE = CN()
+    cfg.MODEL.CARAFE.UP_KERNEL = 5
+    cfg.MODEL.CARAFE.UP_GROUP = 1
+    cfg.MODEL.CARAFE.ENCODER_KERNEL = 3
+    cfg.MODEL.CARAFE.ENCODER_DILATION = 1
+    cfg.MODEL.CARAFE.COMPRESSED_CHANNELS = 64
+
+
 def add_augmentation_config(cfg: CN) -> None:
     """The paper's SSD-style training augmentation (``INPUT.ALRP_AUG``)."""
     cfg.INPUT.ALRP_AUG = CN()
@@ -153,6 +177,23 @@ def add_engine_config(cfg: CN) -> None:
     cfg.TEST.LRP_EVALUATOR = True  # evaluate optimal LRP beside COCO AP
 
 
+def add_data_config(cfg: CN) -> None:
+    """The training images of an epoch (``DATALOADER``).
+
+    Detectron2's keys work as in Detectron2, in epochs: ``ASPECT_RATIO_GROUPING`` (batches
+    of landscape or of portrait images only), ``SAMPLER_TRAIN`` (``TrainingSampler`` or
+    ``RepeatFactorTrainingSampler``; the others are refused by name), ``REPEAT_THRESHOLD``
+    and ``REPEAT_SQRT`` (Detectron2's repeat factors, from category frequencies).
+
+    New: ``REPEAT_ROUNDING``, how ``RepeatFactorTrainingSampler`` turns a fractional repeat
+    factor ``r`` into copies of an image in an epoch: ``stochastic`` (Detectron2's:
+    ``floor(r)``, plus one with probability ``r - floor(r)``, drawn each epoch; an epoch
+    then has ``ceil(sum r)`` images) or ``ceil`` (mmdetection's ``ClassBalancedDataset``,
+    which the Rank & Sort authors' LVIS config uses: ``ceil(r)`` every epoch).
+    """
+    cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
+
+
 def add_reporting_config(cfg: CN) -> None:
     """What a run reports while it trains (``SOLVER.LOG_PERIOD``, ``TEST.BEST_CHECKPOINT``).
 
@@ -177,8 +218,10 @@ def get_cfg() -> CN:
     add_ranking_loss_config(cfg)
     add_rank_sort_config(cfg)
     add_foveabox_config(cfg)
+    add_rcnn_config(cfg)
     add_augmentation_config(cfg)
     add_engine_config(cfg)
+    add_data_config(cfg)
     add_reporting_config(cfg)
     return cfg
 

@@ -6,6 +6,7 @@ trained (image ids of every step, no step twice or missing) and the final weight
 Tiny config: 2 epochs of 4 iterations, last.ckpt every 2 iterations.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -50,8 +51,66 @@ def split_flags(args):
     return args[:first], args[first:]
 
 
-def run(data, out, *faults, processes=1, workers=0, resume=False, extra=(), env=None, timeout=300):
+# Training sets of the kill matrix: the tiny synthetic split (square images), or a copy
+# with landscape and portrait images (``mixed_aspect_split``), so that the batches are
+# grouped by aspect ratio, and with repeat-factor sampling on top.
+MIXED = ["DATASETS.TRAIN", "('tiny_mixed',)"]
+REPEAT = [
+    *MIXED,
+    "DATALOADER.SAMPLER_TRAIN",
+    "RepeatFactorTrainingSampler",
+    "DATALOADER.REPEAT_THRESHOLD",
+    0.9,
+]
+VARIANTS = {"square": [], "mixed": MIXED, "repeat": REPEAT}
+
+
+def mixed_aspect_split(root):
+    """``root/mixed/train.json`` and its images: the tiny training split with every third
+    image cut to 128x80 (landscape) and every third from the second to 80x128 (portrait),
+    the boxes clipped to what is left (those left under 4 pixels dropped)."""
+    from PIL import Image
+
+    source = root / "alrp_synthetic"
+    with open(source / "annotations" / "tiny_train.json") as f:
+        coco = json.load(f)
+    images = root / "mixed" / "train"
+    images.mkdir(parents=True, exist_ok=True)
+    boxes = {}
+    for a in coco["annotations"]:
+        boxes.setdefault(a["image_id"], []).append(a)
+    annotations = []
+    for i, image in enumerate(coco["images"]):
+        width, height = {1: (128, 80), 2: (80, 128)}.get(i % 3, (128, 128))
+        Image.open(source / "tiny_train" / image["file_name"]).crop((0, 0, width, height)).save(
+            images / image["file_name"]
+        )
+        image.update(width=width, height=height)
+        for a in boxes.get(image["id"], []):
+            x, y, w, h = a["bbox"]
+            w, h = min(x + w, width) - x, min(y + h, height) - y
+            if w >= 4 and h >= 4:
+                annotations.append(dict(a, bbox=[x, y, w, h], area=w * h))
+    coco["annotations"] = annotations
+    with open(root / "mixed" / "train.json", "w") as f:
+        json.dump(coco, f)
+
+
+def run(
+    data,
+    out,
+    *faults,
+    processes=1,
+    workers=0,
+    resume=False,
+    extra=(),
+    env=None,
+    timeout=300,
+    variant="square",
+):
     flags, opts = split_flags(common(processes, workers))
+    flags += ["--dataset", "tiny_mixed", data / "mixed" / "train.json", data / "mixed" / "train"]
+    opts += VARIANTS[variant]
     cmd = [
         sys.executable,
         INJECT,
@@ -119,19 +178,30 @@ def data(tmp_path_factory):
 
     for split in ("tiny_train", "tiny_val"):
         generate_split(os.path.join(root, "alrp_synthetic"), split)
+    mixed_aspect_split(root)
     return root
+
+
+class References(dict):
+    """Uninterrupted runs, trained when first asked for: ``references[processes]`` of the
+    square split, ``references[processes, variant]`` of a ``VARIANTS`` training set."""
+
+    def __init__(self, data, tmp_path_factory):
+        super().__init__()
+        self.data, self.tmp_path_factory = data, tmp_path_factory
+
+    def __missing__(self, key):
+        processes, variant = key if isinstance(key, tuple) else (key, "square")
+        out = self.tmp_path_factory.mktemp(f"reference{processes}-{variant}")
+        code, log = run(self.data, out, processes=processes, variant=variant)
+        assert code == 0, log[-3000:]
+        self[key] = out
+        return out
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """Uninterrupted runs with 1 and 2 processes."""
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path_factory.mktemp(f"reference{processes}")
-        code, log = run(data, out, processes=processes)
-        assert code == 0, log[-3000:]
-        runs[processes] = out
-    return runs
+    return References(data, tmp_path_factory)
 
 
 def assert_same_training(out, reference, processes, expected_resumes=1):
@@ -148,30 +218,54 @@ def assert_same_training(out, reference, processes, expected_resumes=1):
 
 
 KILLS = [
-    pytest.param(1, 0, ["--kill-at-step", 3], id="1proc-mid-epoch"),
-    pytest.param(1, 0, ["--kill-at-epoch-start", 1], id="1proc-after-epoch-end"),
-    pytest.param(1, 0, ["--kill-in-save", 3], id="1proc-during-checkpoint-write"),
-    pytest.param(1, 1, ["--kill-at-step", 7], id="1proc-1worker-mid-epoch"),
-    pytest.param(2, 0, ["--kill-at-step", 7], id="2proc-mid-epoch"),
-    pytest.param(2, 0, ["--kill-in-save", 2], id="2proc-during-checkpoint-write"),
-    pytest.param(2, 1, ["--kill-at-step", 3], id="2proc-1worker-mid-epoch"),
+    pytest.param(1, 0, ["--kill-at-step", 3], "mixed", id="1proc-mid-epoch-grouped"),
+    pytest.param(1, 0, ["--kill-at-epoch-start", 1], "square", id="1proc-after-epoch-end"),
+    pytest.param(1, 0, ["--kill-in-save", 3], "square", id="1proc-during-checkpoint-write"),
+    pytest.param(1, 1, ["--kill-at-step", 7], "square", id="1proc-1worker-mid-epoch"),
+    pytest.param(2, 0, ["--kill-at-step", 7], "square", id="2proc-mid-epoch"),
+    pytest.param(2, 0, ["--kill-in-save", 2], "square", id="2proc-during-checkpoint-write"),
+    pytest.param(
+        2, 1, ["--kill-at-step", 3], "repeat", id="2proc-1worker-mid-epoch-grouped-repeat"
+    ),
 ]
 
 
-@pytest.mark.parametrize("processes,workers,fault", KILLS)
+@pytest.mark.parametrize("processes,workers,fault,variant", KILLS)
 def test_sigkill_then_resume_trains_what_the_uninterrupted_run_trained(
-    data, reference, tmp_path, processes, workers, fault
+    data, reference, tmp_path, processes, workers, fault, variant
 ):
     out = tmp_path / "out"
-    code, log = run(data, out, *fault, processes=processes, workers=workers)
+    run_ = functools.partial(run, processes=processes, workers=workers, variant=variant)
+    code, log = run_(data, out, *fault)
     assert code == -signal.SIGKILL, log[-3000:]
     assert not (out / "model_final.pth").exists()
     assert (out / "last.ckpt").is_file() or (out / "last.prev.ckpt").is_file()
-    code, log = run(data, out, processes=processes, workers=workers, resume=True)
+    code, log = run_(data, out, resume=True)
     assert code == 0, log[-3000:]
     assert "Resuming from" in log
     assert not list(out.glob(".tmp-*")), "a killed write's temporary file was left behind"
-    assert_same_training(out, reference[processes], processes)
+    assert_same_training(out, reference[processes, variant], processes)
+
+
+def trace_rows(out, rank=0):
+    with open(out / "trace" / f"trace_rank{rank}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_the_mixed_runs_group_by_aspect_ratio_and_repeat_images(data, reference):
+    """What the grouped and repeated kill cases rely on: their batches are landscape-only
+    or portrait-only (but for an epoch's last batches), and the repeat-factor run trains
+    more batches than the plain one, some images twice in an epoch."""
+    with open(data / "mixed" / "train.json") as f:
+        landscape = {im["id"]: im["width"] > im["height"] for im in json.load(f)["images"]}
+    rows = trace_rows(reference[1, "mixed"])
+    assert len(rows) == 8  # 2 epochs of 4 batches
+    for row in rows:
+        last_of_epoch = row["step"] % 4 == 0
+        assert last_of_epoch or len({landscape[i] for i in row["ids"]}) == 1, row
+    repeated = trace_rows(reference[2, "repeat"], 0) + trace_rows(reference[2, "repeat"], 1)
+    first_epoch = [i for row in repeated if row["epoch"] == 0 for i in row["ids"]]
+    assert len(repeated) > 2 * 4 and len(first_epoch) > len(set(first_epoch))
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -10,12 +10,17 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from detectron2.data import DatasetFromList, MapDataset, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
-from detectron2.data.samplers import InferenceSampler
+from detectron2.data.samplers import InferenceSampler, RepeatFactorTrainingSampler
 from torch.utils.data import DataLoader
 
 from ..data import build_mapper
 from ..data.check import unusable_annotations
-from ..data.sampling import EpochShardSampler, SeededMapDataset
+from ..data.sampling import (
+    EpochBatchSampler,
+    EpochShardSampler,
+    SeededMapDataset,
+    aspect_ratio_groups,
+)
 
 __all__ = ["DetectionDataModule", "batches_per_epoch"]
 
@@ -28,17 +33,22 @@ def _world() -> tuple:
     return 1, 0
 
 
+# DATALOADER.SAMPLER_TRAIN values the data module implements (Detectron2's others are refused)
+TRAINING_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+
+
 def batches_per_epoch(num_images: int, ims_per_batch: int, world_size: int) -> int:
-    """Batches each rank runs per epoch: its shard (padded to equal size, as
-    DistributedSampler does) in batches of ``ims_per_batch / world_size``."""
+    """Batches each rank runs per epoch: its shard of ``num_images`` (padded to equal
+    size, as DistributedSampler does) in batches of ``ims_per_batch / world_size``."""
     per_rank = math.ceil(num_images / world_size)
     return math.ceil(per_rank / (ims_per_batch // world_size))
 
 
 class DetectionDataModule(pl.LightningDataModule):
     """Training data in epochs: each rank gets its own shard of the dataset,
-    reshuffled every epoch (``EpochShardSampler.set_epoch``, called by Lightning),
-    with the same number of batches on every rank, each image augmented under random
+    reshuffled every epoch (``EpochBatchSampler.set_epoch``, called by Lightning),
+    with the same number of batches on every rank, grouped by aspect ratio with
+    ``DATALOADER.ASPECT_RATIO_GROUPING``, each image augmented under random
     states of its own (``SeededMapDataset``). Its state in a checkpoint is the epoch and
     the batches of it already trained: a run resumed from a checkpoint written in the
     middle of an epoch goes on with the next batch of the same permutation. Test data:
@@ -75,29 +85,64 @@ class DetectionDataModule(pl.LightningDataModule):
             )
         return total // world_size
 
+    def epoch_sampler(self, world_size: int = 1, rank: int = 0) -> EpochShardSampler:
+        """The images of each epoch (``DATALOADER.SAMPLER_TRAIN``): each once, or repeated by
+        Detectron2's repeat factors (``REPEAT_THRESHOLD``, ``REPEAT_SQRT``) rounded by
+        ``REPEAT_ROUNDING``."""
+        loader = self.cfg.DATALOADER
+        dicts = self.train_dicts()
+        if loader.SAMPLER_TRAIN not in TRAINING_SAMPLERS:
+            raise ValueError(
+                f"DATALOADER.SAMPLER_TRAIN {loader.SAMPLER_TRAIN!r} is not supported by the"
+                f" Lightning engine; use one of {', '.join(TRAINING_SAMPLERS)}"
+            )
+        factors = None
+        if loader.SAMPLER_TRAIN == "RepeatFactorTrainingSampler":
+            factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dicts, loader.REPEAT_THRESHOLD, sqrt=loader.REPEAT_SQRT
+            )
+        return EpochShardSampler(
+            len(dicts),
+            num_replicas=world_size,
+            rank=rank,
+            seed=max(self.cfg.SEED, 0),
+            repeat_factors=factors,
+            rounding=loader.REPEAT_ROUNDING,
+        )
+
+    def epoch_size(self) -> int:
+        """Training images per epoch over all processes (more than the dataset's with
+        repeat factors)."""
+        return self.epoch_sampler().epoch_size
+
+    def batch_groups(self):
+        """Each training image's aspect-ratio bucket with ``DATALOADER.ASPECT_RATIO_GROUPING``
+        (:func:`~alrp_d2.data.sampling.aspect_ratio_groups`), else None."""
+        if not self.cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+            return None
+        return aspect_ratio_groups(self.train_dicts())
+
     def train_dataloader(self):
         world_size, rank = _world()
         batch_size = self.per_rank_batch(world_size)
-        seed = max(self.cfg.SEED, 0)
         dicts = self.train_dicts()
         # Serialised records: workers read them without copying the list's pages.
         records = DatasetFromList(dicts, copy=False, serialize=True)
+        seed = max(self.cfg.SEED, 0)
         dataset = SeededMapDataset(
             records, build_mapper(self.cfg, True), seed=seed, datasets=self._train_datasets
         )
-        sampler = EpochShardSampler(
-            len(dicts), num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size
+        batches = EpochBatchSampler(
+            self.epoch_sampler(world_size, rank), batch_size, self.batch_groups()
         )
         if self._resume_at is not None:
             epoch, done = self._resume_at
-            batches = math.ceil(len(sampler) / batch_size)
             # A checkpoint of an epoch's end resumes with the next epoch.
-            sampler.resume_at(*((epoch + 1, 0) if done >= batches else (epoch, done)))
+            batches.resume_at(*((epoch + 1, 0) if done >= len(batches) else (epoch, done)))
             self._resume_at = None
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            batch_sampler=batches,
             num_workers=self.cfg.DATALOADER.NUM_WORKERS,
             collate_fn=trivial_batch_collator,
             persistent_workers=self.cfg.DATALOADER.NUM_WORKERS > 0,

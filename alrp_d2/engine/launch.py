@@ -386,9 +386,14 @@ def run(args) -> int:
                 f"SOLVER.IMS_PER_BATCH ({ims}) must be divisible by the number of processes"
                 f" ({world})"
             )
-        train_dicts = _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+        _load_dataset(datamodule.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "training")
-        iters_per_epoch = batches_per_epoch(len(train_dicts), ims, world)
+        try:
+            datamodule.batch_groups()
+            epoch_size = datamodule.epoch_size()
+        except (ValueError, DataError) as err:
+            raise UsageError(str(err)) from None
+        iters_per_epoch = batches_per_epoch(epoch_size, ims, world)
     ckpt_path = None if args.eval_only else _resume_checkpoint(cfg, args, world)
     # SEED < 0: a random seed, shared with the DDP processes through PL_GLOBAL_SEED.
     seed = pl.seed_everything(cfg.SEED if cfg.SEED >= 0 else None, workers=True, verbose=False)
