@@ -6,9 +6,8 @@ The images of a synthetic split, annotated as LVIS annotates COCO's images:
 - ``annotations``: the shapes, each with its box as a polygon (``segmentation``: LVIS's
   annotations are polygons and Detectron2's ``load_lvis_json`` requires one), no crowd;
 - ``not_exhaustive_category_ids``: the class of a crowd region (its small shapes have no
-  annotation, as LVIS's unannotated instances) and, drawn with probability 1/2 per class
-  with two or more shapes in the image, a class of which one shape's annotation is left
-  out;
+  annotation, as LVIS's unannotated instances) and each class with two or more shapes in
+  the image, of which the last shape's annotation is left out;
 - ``neg_category_ids``: each class that is nowhere in the image, drawn with probability
   1/2 (verified absent: its detections are false positives there); the other absent
   classes are unknown, and LVIS does not evaluate their detections on that image;
@@ -38,7 +37,7 @@ from .synthetic import CLASSES, SPLITS, VERSION, generate_split, synthetic_root
 __all__ = ["FREQUENCY", "generate_lvis_split", "lvis_from_coco", "register_synthetic_lvis"]
 
 FREQUENCY = {"circle": "f", "square": "f", "triangle": "c", "cross": "r"}
-LVIS_VERSION = 1  # bump when the conversion changes: files of another version are rewritten
+LVIS_VERSION = 2  # bump when the conversion changes: files of another version are rewritten
 
 
 def lvis_from_coco(coco: Dict, split: str, seed: int) -> Dict:
@@ -55,12 +54,9 @@ def lvis_from_coco(coco: Dict, split: str, seed: int) -> Dict:
         crowd = {a["category_id"] for a in anns if a["iscrowd"]}
         shapes = [a for a in anns if not a["iscrowd"]]
         counts = Counter(a["category_id"] for a in shapes)
-        not_exhaustive = set(crowd)
-        left_out = set()
-        for cid in sorted(counts):
-            if counts[cid] >= 2 and rng.random() < 0.5:
-                not_exhaustive.add(cid)
-                left_out.add(max(a["id"] for a in shapes if a["category_id"] == cid))
+        repeated = {cid for cid, n in counts.items() if n >= 2}
+        not_exhaustive = crowd | repeated
+        left_out = {max(a["id"] for a in shapes if a["category_id"] == c) for c in repeated}
         kept = [a for a in shapes if a["id"] not in left_out]
         present = set(counts) | crowd
         absent = [cid for cid in all_classes if cid not in present]
