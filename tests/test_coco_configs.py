@@ -404,6 +404,88 @@ EXPECTED.update(
     }
 )
 
+# The rest of the Rank & Sort model zoo (kemaloksuz/RankSortLoss, configs/ranksort_loss/):
+# deeper backbones, DCN, multi-scale 3x, the "+" models (FPN_CARAFE), Cascade R-CNN and LVIS.
+MS_3X = {  # lr_config step=[27, 33], total_epochs=36; Resize multiscale_mode='value'
+    "SOLVER.MAX_EPOCHS": 36,
+    "SOLVER.STEPS_EPOCHS": [27, 33],
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": "choice",
+    "INPUT.MAX_SIZE_TRAIN": 1333,
+}
+SCALES_640_800 = [640, 672, 704, 736, 768, 800]  # img_scale (1333, 640) ... (1333, 800)
+SCALES_480_960 = [480, 560, 640, 720, 800, 880, 960]  # img_scale (1333, 480) ... (1333, 960)
+DCN_4 = {  # dcn=dict(type='DCNv2', deform_groups=4), stage_with_dcn=(False, True, True, True)
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, True, True, True],
+    "MODEL.RESNETS.DEFORM_MODULATED": True,
+    "MODEL.RESNETS.DEFORM_NUM_GROUPS": 4,
+}
+CARAFE_FPN = {  # neck=dict(type='FPN_CARAFE', upsample_cfg=dict(type='carafe', ...))
+    "MODEL.BACKBONE.NAME": "build_carafe_resnet_fpn_backbone",
+    "MODEL.FPN.IN_FEATURES": ["res2", "res3", "res4", "res5"],  # start_level=0, num_outs=5
+    "MODEL.FPN.NORM": "",  # norm_cfg=None
+    "MODEL.CARAFE.UP_KERNEL": 5,
+    "MODEL.CARAFE.UP_GROUP": 1,
+    "MODEL.CARAFE.ENCODER_KERNEL": 3,
+    "MODEL.CARAFE.ENCODER_DILATION": 1,
+    "MODEL.CARAFE.COMPRESSED_CHANNELS": 64,
+}
+RS_MASK_RCNN = EXPECTED["rs_mask_rcnn_R_50_FPN_1x.yaml"]
+RS_MASK_R101_MS_3X = {  # ranksort_mask_rcnn_r101_fpn_mstrain_3x_coco.py
+    **RS_MASK_RCNN,
+    **R101,
+    **MS_3X,
+    "INPUT.MIN_SIZE_TRAIN": SCALES_640_800,
+}
+RS_MASK_PLUS_R101_DCN = {  # ranksort_mask_rcnn+_r101_dcn_fpn_mstrain_3x_coco.py
+    **RS_MASK_R101_MS_3X,
+    **DCN_4,
+    **CARAFE_FPN,
+    "INPUT.MIN_SIZE_TRAIN": SCALES_480_960,
+}
+EXPECTED.update(
+    {
+        "rs_faster_rcnn_R_101_FPN_1x.yaml": {**RS_RCNN, **R101},
+        "rs_faster_rcnn_R_101_FPN_DCN_ms_3x.yaml": {
+            **RS_RCNN,
+            **R101,
+            **MS_3X,
+            **DCN_4,
+            "MODEL.BACKBONE.NAME": "build_rcnn_resnet_fpn_backbone",  # DCN on torchvision
+            "INPUT.MIN_SIZE_TRAIN": SCALES_480_960,
+        },
+        "rs_mask_rcnn_R_101_FPN_ms_3x.yaml": RS_MASK_R101_MS_3X,
+        "rs_mask_rcnn_plus_R_101_FPN_DCN_ms_3x.yaml": RS_MASK_PLUS_R101_DCN,
+        "rs_mask_rcnn_plus_X_101_64x4d_FPN_DCN_ms_3x.yaml": {**RS_MASK_PLUS_R101_DCN, **X101},
+        "rs_cascade_rcnn_R_50_FPN_1x.yaml": {  # ranksort_cascade_rcnn_r50_fpn_1x_coco.py
+            **RS_RCNN,
+            "MODEL.RPN.BOUNDARY_THRESH": 0,  # rpn allowed_border=0
+            "MODEL.ROI_HEADS.NAME": "RankSortCascadeROIHeads",  # RankBasedCascadeRoIHead
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": True,  # reg_class_agnostic=True
+            # MaxIoUAssigner pos = neg = min_pos_iou, match_low_quality=False, per stage
+            "MODEL.ROI_BOX_CASCADE_HEAD.IOUS": [0.5, 0.6, 0.7],
+            # target_stds [0.1, 0.1, 0.2, 0.2] at every stage
+            "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS": [[10.0, 10.0, 5.0, 5.0]] * 3,
+            "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS": [1.0, 1.0, 1.0],
+        },
+        "rs_mask_rcnn_R_50_FPN_1x_lvis_v1.yaml": {  # ranksort_mask_rcnn_r50_fpn_1x_lvis_v1.py
+            **RS_MASK_RCNN,
+            "DATASETS.TRAIN": ["lvis_v1_train"],  # lvis_v1_instance.py
+            "DATASETS.TEST": ["lvis_v1_val"],
+            "MODEL.ROI_HEADS.NUM_CLASSES": 1203,  # num_classes=1203
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.6,  # score_thr=0.60
+            "TEST.DETECTIONS_PER_IMAGE": 300,  # max_per_img=300
+            # ClassBalancedDataset(oversample_thr=1e-3): ceil of the repeat factor
+            "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler",
+            "DATALOADER.REPEAT_THRESHOLD": 0.001,
+            "DATALOADER.REPEAT_SQRT": True,
+            "DATALOADER.REPEAT_ROUNDING": "ceil",
+            "INPUT.MIN_SIZE_TRAIN": SCALES_640_800,
+            "INPUT.MIN_SIZE_TRAIN_SAMPLING": "choice",
+            "INPUT.MAX_SIZE_TRAIN": 1333,
+        },
+    }
+)
+
 # FoveaBox (kemaloksuz/aLRPLoss, configs/alrp_loss/*fovea_r50_fpn_4x4_100e_coco500.py: FOVEA
 # with the FoveaHead, APLossFoveaHead and aLRPLossFoveaHead); heads checked against a
 # transcription of theirs in tests/test_foveabox.py.

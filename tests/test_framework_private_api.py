@@ -160,6 +160,41 @@ DETECTRON2_PRIVATE = [
         "alrp_d2/modeling/rcnn.py",
     ),
     (
+        "detectron2.modeling.roi_heads.cascade_rcnn",
+        "CascadeROIHeads",
+        "_init_box_head",
+        "method",
+        "alrp_d2/modeling/cascade.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.cascade_rcnn",
+        "CascadeROIHeads",
+        "_forward_box",
+        "method",
+        "alrp_d2/modeling/cascade.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.cascade_rcnn",
+        "CascadeROIHeads",
+        "_run_stage",
+        "method",
+        "alrp_d2/modeling/cascade.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.cascade_rcnn",
+        "CascadeROIHeads",
+        "_match_and_label_boxes",
+        "method",
+        "alrp_d2/modeling/cascade.py",
+    ),
+    (
+        "detectron2.modeling.roi_heads.cascade_rcnn",
+        "CascadeROIHeads",
+        "_create_proposals_from_boxes",
+        "method",
+        "alrp_d2/modeling/cascade.py",
+    ),
+    (
         "detectron2.checkpoint",
         "DetectionCheckpointer",
         "_load_file",
@@ -230,6 +265,7 @@ def test_every_private_name_the_project_uses_is_listed():
         detectron2.modeling.meta_arch.fcos.FCOSHead,
         detectron2.modeling.proposal_generator.rpn.RPN,
         detectron2.modeling.roi_heads.roi_heads.StandardROIHeads,
+        detectron2.modeling.roi_heads.cascade_rcnn.CascadeROIHeads,
     ):
         for klass in inspect.getmro(base):
             if not klass.__module__.startswith(("detectron2", "fvcore")):

@@ -28,8 +28,9 @@ if HAS_DETECTRON2:
     from test_models import tiny_cfg
 
 COCO = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml")))
-# The aLRP ATSS, AP Loss (IoU assigner) and RS-ATSS dense heads, FCOS, the aLRP Faster R-CNN
-# and RS-Mask R-CNN: every head, assigner, test-time rule and ranking loss of the configs.
+# The aLRP ATSS, AP Loss (IoU assigner) and RS-ATSS dense heads, FCOS, the aLRP Faster R-CNN,
+# RS-Mask R-CNN and RS-Cascade R-CNN: every head, assigner, test-time rule and ranking loss of
+# the configs.
 FAST = (
     "alrp_atss_R_50_FPN_500",
     "aploss_retinanet_R_50_FPN_500",
@@ -37,6 +38,7 @@ FAST = (
     "alrp_fcos_R_50_FPN_1x",
     "alrp_faster_rcnn_R_50_FPN",
     "rs_mask_rcnn_R_50_FPN_1x",
+    "rs_cascade_rcnn_R_50_FPN_1x",
 )
 
 
@@ -111,10 +113,10 @@ def test_half_empty_batch(path):
     train_step(model, images(SIZES, [empty_instances(*SIZES[0]), annotated_instances(*SIZES[1])]))
     # The annotated image trains the boxes: some gradient reaches every box regressor.
     if isinstance(model, GeneralizedRCNN):
-        regressors = [
-            model.proposal_generator.rpn_head.anchor_deltas,
-            model.roi_heads.box_predictor.bbox_pred,
-        ]
+        box = model.roi_heads.box_predictor
+        stages = box if isinstance(box, torch.nn.ModuleList) else [box]  # a cascade's stages
+        regressors = [model.proposal_generator.rpn_head.anchor_deltas]
+        regressors += [stage.bbox_pred for stage in stages]
     else:
         regressors = [model.head.bbox_pred]
     for layer in regressors:

@@ -79,10 +79,9 @@ def branch_parameters(model):
         return [(model.head.cls_score.weight, model.head.bbox_pred.weight)]
     rpn = model.proposal_generator.rpn_head
     box = model.roi_heads.box_predictor
-    pairs = [
-        (rpn.objectness_logits.weight, rpn.anchor_deltas.weight),
-        (box.cls_score.weight, box.bbox_pred.weight),
-    ]
+    stages = box if isinstance(box, torch.nn.ModuleList) else [box]  # a cascade: every stage
+    pairs = [(rpn.objectness_logits.weight, rpn.anchor_deltas.weight)]
+    pairs += [(stage.cls_score.weight, stage.bbox_pred.weight) for stage in stages]
     if getattr(model.roi_heads, "mask_on", False):
         mask = model.roi_heads.mask_head.predictor.weight
         pairs.append((mask, mask))
@@ -96,10 +95,17 @@ def test_every_yaml_under_configs_builds():
         build_model(cfg)
 
 
-# The deformable-convolution config is slow (torchvision's CPU kernel, a minute and more);
-# tests/test_deform_conv.py trains its blocks on a small backbone in the fast lane.
+# The deformable-convolution configs are slow (torchvision's CPU kernel, a minute and more);
+# tests/test_deform_conv.py trains its blocks on a small backbone in the fast lane. The Rank &
+# Sort R-101, multi-scale 3x and LVIS configs (10-20 s each) differ from the R-50 1x ones in
+# depth, input sizes, schedule or classes only: the full run takes them.
+SLOW_STEPS = ("_DCN_", "rs_faster_rcnn_R_101_FPN_1x", "_ms_3x", "_lvis_")
 STEP_CONFIGS = [
-    pytest.param(c, id=os.path.basename(c), marks=[pytest.mark.slow] if "_DCN_" in c else [])
+    pytest.param(
+        c,
+        id=os.path.basename(c),
+        marks=[pytest.mark.slow] if any(s in os.path.basename(c) for s in SLOW_STEPS) else [],
+    )
     for c in MODEL_CONFIGS
 ]
 

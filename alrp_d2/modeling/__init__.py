@@ -10,11 +10,14 @@ One class per detector family, its loss chosen by config (``MODEL.RANKING_LOSS.N
 (META_ARCH_REGISTRY; backbone ``build_fcos_resnet_fpn_backbone``) and FoveaBox as
 ``RankingFoveaBox`` (META_ARCH_REGISTRY). The names of before stay registered, each
 fixing its loss: ``ALRPRetinaNet``, ``APLossRetinaNet``, ``RankSortRetinaNet``, ``ALRPRPN``,
-``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Also ``MaxIoURPN`` and the
-backbones ``build_alrp_retinanet_resnet_fpn_backbone`` and
-``build_rs_atss_resnet_fpn_backbone`` (BACKBONE_REGISTRY), whose deformable convolutions
-run on torchvision (``TorchvisionDeformConv``, ``TorchvisionModulatedDeformConv``,
-``convert_deform_convs``). Importing this package registers them all.
+``RankSortRPN``, ``ALRPROIHeads``, ``RankSortROIHeads``. Cascade R-CNN's stages as
+``RankingCascadeROIHeads`` (and ``RankSortCascadeROIHeads``, ROI_HEADS_REGISTRY). Also
+``MaxIoURPN`` and the backbones ``build_alrp_retinanet_resnet_fpn_backbone``,
+``build_rs_atss_resnet_fpn_backbone``, ``build_rcnn_resnet_fpn_backbone`` and
+``build_carafe_resnet_fpn_backbone`` (the FPN upsampling by ``CARAFE``; BACKBONE_REGISTRY),
+whose deformable convolutions run on torchvision (``TorchvisionDeformConv``,
+``TorchvisionModulatedDeformConv``, ``convert_deform_convs``). Importing this package
+registers them all.
 """
 
 from .atss import atss_match
@@ -22,7 +25,10 @@ from .backbone import (
     LastLevelP6P7NoReLU,
     build_alrp_retinanet_resnet_fpn_backbone,
     build_fcos_resnet_fpn_backbone,
+    build_rcnn_resnet_fpn_backbone,
 )
+from .carafe import CARAFE, CARAFEFPN, build_carafe_resnet_fpn_backbone, carafe
+from .cascade import RankingCascadeROIHeads, RankSortCascadeROIHeads
 from .deform import TorchvisionDeformConv, TorchvisionModulatedDeformConv, convert_deform_convs
 from .fcos import RankingFCOS
 from .foveabox import RankingFoveaBox, fovea_targets
@@ -60,6 +66,8 @@ from .self_balance import SelfBalance
 
 __all__ = [
     "ALRPHeadLoss",
+    "CARAFE",
+    "CARAFEFPN",
     "ALRPROIHeads",
     "ALRPRPN",
     "ALRPRetinaNet",
@@ -74,9 +82,11 @@ __all__ = [
     "MaxIoURPN",
     "RankSortHeadLoss",
     "RankSortMaskHead",
+    "RankSortCascadeROIHeads",
     "RankSortROIHeads",
     "RankSortRPN",
     "RankSortRetinaNet",
+    "RankingCascadeROIHeads",
     "RankingFCOS",
     "RankingFoveaBox",
     "RankingFastRCNNOutputLayers",
@@ -88,9 +98,12 @@ __all__ = [
     "TorchvisionDeformConv",
     "TorchvisionModulatedDeformConv",
     "atss_match",
+    "carafe",
     "build_alrp_retinanet_resnet_fpn_backbone",
+    "build_carafe_resnet_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
     "build_head_loss",
+    "build_rcnn_resnet_fpn_backbone",
     "build_rs_atss_resnet_fpn_backbone",
     "classwise_targets",
     "convert_deform_convs",

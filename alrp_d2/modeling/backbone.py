@@ -1,12 +1,13 @@
 """ResNet-FPN backbones of the detectors: RetinaNet's with the aLRP authors' P7 (no ReLU
-between P6 and P7), and FCOS's (P6 and P7 from P5); their deformable convolutions
-(``MODEL.RESNETS.DEFORM_ON_PER_STAGE``) on torchvision's kernels (:mod:`.deform`)."""
+between P6 and P7), FCOS's (P6 and P7 from P5) and the R-CNNs' (P6 by max pooling); their
+deformable convolutions (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``) on torchvision's kernels
+(:mod:`.deform`)."""
 
 from __future__ import annotations
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .deform import convert_deform_convs
@@ -15,6 +16,7 @@ __all__ = [
     "LastLevelP6P7NoReLU",
     "build_alrp_retinanet_resnet_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
+    "build_rcnn_resnet_fpn_backbone",
     "resnet_fpn",
 ]
 
@@ -61,3 +63,11 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """ResNet-FPN with P6 and P7 from P5 (ReLU before P7), as Detectron2's FCOS config."""
     out = cfg.MODEL.FPN.OUT_CHANNELS
     return resnet_fpn(cfg, input_shape, lambda bottom_up: LastLevelP6P7(out, out, in_feature="p5"))
+
+
+@BACKBONE_REGISTRY.register()
+def build_rcnn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """Detectron2's ``build_resnet_fpn_backbone`` (P2-P6, P6 by max pooling of P5, the same
+    parameters and keys) whose deformable convolutions run on torchvision (CPU and CUDA):
+    the R-CNN configs with ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``."""
+    return resnet_fpn(cfg, input_shape, lambda bottom_up: LastLevelMaxPool())

@@ -530,6 +530,7 @@ ALIASES = {
     "RankSortRPN": "RankSortHeadLoss",
     "ALRPROIHeads": "ALRPHeadLoss",
     "RankSortROIHeads": "RankSortHeadLoss",
+    "RankSortCascadeROIHeads": "RankSortHeadLoss",
 }
 
 

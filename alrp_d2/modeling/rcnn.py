@@ -7,12 +7,15 @@ proposals (no sampling). With aLRP each head has its own self-balance weight.
 
 # No "from __future__ import annotations": TorchScript reads RankingROIHeads' Final
 # annotations as objects.
+from typing import List, Tuple
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers, StandardROIHeads
+from detectron2.structures import Boxes, Instances
 
 from .head_losses import HeadLoss, HeadOutputs, build_head_loss
 from .matcher import MaxIoUMatcher
@@ -28,7 +31,25 @@ __all__ = [
     "RankingROIHeads",
     "RankingRPN",
     "classwise_proposal_targets",
+    "label_every_proposal",
 ]
+
+
+def label_every_proposal(
+    matched_idxs: torch.Tensor,
+    matched_labels: torch.Tensor,
+    gt_classes: torch.Tensor,
+    num_classes: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ROIHeads._sample_proposals`` without sampling, for the ranking losses: every
+    proposal, in order, with its class (``num_classes`` for background, -1 ignored)."""
+    if gt_classes.numel() > 0:
+        labels = gt_classes[matched_idxs]
+        labels[matched_labels == 0] = num_classes
+        labels[matched_labels == -1] = -1
+    else:
+        labels = torch.full_like(matched_idxs, num_classes)
+    return torch.arange(len(labels), device=labels.device), labels
 
 
 def classwise_proposal_targets(predictor: FastRCNNOutputLayers, predictions, proposals):
@@ -51,7 +72,36 @@ def classwise_proposal_targets(predictor: FastRCNNOutputLayers, predictions, pro
 class MaxIoURPN(RPN):
     """Detectron2's RPN whose anchors are labelled by the authors' max-IoU rule
     (:class:`MaxIoUMatcher`): a ground truth's best anchors become positive only where
-    their IoU reaches ``MODEL.ALRP.RPN_MIN_POS_IOU`` (0.3 in the authors' configs)."""
+    their IoU reaches ``MODEL.ALRP.RPN_MIN_POS_IOU`` (0.3 in the authors' configs).
+
+    With ``MODEL.RPN.BOUNDARY_THRESH`` ``t >= 0`` (mmdetection's ``allowed_border``), an
+    anchor reaching more than ``t`` pixels beyond its image (``x0 < -t``, ``y0 < -t``,
+    ``x1 >= W + t`` or ``y1 >= H + t``) is ignored, as in Detectron2, and, as in the
+    authors' code, takes no part in the matching either: a ground truth's best anchors are
+    its best inside the image. (Detectron2 matches over every anchor, then ignores those
+    outside: a ground truth whose best anchor lies outside gets no low-quality match.)
+    """
+
+    @torch.jit.unused
+    @torch.no_grad()
+    def label_and_sample_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        if self.anchor_boundary_thresh < 0:
+            return super().label_and_sample_anchors(anchors, gt_instances)
+        anchors = Boxes.cat(anchors)
+        gt_labels, matched_gt_boxes = [], []
+        for image in gt_instances:
+            inside = anchors.inside_box(image.image_size, self.anchor_boundary_thresh)
+            # Detectron2's labelling (and sampling) of the anchors inside only
+            (labels_inside,), (boxes_inside,) = super().label_and_sample_anchors(
+                [anchors[inside]], [image]
+            )
+            labels = labels_inside.new_full((len(anchors),), -1)
+            labels[inside] = labels_inside
+            boxes = boxes_inside.new_zeros((len(anchors), 4))
+            boxes[inside] = boxes_inside
+            gt_labels.append(labels)
+            matched_gt_boxes.append(boxes)
+        return gt_labels, matched_gt_boxes
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -178,13 +228,7 @@ class RankingROIHeads(StandardROIHeads):
         return ret
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
-        if gt_classes.numel() > 0:
-            labels = gt_classes[matched_idxs]
-            labels[matched_labels == 0] = self.num_classes
-            labels[matched_labels == -1] = -1
-        else:
-            labels = torch.full_like(matched_idxs, self.num_classes)
-        return torch.arange(len(labels), device=labels.device), labels
+        return label_every_proposal(matched_idxs, matched_labels, gt_classes, self.num_classes)
 
 
 @ROI_HEADS_REGISTRY.register()
