@@ -41,9 +41,11 @@ from .cluster import (
     slurm_restarted,
 )
 from .data import DetectionDataModule, batches_per_epoch
-from .module import DetectionModule
+from .module import CLIP_TYPES, DetectionModule
 from .resume import config_differences, find_resume_checkpoint
 from .trainer import LOGGERS, build_trainer, check_loggers
+from .unhonoured_keys import unhonoured_keys
+from .world_size import scale_to_world_size
 
 __all__ = ["UsageError", "argument_parser", "main", "setup_cfg"]
 
@@ -127,12 +129,18 @@ def check_inputs(cfg, args) -> None:
         raise UsageError("--eval-only needs MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth)")
     if cfg.SOLVER.MAX_EPOCHS <= 0 and not args.eval_only:
         raise UsageError("train_net.py trains in epochs: set SOLVER.MAX_EPOCHS > 0")
-    if (
-        cfg.SOLVER.CLIP_GRADIENTS.ENABLED
-        and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE != "value"
-        and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE != 2.0
-    ):
-        raise UsageError("norm clipping supports SOLVER.CLIP_GRADIENTS.NORM_TYPE 2.0 only")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        raise UsageError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {', '.join(CLIP_TYPES)},"
+            f" got {clip.CLIP_TYPE!r}"
+        )
+    unhonoured = unhonoured_keys(cfg)
+    if unhonoured:
+        raise UsageError(
+            "the config sets Detectron2 keys that this engine does not honour (set them back"
+            " to Detectron2's defaults):\n  " + "\n  ".join(unhonoured)
+        )
 
 
 def check_num_classes(cfg, names, role: str) -> None:
@@ -357,6 +365,11 @@ def run(args) -> int:
     cfg = setup_cfg(args)
     accelerator = _accelerator(args)
     topology = resolve_topology(args)
+    if not args.eval_only:
+        try:
+            cfg = scale_to_world_size(cfg, topology.world_size)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     check_inputs(cfg, args)
     try:
         check_loggers(args.logger)

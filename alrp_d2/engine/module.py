@@ -21,7 +21,7 @@ from .. import modeling  # noqa: F401  (registers the models)
 from ..evaluation import LRPEvaluator, LVISAPEvaluator, LVISLRPEvaluator, is_lvis_dataset
 from ..run_folder import RunFolder
 
-__all__ = ["DetectionModule", "schedule_in_iterations"]
+__all__ = ["CLIP_TYPES", "DetectionModule", "clip_gradients", "schedule_in_iterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 def schedule_in_iterations(cfg, iters_per_epoch: int):
     """A copy of ``cfg`` whose ``SOLVER.MAX_ITER`` and ``SOLVER.STEPS`` count the
     iterations of ``SOLVER.MAX_EPOCHS`` and ``SOLVER.STEPS_EPOCHS`` (warm-up stays in
-    iterations); gradient clipping is left to Lightning."""
+    iterations); gradient clipping is left to :func:`clip_gradients` (Detectron2's
+    optimizer wrapper clips before the step's closure has computed the gradients)."""
     cfg = cfg.clone()
     cfg.defrost()
     if cfg.SOLVER.MAX_EPOCHS > 0:
@@ -49,6 +50,34 @@ def schedule_in_iterations(cfg, iters_per_epoch: int):
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
     cfg.freeze()
     return cfg
+
+
+# SOLVER.CLIP_GRADIENTS.CLIP_TYPE: Detectron2's two, and the whole model's norm
+CLIP_TYPES = ("value", "norm", "full_model")
+
+
+def clip_gradients(parameters, clip) -> None:
+    """Gradient clipping by ``SOLVER.CLIP_GRADIENTS`` (``clip``), in place.
+
+    - ``value`` (Detectron2): every gradient element into ``[-CLIP_VALUE, CLIP_VALUE]``;
+    - ``norm`` (Detectron2): each parameter's gradient ``g`` scaled to
+      ``g * min(1, CLIP_VALUE / ||g||_p)``, ``p = NORM_TYPE``, parameter by parameter;
+    - ``full_model`` (mmdetection's ``grad_clip``, Detectron2 projects' key): the same with
+      ``||g||_p`` the norm of all gradients together.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    if clip.CLIP_TYPE == "value":
+        torch.nn.utils.clip_grad_value_(parameters, clip.CLIP_VALUE)
+    elif clip.CLIP_TYPE == "norm":
+        for parameter in parameters:
+            torch.nn.utils.clip_grad_norm_(parameter, clip.CLIP_VALUE, clip.NORM_TYPE)
+    elif clip.CLIP_TYPE == "full_model":
+        torch.nn.utils.clip_grad_norm_(parameters, clip.CLIP_VALUE, clip.NORM_TYPE)
+    else:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {', '.join(CLIP_TYPES)},"
+            f" got {clip.CLIP_TYPE!r}"
+        )
 
 
 class DetectionModule(pl.LightningModule):
@@ -89,6 +118,14 @@ class DetectionModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        # Lightning calls this after the backward pass (and, with AMP, after unscaling).
+        if self.cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            clip_gradients(parameters, self.cfg.SOLVER.CLIP_GRADIENTS)
 
     def on_save_checkpoint(self, checkpoint):
         # What a --resume checks its own config against (alrp_d2.engine.resume).

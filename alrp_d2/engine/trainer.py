@@ -110,7 +110,6 @@ def build_trainer(
         callbacks.append(
             BestCheckpoint(out, cfg.TEST.BEST_CHECKPOINT.METRIC, cfg.TEST.BEST_CHECKPOINT.MODE)
         )
-    clip = cfg.SOLVER.CLIP_GRADIENTS
     period = cfg.TEST.EVAL_PERIOD
     return pl.Trainer(
         accelerator=accelerator,
@@ -119,10 +118,6 @@ def build_trainer(
         strategy=strategy,
         max_epochs=max(cfg.SOLVER.MAX_EPOCHS, 1),
         precision=_precision(cfg, accelerator),
-        gradient_clip_val=clip.CLIP_VALUE if clip.ENABLED else None,
-        gradient_clip_algorithm=("value" if clip.CLIP_TYPE == "value" else "norm")
-        if clip.ENABLED
-        else None,
         callbacks=callbacks,
         plugins=plugins,
         logger=build_loggers(loggers, out),
