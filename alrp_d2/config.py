@@ -14,6 +14,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _detectron2_get_cfg
 
 from . import modeling  # noqa: F401  (registers the models)
+from .data.sampling import ASPECT_RATIO_BINS
 
 __all__ = [
     "add_alrp_config",
@@ -185,12 +186,18 @@ def add_data_config(cfg: CN) -> None:
     ``RepeatFactorTrainingSampler``; the others are refused by name), ``REPEAT_THRESHOLD``
     and ``REPEAT_SQRT`` (Detectron2's repeat factors, from category frequencies).
 
+    New: ``ASPECT_RATIO_BINS``, the ``width / height`` edges between the aspect-ratio groups
+    of ``ASPECT_RATIO_GROUPING``: ``(1.0,)`` is Detectron2's two groups (landscape, and the
+    rest); the default also separates the common photo formats (9:16 to 16:9), so that a
+    batch of 4:3 images is not padded to the width of a 16:9 one (``benchmarks/padding.py``).
+
     New: ``REPEAT_ROUNDING``, how ``RepeatFactorTrainingSampler`` turns a fractional repeat
     factor ``r`` into copies of an image in an epoch: ``stochastic`` (Detectron2's:
     ``floor(r)``, plus one with probability ``r - floor(r)``, drawn each epoch; an epoch
     then has ``ceil(sum r)`` images) or ``ceil`` (mmdetection's ``ClassBalancedDataset``,
     which the Rank & Sort authors' LVIS config uses: ``ceil(r)`` every epoch).
     """
+    cfg.DATALOADER.ASPECT_RATIO_BINS = ASPECT_RATIO_BINS
     cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
 
 

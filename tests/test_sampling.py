@@ -47,7 +47,8 @@ def test_plain_epochs_are_the_seeded_permutation_dealt_round_robin():
 def test_batches_cover_the_epoch_once_the_same_count_on_every_rank(
     size, world, batch, epoch, seed, grouped, data
 ):
-    groups = data.draw(st.lists(st.integers(0, 1), min_size=size, max_size=size))
+    kinds = data.draw(st.integers(1, 4))
+    groups = data.draw(st.lists(st.integers(0, kinds - 1), min_size=size, max_size=size))
     everything = collections.Counter()
     counts = set()
     for rank in range(world):
@@ -60,9 +61,9 @@ def test_batches_cover_the_epoch_once_the_same_count_on_every_rank(
             sampler.shard(epoch)
         )
         everything.update(i for b in batches for i in b)
-        if grouped:  # mixed batches only from the two buckets' remainders, at the end
+        if grouped:  # mixed batches only from the buckets' remainders, at the end
             mixed = [k for k, b in enumerate(batches) if len({groups[i] for i in b}) > 1]
-            assert len(mixed) <= 2 and all(k >= len(batches) - 2 for k in mixed)
+            assert all(k >= len(batches) - kinds for k in mixed)
     assert len(counts) == 1
     # Every image once; the padding (to equal shards) repeats at most world - 1 of them.
     assert set(everything) == set(range(size))
@@ -102,12 +103,12 @@ def test_resume_at_continues_with_the_next_batch_of_the_same_epoch(grouped, done
 
 
 def test_aspect_ratio_groups_and_a_record_without_size():
-    dicts = [
-        {"width": 640, "height": 480},
-        {"width": 480, "height": 640},
-        {"width": 5, "height": 5},
-    ]
-    assert aspect_ratio_groups(dicts) == [0, 1, 1]  # Detectron2's buckets: w > h, else
+    sizes = [(640, 480), (480, 640), (5, 5), (640, 427), (640, 360), (427, 640), (600, 450)]
+    dicts = [dict(width=w, height=h) for w, h in sizes]
+    # Detectron2's two buckets: width > height, and the rest.
+    assert aspect_ratio_groups(dicts, (1.0,)) == [1, 0, 0, 1, 1, 0, 1]
+    # The default: 4:3, 3:4, square, 3:2, 16:9 and 2:3 apart; 4:3 with 4:3.
+    assert aspect_ratio_groups(dicts) == [5, 2, 3, 6, 7, 1, 5]
     with pytest.raises(DataError, match="'b.jpg' has no 'width' and 'height'.*GROUPING False"):
         aspect_ratio_groups([{"file_name": "b.jpg", "height": 3}])
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
+    "ASPECT_RATIO_BINS",
     "DataError",
     "EpochBatchSampler",
     "EpochShardSampler",
@@ -52,10 +53,21 @@ def derived_seed(*parts: int) -> int:
     )
 
 
-def aspect_ratio_groups(dicts: Sequence[dict]) -> List[int]:
-    """Detectron2's aspect-ratio buckets of dataset records: 0 where ``width > height``
-    (landscape), 1 otherwise. Read from the records (COCO's ``width`` and ``height``), so
-    that the batches of an epoch are known before any image is read."""
+# Width / height between the common photo formats 9:16, 2:3, 3:4, 1:1, 4:3, 3:2 and 16:9
+# (their geometric means), and 1 itself: landscape and portrait are never batched together.
+ASPECT_RATIO_BINS = (0.612, 0.707, 0.866, 1.0, 1.155, 1.414, 1.633)
+
+
+def aspect_ratio_groups(
+    dicts: Sequence[dict], bins: Sequence[float] = ASPECT_RATIO_BINS
+) -> List[int]:
+    """Aspect-ratio buckets of dataset records: the number of ``bins`` edges that an image's
+    ``width / height`` exceeds. ``bins=(1.0,)`` gives Detectron2's two buckets (landscape,
+    ``width > height``, and the rest); the default also separates the common photo formats,
+    whose batches would otherwise pad the narrower images to the widest. Read from the
+    records (COCO's ``width`` and ``height``), so that the batches of an epoch are known
+    before any image is read."""
+    edges = sorted(bins)
     groups = []
     for position, record in enumerate(dicts):
         if "width" not in record or "height" not in record:
@@ -64,7 +76,8 @@ def aspect_ratio_groups(dicts: Sequence[dict]) -> List[int]:
                 " 'height' in its dataset record, which DATALOADER.ASPECT_RATIO_GROUPING needs:"
                 " add them to the dataset, or set DATALOADER.ASPECT_RATIO_GROUPING False"
             )
-        groups.append(0 if record["width"] > record["height"] else 1)
+        ratio = record["width"] / record["height"]
+        groups.append(bisect.bisect_left(edges, ratio))
     return groups
 
 

@@ -120,7 +120,7 @@ class DetectionDataModule(pl.LightningDataModule):
         (:func:`~alrp_d2.data.sampling.aspect_ratio_groups`), else None."""
         if not self.cfg.DATALOADER.ASPECT_RATIO_GROUPING:
             return None
-        return aspect_ratio_groups(self.train_dicts())
+        return aspect_ratio_groups(self.train_dicts(), self.cfg.DATALOADER.ASPECT_RATIO_BINS)
 
     def train_dataloader(self):
         world_size, rank = _world()
