@@ -53,7 +53,8 @@ def add_config_file(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_dataset_flag(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--dataset NAME JSON IMAGE_ROOT`` (repeatable): a COCO-format dataset to register."""
+    """``--dataset NAME JSON IMAGE_ROOT`` (repeatable): a COCO- or LVIS-format dataset to
+    register."""
     parser.add_argument(
         "--dataset",
         nargs=3,

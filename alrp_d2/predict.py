@@ -270,7 +270,8 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_dataset_flag(
-        parser, "register a COCO-format dataset the config names (as train_net.py --dataset)"
+        parser,
+        "register a COCO- or LVIS-format dataset the config names (as train_net.py --dataset)",
     )
     parser.add_argument(
         "--contiguous-ids",

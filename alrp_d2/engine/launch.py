@@ -74,8 +74,9 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     add_dataset_flag(
         parser,
-        "register a COCO-format dataset under NAME before the config is read (repeatable;"
-        " also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...)",
+        "register a COCO- or LVIS-format dataset under NAME before the config is read"
+        " (repeatable; also $ALRP_DATASETS: NAME JSON IMAGE_ROOT ...; for LVIS, IMAGE_ROOT"
+        " holds the split folders of the images' coco_url, e.g. train2017/)",
     )
     parser.add_argument(
         "--logger",
@@ -98,7 +99,7 @@ def _logger_names(text: str) -> List[str]:
 
 
 def register_datasets(args) -> None:
-    """The COCO-format datasets of ``$ALRP_DATASETS`` and ``--dataset``, registered."""
+    """The COCO- or LVIS-format datasets of ``$ALRP_DATASETS`` and ``--dataset``, registered."""
     try:
         register_coco_datasets(datasets_from_env() + [tuple(d) for d in args.dataset])
     except ValueError as err:
