@@ -45,6 +45,7 @@ from ..losses import (
 from .self_balance import SelfBalance
 
 __all__ = [
+    "BOX_LOSS_KEYS",
     "HEAD_LOSS_REGISTRY",
     "HEADS",
     "RANKING_SCOPES",
@@ -69,6 +70,14 @@ HEAD_LOSS_REGISTRY.__doc__ = "Ranking losses of a detection head, by MODEL.RANKI
 
 RANKING_SCOPES = ("process", "global")
 HEADS = ("dense", "rpn", "roi")  # the head families a loss is built for
+# Detectron2's key of each head family's box loss, and its default: a head loss with a box
+# loss of its own (HeadLoss.own_box_loss) refuses any other value rather than ignore it.
+BOX_LOSS_KEYS = {
+    "dense": "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+    "rpn": "MODEL.RPN.BBOX_REG_LOSS_TYPE",
+    "roi": "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE",
+}
+DEFAULT_BOX_LOSS = "smooth_l1"
 # Below this, a sum of score weights counts as empty (the Rank & Sort authors' guard).
 _WEIGHT_FLOOR = 1e-10
 
@@ -183,6 +192,13 @@ class HeadLoss:
         """The constructor's keyword arguments for a head of family ``head`` (:data:`HEADS`)."""
         raise NotImplementedError
 
+    @classmethod
+    def own_box_loss(cls, cfg) -> Optional[str]:
+        """What the loss trains the boxes with in place of Detectron2's box loss
+        (:data:`BOX_LOSS_KEYS`), for the refusal of that key; None when the loss honours
+        the key (or checks it itself)."""
+        return None
+
     def attach(self, head: nn.Module) -> None:
         """Becomes ``head.head_loss``; its :attr:`modules` become the head's submodules (so
         ``self_balance.weight`` is where checkpoints hold it)."""
@@ -255,6 +271,11 @@ class ALRPHeadLoss(HeadLoss):
             ranking_scope=configured_scope(cfg),
         )
 
+    @classmethod
+    def own_box_loss(cls, cfg) -> str:
+        error = cfg.MODEL.ALRP.LOC_ERROR
+        return f"aLRP Loss's localisation error, MODEL.ALRP.LOC_ERROR ({error!r})"
+
     def terms(self, outputs, group, processes):
         loc_errors = localisation_error(
             outputs.pred_boxes.float(), outputs.target_boxes.float(), self.loc_error, self.tau
@@ -321,6 +342,10 @@ class RankSortHeadLoss(HeadLoss):
             validate=r.VALIDATE_INPUTS,
             ranking_scope=configured_scope(cfg),
         )
+
+    @classmethod
+    def own_box_loss(cls, cfg) -> str:
+        return "Rank & Sort Loss's GIoU loss, weighted by the positives' scores"
 
     def terms(self, outputs, group, processes):
         pred_boxes, target_boxes = outputs.pred_boxes.float(), outputs.target_boxes.float()
@@ -561,6 +586,24 @@ def head_loss_name(cfg, head_class: type) -> str:
 
 def build_head_loss(cfg, head_class: type, head: str) -> HeadLoss:
     """The :class:`HeadLoss` of a head of class ``head_class`` and family ``head``
-    (:data:`HEADS`), from ``cfg``."""
+    (:data:`HEADS`), from ``cfg``. ``ValueError`` naming the head family's Detectron2 box
+    loss key (:data:`BOX_LOSS_KEYS`) when it is not Detectron2's default and the loss
+    trains the boxes by its own loss (:meth:`HeadLoss.own_box_loss`): the key would
+    otherwise be ignored."""
     cls = HEAD_LOSS_REGISTRY.get(head_loss_name(cfg, head_class))
+    instead = cls.own_box_loss(cfg)
+    key = BOX_LOSS_KEYS[head]
+    value = _config_value(cfg, key)
+    if instead is not None and value != DEFAULT_BOX_LOSS:
+        raise ValueError(
+            f"{key} is {value!r}, but {cls.__name__} does not use it: its box loss is {instead};"
+            f" leave {key} at Detectron2's default {DEFAULT_BOX_LOSS!r}"
+        )
     return cls(**cls.config_kwargs(cfg, head))
+
+
+def _config_value(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
