@@ -320,6 +320,10 @@ def test_module_forms_take_the_functional_arguments():
         module(logits, targets, *args)  # no check, no synchronisation
     for cls, fn in ((ALRPLoss, alrp_loss), (APLoss, ap_loss), (NDCGLoss, ndcg_loss)):
         module_args = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        function_args = set(inspect.signature(fn).parameters) - {"logits", "targets", "loc_errors"}
+        # The inputs and the count of this call's positives are forward's.
+        per_call = {"logits", "targets", "loc_errors", "num_positives"}
+        function_args = set(inspect.signature(fn).parameters) - per_call
         assert module_args == function_args, cls
+        forward_args = set(inspect.signature(cls.forward).parameters) - {"self"}
+        assert forward_args == set(inspect.signature(fn).parameters) & per_call, cls
     assert "eps" not in inspect.signature(ap_loss).parameters  # AP Loss has no N_FP test

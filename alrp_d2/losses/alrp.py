@@ -10,12 +10,12 @@ therefore have equal total magnitude (Theorem 2).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .ranking import PositiveStats, RankingUpdate, ranking_loss
+from .ranking import NUM_POSITIVES_GIVEN, PositiveStats, RankingUpdate, ranking_loss
 
 __all__ = [
     "ALRPLoss",
@@ -123,6 +123,7 @@ def ap_loss(
     *,
     validate: bool = True,
     process_group=None,
+    num_positives: Optional[int] = None,
 ) -> torch.Tensor:
     """AP Loss (Chen et al.): ``1 - mean_i iprec(i)``.
 
@@ -132,6 +133,11 @@ def ap_loss(
     ``iprec(i) = prec(i)`` and ``(1 - iprec(i)) / (1 - prec(i))`` elsewhere (AP Loss has
     no ``N_FP`` test, hence no ``eps``).
     ``process_group``: one ranking across processes, as in :func:`alrp_loss`.
+    ``num_positives``: the number of positives (targets equal to 1), where the caller
+    knows it on the host: with ``validate=False`` the loss then never synchronises
+    host and device (without it, counting them costs one synchronisation); with
+    ``validate`` it is checked against the targets. A wrong number unchecked gives
+    a wrong loss.
     """
 
     def definition(stats: PositiveStats) -> RankingUpdate:
@@ -151,7 +157,14 @@ def ap_loss(
         return RankingUpdate(shortfall.mean(), -shortfall / p, share / stats.rank / p)
 
     loss, _ = ranking_loss(
-        logits, targets, definition, delta=delta, validate=validate, process_group=process_group
+        logits,
+        targets,
+        definition,
+        delta=delta,
+        num_positives=num_positives,
+        num_positives_from=NUM_POSITIVES_GIVEN,
+        validate=validate,
+        process_group=process_group,
     )
     return loss
 
@@ -164,13 +177,15 @@ def ndcg_loss(
     *,
     validate: bool = True,
     process_group=None,
+    num_positives: Optional[int] = None,
 ) -> torch.Tensor:
     """NDCG Loss (supplementary S4): ``1 - sum_i G(i) / G_max``.
 
     ``G(i) = 1 / log2(1 + rank(i))`` and ``G_max = sum_{r=1..|P|} 1 / log2(1 + r)``.
     A positive with ``N_FP(i) > eps`` gets ``-(1 - G(i)) / G_max`` and spreads it over
     the negatives in proportion to ``H(s_j - s_i) / N_FP(i)`` (``Z = 1``).
-    ``process_group``: one ranking across processes, as in :func:`alrp_loss`.
+    ``process_group``: one ranking across processes, as in :func:`alrp_loss`;
+    ``num_positives``: as in :func:`ap_loss`.
     """
 
     def definition(stats: PositiveStats) -> RankingUpdate:
@@ -181,7 +196,14 @@ def ndcg_loss(
         return RankingUpdate(1 - gain.sum() / max_gain, -update, weight)
 
     loss, _ = ranking_loss(
-        logits, targets, definition, delta=delta, validate=validate, process_group=process_group
+        logits,
+        targets,
+        definition,
+        delta=delta,
+        num_positives=num_positives,
+        num_positives_from=NUM_POSITIVES_GIVEN,
+        validate=validate,
+        process_group=process_group,
     )
     return loss
 
@@ -209,20 +231,25 @@ class ALRPLoss(nn.Module):
 
 
 class APLoss(nn.Module):
-    """Module form of :func:`ap_loss` (the same arguments)."""
+    """Module form of :func:`ap_loss` (the same arguments; ``num_positives`` per call)."""
 
     def __init__(self, delta: float = 1.0, *, validate: bool = True, process_group=None):
         super().__init__()
         self.delta, self.validate, self.process_group = delta, validate, process_group
 
-    def forward(self, logits, targets):
+    def forward(self, logits, targets, num_positives: Optional[int] = None):
         return ap_loss(
-            logits, targets, self.delta, validate=self.validate, process_group=self.process_group
+            logits,
+            targets,
+            self.delta,
+            validate=self.validate,
+            process_group=self.process_group,
+            num_positives=num_positives,
         )
 
 
 class NDCGLoss(nn.Module):
-    """Module form of :func:`ndcg_loss` (the same arguments)."""
+    """Module form of :func:`ndcg_loss` (the same arguments; ``num_positives`` per call)."""
 
     def __init__(
         self, delta: float = 1.0, eps: float = 1e-5, *, validate: bool = True, process_group=None
@@ -231,7 +258,7 @@ class NDCGLoss(nn.Module):
         self.delta, self.eps, self.validate = delta, eps, validate
         self.process_group = process_group
 
-    def forward(self, logits, targets):
+    def forward(self, logits, targets, num_positives: Optional[int] = None):
         return ndcg_loss(
             logits,
             targets,
@@ -239,4 +266,5 @@ class NDCGLoss(nn.Module):
             self.eps,
             validate=self.validate,
             process_group=self.process_group,
+            num_positives=num_positives,
         )

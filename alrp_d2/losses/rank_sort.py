@@ -26,13 +26,14 @@ query, goes through two-key range sums over the positives (``O(P log P)`` time,
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .ranking import (
+    NUM_POSITIVES_GIVEN,
     PositiveStats,
     RankingUpdate,
     _elementwise_dtype,
@@ -198,6 +199,7 @@ def rank_sort_loss(
     *,
     validate: bool = True,
     process_group=None,
+    num_positives: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rank & Sort Loss: ``(L_rank, L_sort)`` (module docstring for the definitions).
 
@@ -210,12 +212,16 @@ def rank_sort_loss(
         eps: a positive with ``N_FP(i) <= eps`` gets no ranking update, one with
             ``D(i) <= eps`` no sorting update.
         validate: check the inputs, at the cost of one host-device synchronisation
-            (without it, counting the positives costs one).
+            (without it, counting the positives costs one, unless ``num_positives``).
         process_group: one ranking over the concatenated ``logits`` and ``targets`` of
             every process of this group (as :func:`alrp_d2.losses.alrp_loss`): every
             process gets the global losses (means over the global positives) and the
             global updates of its own ``logits``; the positives' scores and labels are
             gathered (``O(P)``), the negatives stay in their process.
+        num_positives: the number of positives (targets above 0), where the caller knows
+            it on the host: with ``validate=False`` the loss then never synchronises host
+            and device; with ``validate`` it is checked against the targets. A wrong
+            number unchecked gives a wrong loss.
 
     Returns:
         ``(ranking_loss, sorting_loss)``. ``ranking_loss`` carries the ranking update to
@@ -230,9 +236,14 @@ def rank_sort_loss(
     positive = positives_of(flat_targets, "continuous")
     if validate:
         num_positives = validate_inputs(
-            flat_logits.detach(), flat_targets, labels="continuous", positive=positive
+            flat_logits.detach(),
+            flat_targets,
+            labels="continuous",
+            num_positives=num_positives,
+            num_positives_from=NUM_POSITIVES_GIVEN,
+            positive=positive,
         )
-    else:
+    elif num_positives is None:
         num_positives = int(positive.sum())
     elementwise = _elementwise_dtype(logits.dtype)
     grouped = process_group is not None and dist.get_world_size(process_group) > 1
@@ -290,7 +301,7 @@ def rank_sort_loss(
 
 
 class RankSortLoss(nn.Module):
-    """Module form of :func:`rank_sort_loss`."""
+    """Module form of :func:`rank_sort_loss` (``num_positives`` per call)."""
 
     def __init__(
         self, delta: float = 0.5, eps: float = 1e-10, validate: bool = True, process_group=None
@@ -303,6 +314,7 @@ class RankSortLoss(nn.Module):
         self,
         logits: torch.Tensor,
         targets: torch.Tensor,
+        num_positives: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         return rank_sort_loss(
             logits,
@@ -311,4 +323,5 @@ class RankSortLoss(nn.Module):
             self.eps,
             validate=self.validate,
             process_group=self.process_group,
+            num_positives=num_positives,
         )

@@ -50,6 +50,7 @@ from .distributed import PositivePartition
 
 __all__ = [
     "LABELS",
+    "NUM_POSITIVES_GIVEN",
     "PositiveStats",
     "RankingUpdate",
     "check_arguments",
@@ -344,6 +345,10 @@ LABELS = {
 }
 
 
+# The message of validate_inputs for a ``num_positives`` argument that is not the targets'.
+NUM_POSITIVES_GIVEN = "num_positives is {}"
+
+
 def check_arguments(
     logits, targets, delta: float, eps: Optional[float] = None, labels: str = "binary"
 ) -> None:
@@ -403,13 +408,15 @@ def validate_inputs(
     *,
     labels: str = "binary",
     num_positives: Optional[int] = None,
+    num_positives_from: str = "loc_errors has {} entries",
     extra_finite: Optional[dict] = None,
     positive: Optional[torch.Tensor] = None,
 ) -> int:
     """Every value check of a ranking loss's inputs, with a single host-device
     synchronisation: finite ``logits`` (and ``extra_finite``'s named tensors), targets of
     the kind ``labels`` names (:data:`LABELS`), and ``num_positives`` positives where
-    given (``positive``: :func:`positives_of` the targets, where the caller has it already).
+    given (``num_positives_from``: where that number comes from, for the message;
+    ``positive``: :func:`positives_of` the targets, where the caller has it already).
     Returns the number of positives; ``ValueError`` naming the problem."""
     extra_finite = extra_finite or {}
     positive = positives_of(targets, labels) if positive is None else positive
@@ -422,7 +429,7 @@ def validate_inputs(
         raise ValueError(LABELS[labels])
     if num_positives is not None and values[2] != num_positives:
         raise ValueError(
-            f"loc_errors has {num_positives} entries but targets has {values[2]} positives"
+            f"{num_positives_from.format(num_positives)} but targets has {values[2]} positives"
         )
     for name, bad in zip(extra_finite, values[3:]):
         if bad:
@@ -438,6 +445,7 @@ def ranking_loss(
     delta: float = 1.0,
     tie: float = 0.5,
     num_positives: Optional[int] = None,
+    num_positives_from: str = "loc_errors has {} entries",
     validate: bool = True,
     extra_finite: Optional[dict] = None,
     process_group=None,
@@ -453,7 +461,9 @@ def ranking_loss(
         tie: ``H(0)`` of the unit step (``delta == 0``): 1/2 (aLRP, AP, NDCG Loss) or 1
             (Rank & Sort Loss); with ``delta > 0``, ``H(0)`` is 1/2.
         num_positives: the number of positives if known on the host (avoids a
-            synchronisation when ``validate`` is off).
+            synchronisation when ``validate`` is off; checked when it is on).
+        num_positives_from: where ``num_positives`` comes from, for the message of a
+            count that is not the targets' (``{}``: the number).
         validate: check the inputs (one host-device synchronisation).
         extra_finite: named tensors that must also be finite (checked with the rest).
         process_group: rank the concatenation of the ``logits`` of every process of
@@ -474,6 +484,7 @@ def ranking_loss(
             flat_logits,
             flat_targets,
             num_positives=num_positives,
+            num_positives_from=num_positives_from,
             extra_finite=extra_finite,
             positive=positive,
         )

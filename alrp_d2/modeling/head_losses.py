@@ -354,6 +354,8 @@ class RankSortHeadLoss(HeadLoss):
             # Each positive's continuous label: the IoU of its prediction (the authors').
             labels = targets.to(torch.float32)
             labels[targets == 1] = matched_box_iou(pred_boxes.detach(), target_boxes)
+        # No num_positives: a positive whose predicted box misses its target (IoU 0) gets
+        # label 0, a negative, so that only the device knows how many positives remain.
         ranking, sorting = rank_sort_loss(
             outputs.logits,
             labels,
@@ -443,7 +445,12 @@ class APHeadLoss(HeadLoss):
         get_event_storage().put_scalar("num_pos_anchors", num_pos / outputs.num_images)
         # A global ranking covers the classification; the box loss stays per process.
         cls = ap_loss(
-            outputs.logits, outputs.targets, self.delta, validate=self.validate, process_group=group
+            outputs.logits,
+            outputs.targets,
+            self.delta,
+            validate=self.validate,
+            process_group=group,
+            num_positives=num_pos,  # one positive box per target 1, as aLRP's loc_errors
         )
         if self.box_loss == "smooth_l1":
             box = smooth_l1_loss(
