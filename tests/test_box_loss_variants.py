@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 from torchvision.ops import box_iou, generalized_box_iou
 
 pytestmark = pytest.mark.detectron2
@@ -23,7 +24,6 @@ if HAS_DETECTRON2:
     from alrp_d2.losses import ap_loss
     from alrp_d2.modeling import APHeadLoss, HeadOutputs, SelfBalance
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO = os.path.join(ROOT, "configs", "COCO-Detection")
 AP_GIOU_SB = os.path.join(COCO, "aploss_retinanet_R_50_FPN_500_giou_sb.yaml")
 CE_GIOU = os.path.join(COCO, "ce_faster_rcnn_R_50_FPN_giou.yaml")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -24,7 +25,6 @@ if HAS_DETECTRON2:
         carafe,
     )
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 PLUS = os.path.join(ROOT, "configs", "COCO-Detection", "rs_mask_rcnn_plus_R_101_FPN_DCN_ms_3x.yaml")
 
 

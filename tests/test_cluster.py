@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from runs import ROOT, TINY
 
 pytestmark = pytest.mark.detectron2
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 
 CLUSTER_VARS = (
     "TORCHELASTIC_RUN_ID",

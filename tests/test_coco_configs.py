@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -29,7 +30,6 @@ if HAS_DETECTRON2:
     from alrp_d2.config import get_cfg
     from alrp_d2.modeling import LastLevelP6P7NoReLU, MaxIoUMatcher
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO_DIR = os.path.join(ROOT, "configs", "COCO-Detection")
 
 # --------------------------------------------------------------------------------------

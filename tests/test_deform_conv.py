@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -27,7 +28,6 @@ if HAS_DETECTRON2:
     )
     from alrp_d2.modeling.backbone import resnet_fpn
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 DCN_CONFIG = os.path.join(
     ROOT, "configs", "COCO-Detection", "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"
 )

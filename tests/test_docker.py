@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 import yaml
+from runs import ROOT
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 COMPOSE = os.path.join(ROOT, "docker", "docker-compose.yml")
 
 

@@ -2,27 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from runs import TINY, train_net
 
 pytestmark = pytest.mark.detectron2
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
-
-
-def train_net(*args, env_root, timeout=240):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # A model this briefly trained scores every anchor about 0.01: evaluate its 20 best

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -21,7 +22,6 @@ if HAS_DETECTRON2:
     from alrp_d2.config import get_cfg
     from alrp_d2.modeling.foveabox import decode_distances, fovea_targets, location_centres
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO = os.path.join(ROOT, "configs", "COCO-Detection")
 KINDS = {
     "focal": "focal_foveabox_R_50_FPN_500.yaml",

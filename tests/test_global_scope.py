@@ -15,11 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from runs import TINY
 
 pytestmark = pytest.mark.detectron2
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 WORLD = 2
 RTOL = 1e-9
 

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -21,7 +22,6 @@ if HAS_DETECTRON2:
     from alrp_d2.losses import alrp_loss, localisation_error
     from alrp_d2.modeling import ALRPRetinaNet, atss_match, classwise_targets
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 MODEL_CONFIGS = [c for c in CONFIGS if os.sep + "COCO-Detection" + os.sep in c]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from runs import ROOT
 
 from alrp_d2 import plot
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 EPOCH = 10  # iterations per epoch
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -26,7 +27,6 @@ if HAS_DETECTRON2:
 
     from alrp_d2.modeling import RankingFastRCNNOutputLayers, RankSortCascadeROIHeads
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 CONFIG = os.path.join(ROOT, "configs", "COCO-Detection", "rs_cascade_rcnn_R_50_FPN_1x.yaml")
 
 

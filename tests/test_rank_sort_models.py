@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -31,7 +32,6 @@ if HAS_DETECTRON2:
         rank_sort_mask_loss,
     )
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 COCO = os.path.join(ROOT, "configs", "COCO-Detection")
 
 

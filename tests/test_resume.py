@@ -17,11 +17,10 @@ import time
 
 import pytest
 import torch
+from runs import ROOT, TINY
 
 pytestmark = pytest.mark.detectron2
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 INJECT = os.path.join(ROOT, "tests", "fault_injection.py")
 TOLERANCE = 1e-5  # largest absolute weight difference accepted (the bound)
 

@@ -7,10 +7,10 @@ import json
 import os
 
 import pytest
+from runs import ROOT
 
 from alrp_d2.run_folder import THRESHOLD_FILES, RunFolder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The names only the run folder's module may spell in code (docstrings and messages aside).
 LAYOUT_NAMES = {
     "last.ckpt",

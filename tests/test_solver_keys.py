@@ -8,11 +8,10 @@ import os
 import pytest
 import pytorch_lightning as pl
 import torch
+from runs import ROOT, TINY, train_net
 
 pytestmark = pytest.mark.detectron2
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 ALRP_500 = os.path.join(ROOT, "configs", "COCO-Detection", "alrp_retinanet_R_50_FPN_500_giou.yaml")
 
 
@@ -209,8 +208,6 @@ def test_keys_honoured_in_one_setting_are_refused_only_in_the_other():
 
 
 def test_a_training_with_an_unhonoured_key_exits_2_naming_it(tmp_path):
-    from runs import train_net
-
     out = tmp_path / "out"
     done = train_net(
         "--config-file", TINY, "--accelerator", "cpu", "TEST.AUG.ENABLED", True,
