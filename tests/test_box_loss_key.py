@@ -140,3 +140,21 @@ def test_train_net_says_it_before_training(tmp_path, monkeypatch):
         " 'giou', but ALRPHeadLoss does not use it" in err.getvalue()
     )
     assert not (out / "model_final.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "head,key,value",
+    [
+        ("dense", "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", 0.0),
+        ("rpn", "MODEL.RPN.SMOOTH_L1_BETA", 1.0),
+        ("rpn", "MODEL.RPN.BBOX_REG_LOSS_WEIGHT", 2.0),
+        ("roi", "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA", 1.0),
+        ("roi", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", 10.0),
+    ],
+)
+@pytest.mark.parametrize("loss", ["ALRPHeadLoss", "RankSortHeadLoss"])
+def test_the_box_loss_settings_are_refused_by_a_loss_of_its_own(loss, head, key, value):
+    """The beta and weight of Detectron2's box loss are as unused as its type."""
+    with pytest.raises(ValueError, match=re.escape(f"{key} is {value!r}, but {loss}")):
+        build_head_loss(cfg_with(loss, key, value), HEAD_CLASSES[head], head)
+    build_head_loss(cfg_with(loss), HEAD_CLASSES[head], head)  # Detectron2's default: built

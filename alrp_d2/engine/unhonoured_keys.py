@@ -8,6 +8,8 @@ schedules beside epochs) are refused only there.
 
 from __future__ import annotations
 
+from functools import reduce
+from operator import getitem
 from typing import List
 
 from detectron2.config import get_cfg as detectron2_defaults
@@ -54,10 +56,7 @@ _BY_ALRP_AUG = {
 
 
 def _value(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+    return reduce(getitem, key.split("."), cfg)
 
 
 def _normalised(value):

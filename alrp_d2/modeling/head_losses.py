@@ -23,11 +23,14 @@ every process's batch) and the gradient scaling DDP's averaging needs, the loss 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+from operator import getitem
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from detectron2.config import get_cfg as detectron2_defaults
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from fvcore.nn import smooth_l1_loss
@@ -46,6 +49,7 @@ from .self_balance import SelfBalance
 
 __all__ = [
     "BOX_LOSS_KEYS",
+    "BOX_LOSS_SETTINGS",
     "HEAD_LOSS_REGISTRY",
     "HEADS",
     "RANKING_SCOPES",
@@ -78,6 +82,13 @@ BOX_LOSS_KEYS = {
     "roi": "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE",
 }
 DEFAULT_BOX_LOSS = "smooth_l1"
+# The other settings of each family's Detectron2 box loss, ignored by a loss of its own too:
+# refused when they differ from Detectron2's defaults.
+BOX_LOSS_SETTINGS = {
+    "dense": ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",),
+    "rpn": ("MODEL.RPN.SMOOTH_L1_BETA", "MODEL.RPN.BBOX_REG_LOSS_WEIGHT"),
+    "roi": ("MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT"),
+}
 # Below this, a sum of score weights counts as empty (the Rank & Sort authors' guard).
 _WEIGHT_FLOOR = 1e-10
 
@@ -599,18 +610,13 @@ def build_head_loss(cfg, head_class: type, head: str) -> HeadLoss:
     otherwise be ignored."""
     cls = HEAD_LOSS_REGISTRY.get(head_loss_name(cfg, head_class))
     instead = cls.own_box_loss(cfg)
-    key = BOX_LOSS_KEYS[head]
-    value = _config_value(cfg, key)
-    if instead is not None and value != DEFAULT_BOX_LOSS:
-        raise ValueError(
-            f"{key} is {value!r}, but {cls.__name__} does not use it: its box loss is {instead};"
-            f" leave {key} at Detectron2's default {DEFAULT_BOX_LOSS!r}"
-        )
+    if instead is not None:
+        defaults = detectron2_defaults()
+        for key in (BOX_LOSS_KEYS[head], *BOX_LOSS_SETTINGS[head]):
+            value, default = (reduce(getitem, key.split("."), c) for c in (cfg, defaults))
+            if value != default:
+                raise ValueError(
+                    f"{key} is {value!r}, but {cls.__name__} does not use it: its box loss is"
+                    f" {instead}; leave {key} at Detectron2's default {default!r}"
+                )
     return cls(**cls.config_kwargs(cfg, head))
-
-
-def _config_value(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
