@@ -193,28 +193,9 @@ class LVISLRPEvaluator(LRPEvaluator):
 
     _lrp = staticmethod(lrp_from_lvis)
 
-    def __init__(
-        self,
-        dataset_name,
-        output_dir=None,
-        distributed=True,
-        *,
-        tasks=None,
-        tau: float = 0.5,
-        max_dets: int = 300,
-        thresholds: str = "exact",
-        ties: str = "threshold",
-    ):
-        super().__init__(
-            dataset_name,
-            output_dir=output_dir,
-            distributed=distributed,
-            tasks=tasks,
-            tau=tau,
-            max_dets=max_dets,
-            thresholds=thresholds,
-            ties=ties,
-        )
+    def __init__(self, dataset_name, *args, max_dets: int = 300, **kwargs):
+        # LRPEvaluator's arguments; LVIS keeps 300 detections per image by default.
+        super().__init__(dataset_name, *args, max_dets=max_dets, **kwargs)
         if self._do_evaluation:
             try:
                 check_lvis_ground_truth(self._coco_api)
