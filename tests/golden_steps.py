@@ -86,7 +86,7 @@ def training_step(path, dtype):
 def _training_step(path, dtype):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-    from test_models import batch, tiny_cfg
+    from runs import batch, tiny_cfg
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg(path)).to(dtype)
@@ -115,7 +115,7 @@ def state_dict_keys(path):
     """``{key: shape}`` of the state_dict of the model ``path`` builds (tiny_cfg)."""
     sys.path.insert(0, HERE)
     from detectron2.modeling import build_model
-    from test_models import tiny_cfg
+    from runs import tiny_cfg
 
     return {k: list(v.shape) for k, v in build_model(tiny_cfg(path)).state_dict().items()}
 

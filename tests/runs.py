@@ -1,6 +1,7 @@
 """What the tests share: the project's paths, the tiny config, ``train_net.py`` as a user
-runs it, and the tiny training that several test modules read (``trained_run`` in
-conftest.py)."""
+runs it, the tiny training that several test modules read (``trained_run`` in
+conftest.py), and the small model configs and inputs of the model tests (``tiny_cfg``,
+``batch``)."""
 
 import os
 import subprocess
@@ -91,3 +92,74 @@ def tiny_training(base):
     return types.SimpleNamespace(
         base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr
     )
+
+
+def tiny_cfg(path, **overrides):
+    """The config at ``path`` for a model test on the CPU: no pretrained weights, BatchNorm
+    on batch statistics, 3 classes, few proposals, small test images; ``overrides`` as
+    ``KEY=value`` pairs."""
+    from alrp_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    # No pretrained weights here: batch statistics keep a random backbone's activations
+    # (and so the initial box deltas) in a sane range.
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.PIXEL_STD = [57.375, 57.12, 58.395]
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 200
+    cfg.INPUT.MIN_SIZE_TEST = 96
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+def batch(with_boxes=(True, True), size=96, seed=0):
+    """Detectron2 training inputs of random square images, each with two boxes (classes 0
+    and 2, an ellipse mask in each) or none (``with_boxes``)."""
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for has_boxes in with_boxes:
+        image = torch.randint(0, 255, (3, size, size), generator=g).float()
+        inst = Instances((size, size))
+        if has_boxes:
+            inst.gt_boxes = Boxes(
+                torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]])
+            )
+            inst.gt_classes = torch.tensor([0, 2])
+        else:
+            inst.gt_boxes = Boxes(torch.zeros(0, 4))
+            inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+        # An ellipse inside each box (Mask R-CNN's targets; the other models ignore them).
+        ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+        masks = []
+        for x0, y0, x1, y1 in inst.gt_boxes.tensor.tolist():
+            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1)
+        inst.gt_masks = BitMasks(
+            torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool)
+        )
+        out.append({"image": image, "instances": inst, "height": size, "width": size})
+    return out
+
+
+def dense_predictions(model, inputs):
+    """A dense detector's anchors, logits, anchor labels, deltas and box targets for
+    ``inputs`` (training inputs)."""
+    images = model.preprocess_image(inputs)
+    features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
+    predictions = model.head(features)
+    pred_logits, pred_deltas = model._transpose_dense_predictions(
+        predictions, [model.num_classes, 4]
+    )
+    anchors = model.anchor_generator(features)
+    gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
+    return anchors, pred_logits, gt_labels, pred_deltas, gt_boxes

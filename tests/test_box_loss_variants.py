@@ -18,7 +18,7 @@ if HAS_DETECTRON2:
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
     from fvcore.nn import smooth_l1_loss
-    from test_models import batch, tiny_cfg
+    from runs import batch, tiny_cfg
 
     from alrp_d2.engine import SelfBalanceCallback
     from alrp_d2.losses import ap_loss

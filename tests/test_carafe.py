@@ -16,7 +16,7 @@ pytestmark = pytest.mark.detectron2
 if HAS_DETECTRON2:
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone
-    from test_models import tiny_cfg
+    from runs import tiny_cfg
 
     from alrp_d2.modeling import (
         CARAFE,

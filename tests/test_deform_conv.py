@@ -18,7 +18,7 @@ if HAS_DETECTRON2:
     from detectron2.modeling import build_model
     from detectron2.modeling.backbone.resnet import DeformBottleneckBlock, build_resnet_backbone
     from detectron2.utils.events import EventStorage
-    from test_models import batch, tiny_cfg
+    from runs import batch, tiny_cfg
 
     from alrp_d2.config import get_cfg
     from alrp_d2.modeling import (

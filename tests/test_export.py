@@ -79,7 +79,7 @@ def quickstart(run, variant):
 
 
 def rcnn(name):
-    from test_models import tiny_cfg
+    from runs import tiny_cfg
 
     cfg = tiny_cfg(
         os.path.join(COCO, name),
@@ -225,7 +225,7 @@ def test_onnx_detects_as_the_eager_model(name, models, images, tmp_path):
 def dcn():
     """The aLRP DCN config's detector (modulated deformable convolutions in res3-res5) on a
     ResNet-50 of group norm (the X-101's 64 groups cost the test time, not coverage)."""
-    from test_models import tiny_cfg
+    from runs import tiny_cfg
 
     cfg = tiny_cfg(
         os.path.join(COCO, "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"),

@@ -264,7 +264,7 @@ def test_every_head_loss_trains_it_by_config(loss):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_models import batch, tiny_cfg
+    from runs import batch, tiny_cfg
 
     cfg = tiny_cfg(
         os.path.join(ROOT, "configs", "quickstart", "alrp_fovea_synthetic.yaml"),

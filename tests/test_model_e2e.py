@@ -25,7 +25,7 @@ if HAS_DETECTRON2:
     from detectron2.modeling import GeneralizedRCNN, build_model
     from detectron2.structures import BitMasks, Boxes, ImageList, Instances
     from detectron2.utils.events import EventStorage
-    from test_models import tiny_cfg
+    from runs import tiny_cfg
 
 COCO = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO-Detection", "*.yaml")))
 # The aLRP ATSS, AP Loss (IoU assigner) and RS-ATSS dense heads, FCOS, the aLRP Faster R-CNN,

@@ -23,7 +23,7 @@ if HAS_DETECTRON2:
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
     from detectron2.structures import Boxes, Instances, pairwise_iou
     from detectron2.utils.events import EventStorage
-    from test_models import batch, tiny_cfg
+    from runs import batch, tiny_cfg
 
     from alrp_d2.modeling import RankingFastRCNNOutputLayers, RankSortCascadeROIHeads
 

@@ -20,7 +20,7 @@ if HAS_DETECTRON2:
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
     from detectron2.structures import BitMasks, Boxes, Instances
     from detectron2.utils.events import EventStorage
-    from test_models import batch, dense_predictions, tiny_cfg
+    from runs import batch, dense_predictions, tiny_cfg
     from torchvision.ops import box_iou, generalized_box_iou_loss
 
     from alrp_d2.losses import rank_sort_loss
