@@ -18,7 +18,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the fast lane (pytest -m 'not slow')")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # A test of the trained run waits for a training (``trained_run``): not fast.
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     if HAS_DETECTRON2:
         return
     skip = pytest.mark.skip(reason=DETECTRON2_MISSING)

@@ -120,6 +120,7 @@ def fake_trainer():
     return SimpleNamespace(strategy=strategy, current_epoch=0, global_rank=0)
 
 
+@pytest.mark.slow
 def test_table_s4_best_config_trains_with_self_balance():
     """AP Loss + GIoU + self-balance: the box loss is 50 x (1 - GIoU) / 4 per positive in
     the first epoch; after it, the weight is (mean L_AP + mean L_GIoU) / mean L_GIoU of its
@@ -151,6 +152,7 @@ def test_table_s4_best_config_trains_with_self_balance():
         assert len(model([{"image": x["image"]} for x in batch()])) == 2
 
 
+@pytest.mark.slow
 def test_ce_giou_faster_rcnn_box_loss():
     """Detectron2's RoI box loss with BBOX_REG_LOSS_TYPE giou and weight 10: 10 x the sum of
     (1 - GIoU) of the positive RoIs' class boxes, divided by every sampled RoI (mmdetection's

@@ -7,7 +7,8 @@ import sys
 import pytest
 from runs import ROOT, TINY
 
-pytestmark = pytest.mark.detectron2
+# Slow: torchrun and SLURM launches (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 
 CLUSTER_VARS = (

@@ -104,6 +104,7 @@ def test_training_pipeline_gives_fixed_size_images(tmp_path):
     assert isinstance(test_augs[0], T.ResizeShortestEdge)
 
 
+@pytest.mark.slow
 def test_synthetic_dataset_is_deterministic_with_crowds_and_empty_images(tmp_path):
     a = json.loads(open(generate_split(str(tmp_path / "a"), "val")).read())
     b = json.loads(open(generate_split(str(tmp_path / "b"), "val")).read())

@@ -213,6 +213,7 @@ def test_modulated_equal_to_detectron2_on_cuda(dg, groups):
         torch.testing.assert_close(ours(*args), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dg,groups", [(1, 1), (2, 2)])
 def test_gradients_pass_gradcheck(dg, groups):
     """Every input's gradient (image, offsets, masks, weight, bias) against finite

@@ -17,6 +17,9 @@ import torch.multiprocessing as mp
 
 from alrp_d2.losses import alrp_loss, ap_loss, ndcg_loss, rank_sort_loss
 
+# Slow: process groups of two processes (the fast lane, -m "not slow", leaves them out).
+pytestmark = pytest.mark.slow
+
 RTOL = 1e-9
 WORLD = 2
 

@@ -6,7 +6,8 @@ import os
 import pytest
 from runs import TINY, train_net
 
-pytestmark = pytest.mark.detectron2
+# Slow: train_net.py trainings (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 
 # A model this briefly trained scores every anchor about 0.01: evaluate its 20 best

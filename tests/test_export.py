@@ -169,6 +169,7 @@ def assert_same(exported, eager, rtol=1.3e-6, atol=1e-5):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", params("traced"))
 def test_traced_torchscript_detects_as_the_eager_model(name, models, images, tmp_path):
     model = models(name)
@@ -201,6 +202,7 @@ def test_scripted_torchscript_detects_as_the_eager_model(name, models, images, t
         assert_same(as_detections(out, image), eager_detections(model, image))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_ONNX, reason=ONNX_MISSING)
 @pytest.mark.parametrize("name", params("onnx"))
 def test_onnx_detects_as_the_eager_model(name, models, images, tmp_path):
@@ -259,6 +261,7 @@ def test_deformable_convolutions_trace(images, tmp_path):
         assert_same(as_detections(out, image), eager_detections(model, image))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how",
     [

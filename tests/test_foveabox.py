@@ -356,6 +356,7 @@ def test_focal_head_loss_trains_dense_heads_only():
         FocalHeadLoss.config_kwargs(get_cfg(), "rpn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidates", ["anchors", "pairs"])
 def test_scripted_model_detects_as_the_eager_model(candidates):
     from typing import Dict, List, Tuple
@@ -425,6 +426,7 @@ def images_to_export():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("candidates", ["anchors", "pairs"])
 def test_traced_model_detects_as_the_eager_model(candidates, tmp_path):
@@ -442,6 +444,7 @@ def test_traced_model_detects_as_the_eager_model(candidates, tmp_path):
         assert_detects_as(out, eager, image)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore::UserWarning:torch.onnx")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.onnx")

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from runs import TINY
 
-pytestmark = pytest.mark.detectron2
+# Slow: trainings of two processes (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 WORLD = 2
 RTOL = 1e-9

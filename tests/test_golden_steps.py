@@ -32,8 +32,13 @@ pytestmark = pytest.mark.detectron2
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 OTHER_MACHINE_TOLERANCE = {"float64": 1e-6, "float32": 1e-2}
-# Backbones the other configs already cover: only the full run takes them.
-HEAVY = ("R_101", "X_101", "800")
+
+
+# The fast lane takes the quickstart configs (every dense detector and loss on a small
+# backbone) in float64; the full run every config in both precisions.
+def fast(name, dtype="float64"):
+    return name.startswith("quickstart/") and dtype == "float64"
+
 
 with open(GOLDEN) as f:
     RECORDED = json.load(f)["configs"]
@@ -42,7 +47,7 @@ CASES = [
     pytest.param(
         name,
         dtype,
-        marks=[pytest.mark.slow] if any(h in name for h in HEAVY) else [],
+        marks=[] if fast(name, dtype) else [pytest.mark.slow],
         id=f"{name}-{dtype}",
     )
     for name in sorted(RECORDED)
@@ -55,7 +60,13 @@ def test_every_config_is_recorded():
     assert sorted(config_name(p) for p in CONFIGS) == sorted(RECORDED)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=config_name)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, id=config_name(p), marks=[] if fast(config_name(p)) else pytest.mark.slow)
+        for p in CONFIGS
+    ],
+)
 def test_checkpoints_written_before_load(path):
     """Every config's model holds the state_dict keys and shapes recorded before the single
     ranking-loss classes (a checkpoint of then loads strictly now)."""

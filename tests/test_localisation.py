@@ -49,6 +49,7 @@ boxes = st.tuples(eighths, eighths, sizes, sizes).map(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(boxes, boxes), min_size=1, max_size=8))
 def test_ordinary_boxes_keep_their_values_and_gradients(pairs):

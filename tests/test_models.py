@@ -41,6 +41,7 @@ def branch_parameters(model):
     return pairs
 
 
+@pytest.mark.slow
 def test_every_yaml_under_configs_builds():
     assert len(MODEL_CONFIGS) >= 15
     for path in CONFIGS:
@@ -48,16 +49,14 @@ def test_every_yaml_under_configs_builds():
         build_model(cfg)
 
 
-# The deformable-convolution configs are slow (torchvision's CPU kernel, a minute and more);
-# tests/test_deform_conv.py trains its blocks on a small backbone in the fast lane. The Rank &
-# Sort R-101, multi-scale 3x and LVIS configs (10-20 s each) differ from the R-50 1x ones in
-# depth, input sizes, schedule or classes only: the full run takes them.
-SLOW_STEPS = ("_DCN_", "rs_faster_rcnn_R_101_FPN_1x", "_ms_3x", "_lvis_")
+# The fast lane trains a step of the R-CNNs and of RS-ATSS; tests/test_golden_steps.py trains
+# the quickstart RetinaNets, FCOS and FoveaBox there. The full run takes every config.
+FAST_STEPS = ("rs_atss_R_50_FPN_1x", "alrp_faster_rcnn_R_50_FPN", "rs_cascade_rcnn_R_50_FPN_1x")
 STEP_CONFIGS = [
     pytest.param(
         c,
         id=os.path.basename(c),
-        marks=[pytest.mark.slow] if any(s in os.path.basename(c) for s in SLOW_STEPS) else [],
+        marks=[] if os.path.basename(c)[:-5] in FAST_STEPS else [pytest.mark.slow],
     )
     for c in MODEL_CONFIGS
 ]
@@ -113,6 +112,7 @@ def test_retinanet_loss_equals_direct_alrp_call():
     assert torch.equal((classwise_targets(stacked, 3) == -1).all(-1), stacked == -1)
 
 
+@pytest.mark.slow
 def test_ignored_anchors_get_no_gradient():
     torch.manual_seed(0)
     model = build_model(alrp_config())
@@ -128,6 +128,7 @@ def test_ignored_anchors_get_no_gradient():
     assert (grad[~ignored] != 0).any()
 
 
+@pytest.mark.slow
 def test_images_without_boxes():
     torch.manual_seed(0)
     model = build_model(alrp_config())
@@ -203,6 +204,7 @@ def test_unknown_config_key_fails_with_its_name(tmp_path):
         get_cfg().merge_from_file(str(bad))
 
 
+@pytest.mark.slow
 def test_bad_assigner_and_loc_error_fail_clearly():
     with pytest.raises(ValueError, match="ASSIGNER"):
         build_model(
@@ -247,7 +249,10 @@ def _step(cfg):
     return model, {k: float(v) for k, v in losses.items()}
 
 
-@pytest.mark.parametrize("alias", sorted(GENERIC))
+@pytest.mark.parametrize(
+    "alias",
+    [a if a == "ALRPRetinaNet" else pytest.param(a, marks=pytest.mark.slow) for a in GENERIC],
+)
 def test_the_generic_class_with_a_loss_by_config_is_the_alias(alias):
     """RankingRetinaNet / RankingROIHeads + MODEL.RANKING_LOSS.NAME train as the names of
     before, which stay registered; the RPN follows MODEL.PROPOSAL_GENERATOR.NAME."""
@@ -263,6 +268,7 @@ def test_the_generic_class_with_a_loss_by_config_is_the_alias(alias):
     assert model_a.state_dict().keys() == model_b.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_the_loss_choice_is_checked_by_name():
     path = _config_of("ALRPRetinaNet")
     with pytest.raises(
@@ -295,6 +301,7 @@ def test_the_loss_choice_is_checked_by_name():
         )
 
 
+@pytest.mark.slow
 def test_the_readmes_new_loss_trains_a_detector():
     """The README's "add a loss" example, as written there, trains RankingRetinaNet."""
     with open(os.path.join(ROOT, "README.md")) as f:

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from runs import TINY, TRAINING, python_module, train_net
 
-pytestmark = pytest.mark.detectron2
+# Slow: train_net.py trainings on a user's dataset (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 # synthetic category id (1..4: circle, square, triangle, cross) -> the user's id
 USER_IDS = {1: 90, 2: 3, 3: 11, 4: 7}

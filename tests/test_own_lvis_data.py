@@ -15,7 +15,8 @@ import pytest
 from conftest import HAS_DETECTRON2
 from runs import TINY, python_module, train_net
 
-pytestmark = pytest.mark.detectron2
+# Slow: train_net.py trainings on an LVIS json (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 pytest.importorskip(
     "lvis", reason="the lvis package is missing (python -m alrp_d2.install_detectron2)"
 )

@@ -227,6 +227,7 @@ def test_plot_run_from_tensorboard(tensorboard_run, tmp_path):
     assert_png(path)
 
 
+@pytest.mark.slow
 def test_main_default_and_custom_output(csv_run, tmp_path, capsys):
     assert plot.main([str(csv_run)]) == 0
     assert capsys.readouterr().out.strip() == os.path.join(csv_run, "training.png")
@@ -235,6 +236,7 @@ def test_main_default_and_custom_output(csv_run, tmp_path, capsys):
     assert_png(custom)
 
 
+@pytest.mark.slow
 def test_existing_output_kept_without_overwrite(csv_run, capsys):
     output = csv_run / "training.png"
     output.write_bytes(b"an earlier picture")
@@ -268,6 +270,7 @@ def test_folder_without_logs(tmp_path, capsys):
     assert not (tmp_path / "training.png").exists()
 
 
+@pytest.mark.slow
 def test_command_line(csv_run):
     """``python -m alrp_d2.plot`` end to end; the module imports neither torch nor detectron2."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -98,6 +98,7 @@ def test_an_empty_regressed_box_stays_a_proposal():
     assert proposals[0].proposal_boxes.tensor[1].tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_stage_losses_are_weighted_by_the_stage_loss_weights():
     _, _, ones = recorded_training_step(cascade())
     _, _, weighted = recorded_training_step(
@@ -113,6 +114,7 @@ def test_stage_losses_are_weighted_by_the_stage_loss_weights():
         assert weighted[name].item() == pytest.approx(ones[name].item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_stage_gradients_reach_the_features_whole():
     model = cascade()
     heads = model.roi_heads.train()
@@ -141,6 +143,7 @@ def test_stage_gradients_reach_the_features_whole():
             assert torch.allclose(scaled, expected / 3)  # what Detectron2's cascade does
 
 
+@pytest.mark.slow
 def test_test_scores_are_the_sigmoid_of_the_stages_mean_logits():
     model = cascade(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0})
     heads = model.roi_heads.eval()
@@ -192,6 +195,7 @@ def test_test_scores_are_the_sigmoid_of_the_stages_mean_logits():
         ("MODEL.ROI_HEADS.IOU_THRESHOLDS", (0.6,)),
     ],
 )
+@pytest.mark.slow
 def test_keys_the_cascade_would_ignore_are_refused_by_name(key, value):
     cfg = tiny_cfg(CONFIG)
     cfg.merge_from_list([key, value])
@@ -201,6 +205,7 @@ def test_keys_the_cascade_would_ignore_are_refused_by_name(key, value):
         build_model(cfg)
 
 
+@pytest.mark.slow
 def test_rpn_ignores_anchors_crossing_the_image_and_matches_the_others_only():
     model = cascade()
     rpn = model.proposal_generator

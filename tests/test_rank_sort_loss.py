@@ -78,6 +78,7 @@ def range_queries(draw):
     return (torch.tensor(keys), torch.tensor(weights, dtype=torch.float64).view(p, 2), queries)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(range_queries())
 def test_dominance_sums_equal_brute_force(case):
@@ -196,6 +197,7 @@ def batches(draw):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(batches())
 def test_ranking_update_is_balanced(batch):
@@ -210,6 +212,7 @@ def test_ranking_update_is_balanced(batch):
     assert (x.grad[targets == -1] == 0).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(batches())
 def test_sorting_update_is_balanced(batch):
@@ -227,6 +230,7 @@ def test_sorting_update_is_balanced(batch):
     assert close(full.grad, ref_grad)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(batches())
 def test_losses_are_bounded_and_sorting_nonnegative_at_unit_step(batch):

@@ -87,6 +87,7 @@ def test_retinanet_losses_equal_a_direct_computation():
     assert logged["rs/ranked_images"][0] == len(inputs)
 
 
+@pytest.mark.slow
 def test_box_gradient_equals_the_direct_computation():
     model = rs_atss()
     inputs = batch()
@@ -112,6 +113,7 @@ def test_box_gradient_equals_the_direct_computation():
         assert torch.allclose(got.grad, want.grad, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ignored_anchors_get_no_gradient():
     model = rs_atss(**{"MODEL.ALRP.ASSIGNER": "iou"})  # IoU 0.4-0.5: ignored
     with EventStorage():
@@ -126,6 +128,7 @@ def test_ignored_anchors_get_no_gradient():
     assert (grad[~ignored] != 0).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [rs_atss, rs_rcnn], ids=["rs_atss", "rs_faster_rcnn"])
 def test_images_without_boxes(build):
     model = build()
@@ -294,6 +297,7 @@ def test_mask_rcnn_trains_its_mask_head():
     assert losses["loss_mask"].item() == pytest.approx(rank_sort, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rs_atss_head_has_a_learnable_box_scale_per_level():
     model = rs_atss()
     head = model.head

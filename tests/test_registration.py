@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.detectron2
+# Slow: a fresh interpreter (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 CODE = """
 from alrp_d2.config import get_cfg

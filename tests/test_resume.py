@@ -19,7 +19,8 @@ import pytest
 import torch
 from runs import ROOT, TINY
 
-pytestmark = pytest.mark.detectron2
+# Slow: train_net.py killed and resumed (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 INJECT = os.path.join(ROOT, "tests", "fault_injection.py")
 TOLERANCE = 1e-5  # largest absolute weight difference accepted (the bound)

@@ -207,6 +207,7 @@ def test_keys_honoured_in_one_setting_are_refused_only_in_the_other():
     assert unhonoured_keys(config(ALRP_500, "INPUT.MIN_SIZE_TRAIN", "(600,)")) != []
 
 
+@pytest.mark.slow
 def test_a_training_with_an_unhonoured_key_exits_2_naming_it(tmp_path):
     out = tmp_path / "out"
     done = train_net(

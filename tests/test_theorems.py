@@ -1,5 +1,6 @@
 """The paper's Theorems 1 and 2 as properties of the fast losses (hypothesis)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,7 @@ def _balance(grad, targets):
     return positive, negative
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(ranking_batches())
 def test_theorem1_loss_is_mean_of_primary_terms(batch):
@@ -43,6 +45,7 @@ def test_theorem1_loss_is_mean_of_primary_terms(batch):
     assert torch.allclose(cls, primary.sum() / z, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(ranking_batches())
 def test_theorem2_gradients_are_balanced(batch):

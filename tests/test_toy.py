@@ -56,6 +56,7 @@ def test_other_losses(result):
     assert abs(result["iou_loss"] - 0.28) <= HALF_CENT
 
 
+@pytest.mark.slow
 def test_cli_json_and_plot(tmp_path):
     png = tmp_path / "pr.png"
     out = subprocess.run(
@@ -71,6 +72,7 @@ def test_cli_json_and_plot(tmp_path):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_cli_tables():
     out = subprocess.run(
         [sys.executable, "-m", "alrp_d2.toy"], check=True, capture_output=True, text=True

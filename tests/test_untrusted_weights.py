@@ -16,7 +16,8 @@ import pytest
 import torch
 from runs import TINY, TRAINING, VAL, python_module, train_net
 
-pytestmark = pytest.mark.detectron2
+# Slow: train_net.py and predict processes (the fast lane, -m "not slow", leaves them out).
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
 
 class Payload:

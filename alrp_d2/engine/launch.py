@@ -113,7 +113,20 @@ def setup_cfg(args):
 
 
 def check_inputs(cfg, args) -> None:
-    """Datasets registered and loadable, weights present: fail before writing anything."""
+    """Keys the engine honours, datasets registered and loadable, weights present: fail
+    before writing anything."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        raise UsageError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {', '.join(CLIP_TYPES)},"
+            f" got {clip.CLIP_TYPE!r}"
+        )
+    unhonoured = unhonoured_keys(cfg)
+    if unhonoured:
+        raise UsageError(
+            "the config sets Detectron2 keys that this engine does not honour (set them back"
+            " to Detectron2's defaults):\n  " + "\n  ".join(unhonoured)
+        )
     known = set(DatasetCatalog.list())
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         if name not in known:
@@ -130,18 +143,7 @@ def check_inputs(cfg, args) -> None:
         raise UsageError("--eval-only needs MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth)")
     if cfg.SOLVER.MAX_EPOCHS <= 0 and not args.eval_only:
         raise UsageError("train_net.py trains in epochs: set SOLVER.MAX_EPOCHS > 0")
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
-        raise UsageError(
-            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {', '.join(CLIP_TYPES)},"
-            f" got {clip.CLIP_TYPE!r}"
-        )
-    unhonoured = unhonoured_keys(cfg)
-    if unhonoured:
-        raise UsageError(
-            "the config sets Detectron2 keys that this engine does not honour (set them back"
-            " to Detectron2's defaults):\n  " + "\n  ".join(unhonoured)
-        )
+
 
 
 def check_num_classes(cfg, names, role: str) -> None:
