@@ -205,3 +205,39 @@ def test_resume_position_survives_a_loader_with_workers():
     keys = {(3, i): i for i in range(20)}
     loader = DataLoader(keys, batch_sampler=batches, num_workers=1, collate_fn=list)
     assert list(loader) == expected
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize("sqrt", [True, False])
+def test_repeat_factors_are_detectron2s_on_the_training_set(tmp_path, monkeypatch, sqrt):
+    """The data module's factors for DATALOADER.SAMPLER_TRAIN RepeatFactorTrainingSampler
+    equal Detectron2's, and LVIS's rule written out: an image's factor is the largest over
+    its classes c of max(1, (t / f_c) ** (1/2 if REPEAT_SQRT else 1)), f_c the fraction of
+    the training images holding c."""
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
+    from runs import TINY
+
+    from alrp_d2.cli import load_config
+    from alrp_d2.data.synthetic import register_synthetic
+    from alrp_d2.engine.data import DetectionDataModule
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    register_synthetic(str(tmp_path / "alrp_synthetic"))
+    cfg = load_config(TINY, [])
+    cfg.merge_from_list(["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
+    cfg.merge_from_list(["DATALOADER.REPEAT_THRESHOLD", "0.9", "DATALOADER.REPEAT_SQRT", sqrt])
+    data = DetectionDataModule(cfg)
+    dicts = data.train_dicts()
+    ours = data.epoch_sampler().repeat_factors
+    theirs = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, 0.9, sqrt)
+    assert torch.equal(ours, theirs.double())
+    classes = [{a["category_id"] for a in d["annotations"]} for d in dicts]
+    frequency = collections.Counter(c for image in classes for c in image)
+    power = 0.5 if sqrt else 1.0
+    by_hand = [
+        max((max(1.0, (0.9 * len(dicts) / frequency[c]) ** power) for c in image), default=1.0)
+        for image in classes
+    ]
+    assert torch.allclose(ours, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-6)
+    assert len(set(by_hand)) > 2  # the case distinguishes images
+    assert data.epoch_size() == math.ceil(sum(by_hand) - 1e-6)
