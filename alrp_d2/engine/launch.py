@@ -145,7 +145,6 @@ def check_inputs(cfg, args) -> None:
         raise UsageError("train_net.py trains in epochs: set SOLVER.MAX_EPOCHS > 0")
 
 
-
 def check_num_classes(cfg, names, role: str) -> None:
     """The model's classes (:func:`alrp_d2.config.model_num_classes`) are the datasets':
     :class:`UsageError` with both numbers otherwise (datasets loaded: their metadata is
