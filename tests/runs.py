@@ -163,3 +163,19 @@ def dense_predictions(model, inputs):
     anchors = model.anchor_generator(features)
     gt_labels, gt_boxes = model.label_anchors(anchors, [x["instances"] for x in inputs])
     return anchors, pred_logits, gt_labels, pred_deltas, gt_boxes
+
+
+def lightning_trainer(root, **kwargs):
+    """A bare Lightning ``Trainer`` on the CPU (no logger, checkpoint, progress bar or
+    summary) under ``root``, for checks of the installed Lightning's behaviour."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )

@@ -4,14 +4,12 @@ Rank & Sort Loss train the boxes by their own loss (aLRP's localisation error, R
 Sort's GIoU), so a value other than Detectron2's default ``smooth_l1`` is refused rather
 than ignored; AP Loss honours the key, the focal head loss takes ``smooth_l1`` only."""
 
-import contextlib
-import io
 import os
 import re
 
 import pytest
 from conftest import HAS_DETECTRON2
-from runs import ROOT, TINY
+from runs import ROOT
 
 pytestmark = pytest.mark.detectron2
 
@@ -111,35 +109,6 @@ def test_the_detectors_refuse_it(config, loss):
         ValueError, match=rf"MODEL.RETINANET.BBOX_REG_LOSS_TYPE is 'giou', but {loss}"
     ):
         build_model(cfg)
-
-
-def test_train_net_says_it_before_training(tmp_path, monkeypatch):
-    from alrp_d2.engine.launch import main
-
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
-    out = tmp_path / "out"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(
-            [
-                "--config-file",
-                TINY,
-                "--accelerator",
-                "cpu",
-                "--logger",
-                "csv",
-                "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
-                "giou",
-                "OUTPUT_DIR",
-                str(out),
-            ]
-        )
-    assert code == 2, err.getvalue()[-3000:]
-    assert (
-        "error: the config's model cannot be built: MODEL.RETINANET.BBOX_REG_LOSS_TYPE is"
-        " 'giou', but ALRPHeadLoss does not use it" in err.getvalue()
-    )
-    assert not (out / "model_final.pth").exists()
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runs import lightning_trainer
 from torch.utils.data import DataLoader
 
 from alrp_d2.data.sampling import (
@@ -180,16 +181,7 @@ def test_lightning_sets_the_epoch_of_the_batch_sampler(tmp_path):
     indices = {(epoch, i): i for epoch in range(3) for i in range(10)}  # (epoch, index) keys
     loader = DataLoader(indices, batch_sampler=batches, collate_fn=torch.tensor)
     module = _Recorder()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = lightning_trainer(tmp_path, max_epochs=3, use_distributed_sampler=False)
     trainer.fit(module, loader)
     for epoch in range(3):
         assert module.seen[epoch] == [sorted(b) for b in batches.batches(epoch)]

@@ -8,7 +8,7 @@ import os
 import pytest
 import pytorch_lightning as pl
 import torch
-from runs import ROOT, TINY, train_net
+from runs import ROOT, TINY, lightning_trainer, train_net
 
 pytestmark = pytest.mark.detectron2
 
@@ -138,15 +138,7 @@ def test_lightning_clips_through_the_module_before_the_step(tmp_path):
     cfg = config(TINY, "SOLVER.CLIP_GRADIENTS.ENABLED", True)
     module = _OneParameter(cfg)
     module.cfg = cfg  # what DetectionModule's hook reads
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = lightning_trainer(tmp_path, max_steps=1)
     trainer.fit(module, torch.utils.data.DataLoader([0]))
     assert module.w.item() == pytest.approx(-1.0)  # clipped to CLIP_VALUE 1 (value), not -100
 

@@ -45,6 +45,11 @@ def train_net_main(tmp_path, monkeypatch):
             "SOLVER.IMS_PER_BATCH (8) must be divisible by SOLVER.REFERENCE_WORLD_SIZE (3)",
         ),
         (["--config-file", TINY, "DATASETS.TEST", "('nope',)"], "unknown dataset name 'nope'"),
+        (
+            ["--config-file", TINY, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "giou"],
+            "error: the config's model cannot be built: MODEL.RETINANET.BBOX_REG_LOSS_TYPE is"
+            " 'giou', but ALRPHeadLoss does not use it",
+        ),
     ],
 )
 def test_usage_errors_exit_2_naming_the_problem(
