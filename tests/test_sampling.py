@@ -233,3 +233,29 @@ def test_repeat_factors_are_detectron2s_on_the_training_set(tmp_path, monkeypatc
     assert torch.allclose(ours, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-6)
     assert len(set(by_hand)) > 2  # the case distinguishes images
     assert data.epoch_size() == math.ceil(sum(by_hand) - 1e-6)
+
+
+@pytest.mark.detectron2
+def test_a_run_checkpointed_before_grouping_is_not_resumed_with_other_batches():
+    """A checkpoint of a version that batched in shard order and ignored SAMPLER_TRAIN (its
+    config has no DATALOADER.REPEAT_ROUNDING): resuming it mid-epoch with grouping or
+    repeats would train some of the epoch's images twice and others never, so --resume
+    names the keys; with both at what that version did, it resumes."""
+    from runs import TINY
+
+    from alrp_d2.cli import load_config
+    from alrp_d2.engine.resume import config_differences
+
+    now = load_config(TINY, [])
+    old = now.clone()
+    del old.DATALOADER["REPEAT_ROUNDING"], old.DATALOADER["ASPECT_RATIO_BINS"]
+    assert config_differences(now.dump(), now) == []
+    assert config_differences(old.dump(), now) == [
+        "DATALOADER.ASPECT_RATIO_GROUPING: no grouping (checkpointed by a version that ignored"
+        " it) -> True"
+    ]
+    repeat = load_config(TINY, ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
+    changes = config_differences(old.dump(), repeat)
+    assert any("SAMPLER_TRAIN: every image once" in change for change in changes)
+    plain = load_config(TINY, ["DATALOADER.ASPECT_RATIO_GROUPING", "False"])
+    assert config_differences(old.dump(), plain) == []

@@ -103,14 +103,39 @@ def _plain(value):
     return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+# A run checkpointed before the engine batched by aspect ratio and honoured
+# DATALOADER.SAMPLER_TRAIN has no DATALOADER.REPEAT_ROUNDING: it batched its shard in order
+# and sampled every image once, whatever those two keys said.
+_BEFORE_SAMPLERS = "DATALOADER.REPEAT_ROUNDING"
+_IGNORED_BEFORE_SAMPLERS = {
+    "DATALOADER.ASPECT_RATIO_GROUPING",
+    "DATALOADER.SAMPLER_TRAIN",
+    "DATALOADER.REPEAT_THRESHOLD",
+    "DATALOADER.REPEAT_SQRT",
+}
+
+
 def config_differences(saved_yaml: str, cfg: CfgNode) -> List[str]:
-    """``KEY: saved -> now`` for each training-affecting key whose value changed."""
+    """``KEY: saved -> now`` for each training-affecting key whose value changed (for a run
+    checkpointed by an older version, also what its keys meant then and mean now)."""
     saved = _flatten(CfgNode.load_cfg(saved_yaml))
     now = _flatten(cfg)
+    older = _BEFORE_SAMPLERS not in saved
     changed = []
     for key in sorted(set(saved) & set(now)):
-        if _resumable_change(key):
+        if _resumable_change(key) or (older and key in _IGNORED_BEFORE_SAMPLERS):
             continue
         if saved[key] != now[key]:
             changed.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    if older:
+        # What it did, whatever its keys said; other batches now would train some of its
+        # epoch's images twice and others never.
+        why = "(checkpointed by a version that ignored it)"
+        if now.get("DATALOADER.ASPECT_RATIO_GROUPING"):
+            changed.append(f"DATALOADER.ASPECT_RATIO_GROUPING: no grouping {why} -> True")
+        if now.get("DATALOADER.SAMPLER_TRAIN", "TrainingSampler") != "TrainingSampler":
+            changed.append(
+                f"DATALOADER.SAMPLER_TRAIN: every image once {why}"
+                f" -> {now['DATALOADER.SAMPLER_TRAIN']!r}"
+            )
     return changed
