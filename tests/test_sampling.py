@@ -233,6 +233,14 @@ def test_repeat_factors_are_detectron2s_on_the_training_set(tmp_path, monkeypatc
     assert torch.allclose(ours, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-6)
     assert len(set(by_hand)) > 2  # the case distinguishes images
     assert data.epoch_size() == math.ceil(sum(by_hand) - 1e-6)
+    # Computed (and logged, a line per category) once per run.
+    calls = []
+    monkeypatch.setattr(
+        RepeatFactorTrainingSampler,
+        "repeat_factors_from_category_frequency",
+        lambda *args, **kwargs: calls.append(args),
+    )
+    assert torch.equal(data.epoch_sampler(2, 1).repeat_factors, ours) and calls == []
 
 
 @pytest.mark.detectron2

@@ -61,6 +61,7 @@ class DetectionDataModule(pl.LightningDataModule):
         self._train_dicts = None
         self._train_datasets: List[tuple] = []  # (name, number of images) of each training set
         self._resume_at = None  # (epoch, batches done) from a checkpoint
+        self._repeat_factors = None  # of the training images, with RepeatFactorTrainingSampler
 
     def train_dicts(self) -> List[dict]:
         if self._train_dicts is None:
@@ -98,9 +99,13 @@ class DetectionDataModule(pl.LightningDataModule):
             )
         factors = None
         if loader.SAMPLER_TRAIN == "RepeatFactorTrainingSampler":
-            factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-                dicts, loader.REPEAT_THRESHOLD, sqrt=loader.REPEAT_SQRT
-            )
+            if self._repeat_factors is None:  # once: Detectron2 logs a line per category
+                self._repeat_factors = (
+                    RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                        dicts, loader.REPEAT_THRESHOLD, sqrt=loader.REPEAT_SQRT
+                    )
+                )
+            factors = self._repeat_factors
         return EpochShardSampler(
             len(dicts),
             num_replicas=world_size,
