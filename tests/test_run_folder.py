@@ -146,7 +146,7 @@ def test_console_scripts_are_the_python_m_commands():
     [
         (["alrp_d2.plot", "/no/such/run"], "error: "),
         (["alrp_d2.evaluation.lrp", "/no/gt.json", "/no/dets.json"], "error: cannot read"),
-        (
+        pytest.param(
             [
                 "alrp_d2.predict",
                 "--config-file",
@@ -159,6 +159,7 @@ def test_console_scripts_are_the_python_m_commands():
                 "out",
             ],
             "error: ",
+            marks=pytest.mark.slow,  # predict imports Detectron2 and torch: 5 s
         ),
     ],
 )

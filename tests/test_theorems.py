@@ -63,6 +63,7 @@ def test_theorem2_gradients_are_balanced(batch):
         assert (x.grad[targets == -1] == 0).all(), name
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(ranking_batches(), st.floats(-5, 5))
 def test_losses_are_invariant_to_shifting_all_scores(batch, shift):
