@@ -7,9 +7,10 @@ the numbers (tests/test_golden_steps.py).
     ... --missing                     # only the configs not recorded yet (a new config)
     ... --only rs_                    # only the configs whose name contains "rs_"
 
-Each config is built with tests/test_models.py's ``tiny_cfg`` (random weights, 3 classes,
-BN backbone), seeded, and trained one step on ``batch()`` (two 96 x 96 images) in float64
-and, for the configs whose losses are this project's, in float32 too. A gradient is kept as
+Each config is built with tests/runs.py's ``tiny_cfg`` (random weights, 3 classes, BN
+backbone, a ResNet-50/101 at a quarter of its channels), seeded, and trained one step on
+``batch()`` (two 96 x 96 images) in float64 and, for the configs whose losses are this
+project's, in float32 too. A gradient is kept as
 its sum, its L2 norm and its dot product with a fixed random tensor.
 """
 
@@ -28,7 +29,9 @@ GOLDEN = os.path.join(HERE, "golden", "training_step.json")
 STATE_KEYS = os.path.join(HERE, "golden", "state_dict_keys.json")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-RECORDED_THREADS = 2  # torch's threads when recorded (this project's 2-core machines)
+# torch's threads when recorded: one, so that the tests' workers (pytest -n, one per core)
+# each run a step on its own core.
+RECORDED_THREADS = 1
 
 
 def machine() -> str:
@@ -73,7 +76,7 @@ def _nms_of_any_dtype():
 def training_step(path, dtype):
     """``{"losses": {name: value}, "grads": {param: [sum, norm, projection]}}`` of one step."""
     sys.path.insert(0, HERE)
-    # The recording's 2 threads: float32 reductions (convolutions' backward) change with the
+    # The recording's threads: float32 reductions (convolutions' backward) change with the
     # number of threads by more than float32's 1e-5.
     threads = torch.get_num_threads()
     torch.set_num_threads(RECORDED_THREADS)
@@ -122,7 +125,8 @@ def state_dict_keys(path):
     from detectron2.modeling import build_model
     from runs import tiny_cfg
 
-    return {k: list(v.shape) for k, v in build_model(tiny_cfg(path)).state_dict().items()}
+    model = build_model(tiny_cfg(path, narrow=False))  # the config's own widths
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
 def record_state_dict_keys(missing_only: bool = False):

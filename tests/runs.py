@@ -4,9 +4,9 @@ conftest.py), and the small model configs and inputs of the model tests (``tiny_
 ``batch``)."""
 
 import os
-import subprocess
-import sys
 import types
+
+import warm_start
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
@@ -40,18 +40,13 @@ TRAINING = [
 ]
 
 
-def train_net(*args, env_root, timeout=300):
+def train_net(*args, env_root, timeout=300, fresh=False):
     """``python train_net.py ARGS`` in the repository root, its datasets under
-    ``env_root``; the finished process (``returncode``, ``stdout``, ``stderr``)."""
+    ``env_root``; the finished process (``returncode``, ``stdout``, ``stderr``). Started
+    warm (tests/warm_start.py) unless ``fresh``."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(env_root), PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_net.py"), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    script = os.path.join(ROOT, "train_net.py")
+    return warm_start.run([script, *args], cwd=ROOT, env=env, timeout=timeout, fresh=fresh)
 
 
 def python_module(module, *args, env_root=None, timeout=300):
@@ -59,14 +54,7 @@ def python_module(module, *args, env_root=None, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if env_root is not None:
         env["DETECTRON2_DATASETS"] = str(env_root)
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return warm_start.run(["-m", module, *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 def tiny_training(base):
@@ -88,16 +76,18 @@ def tiny_training(base):
         "OUTPUT_DIR",
         out,
         env_root=base / "data",
+        fresh=True,  # the one training of the suite that imports everything as a user's does
     )
     return types.SimpleNamespace(
         base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr
     )
 
 
-def tiny_cfg(path, **overrides):
+def tiny_cfg(path, narrow=True, **overrides):
     """The config at ``path`` for a model test on the CPU: no pretrained weights, BatchNorm
-    on batch statistics, 3 classes, few proposals, small test images; ``overrides`` as
-    ``KEY=value`` pairs."""
+    on batch statistics, 3 classes, few proposals, small test images, and (``narrow``) a
+    ResNet-50/101's channels a quarter of the config's (its blocks, groups, deformable
+    convolutions and heads as configured); ``overrides`` as ``KEY=value`` pairs."""
     from alrp_d2.config import get_cfg
 
     cfg = get_cfg()
@@ -116,6 +106,13 @@ def tiny_cfg(path, **overrides):
     cfg.INPUT.MAX_SIZE_TEST = 128
     for key, value in overrides.items():
         cfg.merge_from_list([key, value])
+    resnet = cfg.MODEL.RESNETS
+    if narrow and resnet.DEPTH >= 50:  # Detectron2 fixes R18/R34's widths
+        # A full-width X101-DCN's step takes 12 s on 2 cores (mostly the deformable
+        # convolutions' backward and initialising 138M weights); a quarter's, under 1 s.
+        resnet.STEM_OUT_CHANNELS //= 4
+        resnet.RES2_OUT_CHANNELS //= 4
+        resnet.WIDTH_PER_GROUP = max(1, resnet.WIDTH_PER_GROUP // 4)
     return cfg
 
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+import warm_start
 from runs import ROOT, TINY
 
 # Slow: train_net.py killed and resumed (the fast lane, -m "not slow", leaves them out).
@@ -96,6 +97,23 @@ def mixed_aspect_split(root):
         json.dump(coco, f)
 
 
+def start(cmd, environ, log_path):
+    """``python CMD`` in its own session, its output in ``log_path``: started warm
+    (tests/warm_start.py) where the environment allows."""
+    cmd = [str(c) for c in cmd]
+    if warm_start.can_start(environ):
+        return warm_start.start(cmd, cwd=ROOT, env=environ, stdout=log_path, stderr=log_path)
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, *cmd],
+            cwd=ROOT,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def run(
     data,
     out,
@@ -112,7 +130,6 @@ def run(
     flags += ["--dataset", "tiny_mixed", data / "mixed" / "train.json", data / "mixed" / "train"]
     opts += VARIANTS[variant]
     cmd = [
-        sys.executable,
         INJECT,
         "--trace",
         out / "trace",
@@ -130,24 +147,17 @@ def run(
     )
     out.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}-{time.monotonic_ns()}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            cwd=ROOT,
-            env=environ,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    log_path.write_text("")
+    proc = start(cmd, environ, log_path)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        # A killed rank 0 may leave its peers (waiting in a collective) or data-loader
+        # workers behind: end the whole group, as a node loss would.
         try:
-            proc.wait(timeout=timeout)
-        finally:
-            # A killed rank 0 may leave its peers (waiting in a collective) or data-loader
-            # workers behind: end the whole group, as a node loss would.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return proc.returncode, log_path.read_text()
 
 
@@ -379,23 +389,10 @@ def test_a_second_training_into_the_same_folder_stops(data, tmp_path):
     out = tmp_path / "out"
     flags, opts = split_flags(common())
     environ = dict(os.environ, DETECTRON2_DATASETS=str(data), PYTHONWARNINGS="ignore")
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            INJECT,
-            "--",
-            *map(str, flags),
-            *map(str, opts),
-            "OUTPUT_DIR",
-            str(out),
-            "SOLVER.MAX_EPOCHS",
-            "50",
-        ],
-        cwd=ROOT,
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    first = start(
+        [INJECT, "--", *flags, *opts, "OUTPUT_DIR", out, "SOLVER.MAX_EPOCHS", 50],
+        environ,
+        tmp_path / "first.log",
     )
     try:
         deadline = time.time() + 120

@@ -1,0 +1,223 @@
+"""The project's commands started from a warm process, for the tests that run them.
+
+A test that runs ``python train_net.py ...`` waits 3 to 4 seconds on 2 cores for torch,
+torchvision and Lightning to be imported before the command does anything, and the suite
+starts about a hundred such commands. The server here imports those once, then forks a
+process per command; the child becomes that command (``python SCRIPT ARGS`` or
+``python -m MODULE ARGS``): its own session, the test's environment, working directory and
+output files, the script run as ``__main__`` (as the interpreter does, so Lightning starts
+the other DDP processes with the same command line), then the interpreter's normal exit.
+
+Only modules that read nothing of the environment when imported are preloaded: Detectron2's
+``detectron2.data`` registers its datasets under ``DETECTRON2_DATASETS`` at import, so it is
+imported by each child, as in a fresh interpreter.
+
+``ALRP_TESTS_COLD=1`` starts every command as a fresh interpreter instead (as a user does).
+
+    python tests/warm_start.py SOCKET        # the server (started by ``server()``)
+"""
+
+import atexit
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+
+PRELOAD = ("torch", "torchvision", "pytorch_lightning")
+
+
+# ---------------------------------------------------------------- the server and its children
+
+
+def serve(path):
+    """Accept one request per connection and fork a supervisor for it, which forks the
+    command's process, sends its pid, waits for it and sends its wait status. Returns only
+    in a command's process, with its request."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        conn, _ = listener.accept()
+        _reap()
+        if os.fork() != 0:
+            conn.close()
+            continue
+        listener.close()  # the supervisor
+        request = json.loads(conn.makefile("r").readline())
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            return request
+        conn.sendall(struct.pack("!q", pid))
+        _, status = os.waitpid(pid, 0)
+        conn.sendall(struct.pack("!q", status))
+        os._exit(0)
+
+
+def _reap():
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def become(request):
+    """Turn this forked process into ``request["argv"]`` run by a fresh interpreter."""
+    if request["new_session"]:
+        os.setsid()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, name in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
+        target = os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(target, fd)
+        os.close(target)
+    # A fresh interpreter draws its generators' seeds anew; Python's random does so at fork.
+    import numpy
+    import torch
+
+    torch.seed()
+    numpy.random.seed()
+    argv = request["argv"]
+    import runpy
+
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy._run_module_as_main(argv[1], alter_argv=True)
+    else:
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+class WarmProcess:
+    """A started command, as much of ``subprocess.Popen`` as the tests use."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self.pid = self._read(None)
+        self.returncode = None
+
+    def _read(self, timeout):
+        self._conn.settimeout(timeout)
+        data = b""
+        while len(data) < 8:
+            chunk = self._conn.recv(8 - len(data))
+            if not chunk:
+                raise RuntimeError("the warm-start server closed the connection")
+            data += chunk
+        return struct.unpack("!q", data)[0]
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            try:
+                status = self._read(timeout)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"process {self.pid}", timeout) from None
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._conn.close()
+        return self.returncode
+
+    def poll(self):
+        try:
+            return self.wait(0.001)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+_server = {}
+
+
+def cold():
+    return os.environ.get("ALRP_TESTS_COLD", "") not in ("", "0")
+
+
+def server():
+    """The socket of this process's server, started on first use and ended at exit."""
+    if "socket" not in _server:
+        folder = tempfile.mkdtemp(prefix="warm-start-")
+        path = os.path.join(folder, "socket")
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), path],
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the warm-start server did not start (exit {proc.wait()})")
+        atexit.register(_stop, proc, folder)
+        _server.update(socket=path, process=proc)
+    return _server["socket"]
+
+
+def _stop(proc, folder):
+    proc.terminate()
+    proc.wait()
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    os.rmdir(folder)
+
+
+def can_start(env):
+    """Whether a command with environment ``env`` can start warm: the interpreter options
+    read from the environment at start-up must be the server's."""
+    same = all(env.get(k) == os.environ.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED"))
+    return not cold() and same and env.get("PYTHONWARNINGS") == "ignore"
+
+
+def start(argv, *, cwd, env, stdout, stderr, new_session=True):
+    """``python ARGV`` (``argv`` as after ``python``: a script or ``-m MODULE``, then its
+    arguments) from the warm server, its output appended to the files ``stdout`` and
+    ``stderr``; in its own session (as ``Popen(start_new_session=True)``), or else in the
+    server's process group, which is the tests' (a Ctrl-C reaches it)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(server())
+    request = dict(argv=[str(a) for a in argv], cwd=str(cwd), env=env, stdout=str(stdout))
+    request.update(stderr=str(stderr), new_session=new_session)
+    conn.sendall((json.dumps(request) + "\n").encode())
+    return WarmProcess(conn)
+
+
+def run(argv, *, cwd, env, timeout, fresh=False):
+    """As ``subprocess.run([sys.executable, *argv], capture_output=True, text=True)``:
+    warm where ``can_start(env)``, unless ``fresh``, else a fresh interpreter."""
+    if fresh or not can_start(env):
+        return subprocess.run(
+            [sys.executable, *map(str, argv)],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    with tempfile.TemporaryDirectory(prefix="warm-run-") as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        open(out, "w").close()
+        open(err, "w").close()
+        proc = start(argv, cwd=cwd, env=env, stdout=out, stderr=err, new_session=False)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        with open(out) as f_out, open(err) as f_err:
+            stdout, stderr = f_out.read(), f_err.read()
+    return subprocess.CompletedProcess([sys.executable, *argv], code, stdout, stderr)
+
+
+if __name__ == "__main__":
+    for module in PRELOAD:
+        __import__(module)
+    become(serve(sys.argv[1]))
