@@ -30,8 +30,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the fast lane (pytest -m 'not slow')")
 
 
+# The longest modules (a minute or more of the full run each), started first: ``pytest -n``
+# hands whole modules to its workers (``--dist loadfile``, which keeps a module's fixtures
+# in one process) in the order collected, and a long one started last ends the run alone.
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_golden_steps.py",
+    "test_model_e2e.py",
+    "test_engine.py",
+    "test_models.py",
+    "test_own_data.py",
+    "test_export.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as found
     for item in items:
         # A test of the trained run waits for a training (``trained_run``): not fast.
         if "trained_run" in getattr(item, "fixturenames", ()):
