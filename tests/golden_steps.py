@@ -125,7 +125,12 @@ def state_dict_keys(path):
     from detectron2.modeling import build_model
     from runs import tiny_cfg
 
-    model = build_model(tiny_cfg(path, narrow=False))  # the config's own widths
+    cfg = tiny_cfg(path, narrow=False)  # the config's own widths
+    # On the meta device: the shapes without initialising the weights (22 s of the 42
+    # configs on the CPU, 6 s so).
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -9,6 +9,7 @@ fast lane (``-m "not slow"``) takes one config per detector and loss, ``FAST``: 
 config (other backbones and sizes, the baselines, loss variants, a config added later) only
 the full run."""
 
+import copy
 import glob
 import itertools
 import os
@@ -50,6 +51,22 @@ def model_of(path, **overrides):
     return build_model(tiny_cfg(path, **overrides))
 
 
+@pytest.fixture(scope="module", params=EVERY)
+def built(request):
+    """A COCO config's model as ``model_of`` builds it, and the random state it leaves,
+    once per config: pytest runs the tests config by config (by this fixture's parameter),
+    each on a copy (``model_copy``)."""
+    model = model_of(request.param)
+    return model, torch.get_rng_state()
+
+
+def model_copy(built):
+    """A copy of the built model, the random state as after its building."""
+    model, state = built
+    torch.set_rng_state(state)
+    return copy.deepcopy(model)
+
+
 def empty_instances(h, w):
     inst = Instances((h, w))
     inst.gt_boxes = Boxes(torch.zeros(0, 4))
@@ -88,9 +105,8 @@ def train_step(model, inputs):
     return losses
 
 
-@pytest.mark.parametrize("path", EVERY)
-def test_empty_data(path):
-    model = model_of(path)
+def test_empty_data(built):
+    model = model_copy(built)
     model.eval()
     with torch.no_grad():
         outputs = model(images(SIZES))
@@ -98,9 +114,8 @@ def test_empty_data(path):
     train_step(model, images(SIZES, [empty_instances(*s) for s in SIZES]))
 
 
-@pytest.mark.parametrize("path", EVERY)
-def test_half_empty_batch(path):
-    model = model_of(path)
+def test_half_empty_batch(built):
+    model = model_copy(built)
     train_step(model, images(SIZES, [empty_instances(*SIZES[0]), annotated_instances(*SIZES[1])]))
     # The annotated image trains the boxes: some gradient reaches every box regressor.
     if isinstance(model, GeneralizedRCNN):
@@ -129,14 +144,13 @@ def feature_shapes(model, size):
     return {k: tuple(v.shape) for k, v in features.items()}
 
 
-@pytest.mark.parametrize("path", EVERY)
 @pytest.mark.parametrize("tensor", [inf_tensor, nan_tensor], ids=["inf", "nan"])
-def test_inference_on_inf_nan_detects_nothing_finite(path, tensor):
+def test_inference_on_inf_nan_detects_nothing_finite(built, tensor):
     """Infinite or NaN features and predictions at inference: no finite detection and no
     error. A dense head keeps every score (threshold -1) of predictions all inf or NaN (the
     authors' test-time path clips its boxes before NMS); an R-CNN's RPN proposes only
     finite boxes and its RoI heads detect nothing on a proposal of such features."""
-    model = model_of(path).eval()
+    model = model_copy(built).eval()
     size = (64, 64)
     shapes = feature_shapes(model, size)
     images_ = ImageList(tensor(1, 3, *size), [(62, 62)])
@@ -159,10 +173,9 @@ def test_inference_on_inf_nan_detects_nothing_finite(path, tensor):
             assert torch.isfinite(boxes).all(dim=1).sum() == 0, boxes
 
 
-@pytest.mark.parametrize("path", EVERY)
-def test_diverged_weights_detect_nothing(path):
+def test_diverged_weights_detect_nothing(built):
     """A model whose weights went NaN (a diverged run) is evaluated: no detection, no error."""
-    model = model_of(path).eval()
+    model = model_copy(built).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))

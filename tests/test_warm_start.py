@@ -114,3 +114,25 @@ def test_a_killed_command_reports_the_signal_and_a_timeout_raises(probe):
 def test_an_environment_the_server_cannot_give_starts_a_fresh_interpreter(probe):
     assert not warm_start.can_start(env(PYTHONPATH="/elsewhere"))
     assert not warm_start.can_start(dict(env(), PYTHONWARNINGS="default"))
+
+
+def test_the_server_ends_with_the_process_that_started_it(tmp_path):
+    """Even when that process ends without its atexit functions (as a pytest-xdist worker
+    may): no server left behind after the tests."""
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import warm_start; "
+        "warm_start.server(); print(warm_start._server['process'].pid, flush=True); os._exit(0)"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", code, tests], capture_output=True, text=True, timeout=120
+    )
+    server_pid = int(done.stdout.split()[0])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the warm-start server {server_pid} outlived its parent")

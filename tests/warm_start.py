@@ -40,10 +40,21 @@ def serve(path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    # Ended with the tests' process, even where it could not stop it (a pytest-xdist worker
+    # may end without running its atexit functions).
+    listener.settimeout(2.0)
+    parent = os.getppid()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            if os.getppid() != parent:
+                sys.exit(0)
+            _reap()
+            continue
+        conn.setblocking(True)
         _reap()
         if os.fork() != 0:
             conn.close()
