@@ -55,12 +55,25 @@ def user_lvis(root, split, path, ids=None):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """The synthetic splits' folder (``tiny_train/``, ``tiny_val/``: the split folders of
-    the images' ``coco_url``), with ``alrp_synthetic_lvis_*`` registered on it."""
+    the images' ``coco_url``), with ``alrp_synthetic_lvis_*`` registered on it, in place
+    of a registration under ``datasets/`` by an earlier module of the process (restored
+    after)."""
+    names = [n for n in DatasetCatalog.list() if n.startswith("alrp_synthetic_lvis_")]
+    earlier = {n: (DatasetCatalog[n], MetadataCatalog.get(n).as_dict()) for n in names}
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
     root = tmp_path_factory.mktemp("lvis_own") / "alrp_synthetic"
     register_synthetic_lvis(str(root))
-    root = MetadataCatalog.get("alrp_synthetic_lvis_tiny_val").image_root.rstrip("/")
     DatasetCatalog.get("alrp_synthetic_lvis_tiny_val")  # writes the files
-    return types.SimpleNamespace(root=root)
+    yield types.SimpleNamespace(root=str(root))
+    for name in [n for n in DatasetCatalog.list() if n.startswith("alrp_synthetic_lvis_")]:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    for name, (load, metadata) in earlier.items():
+        DatasetCatalog.register(name, load)
+        metadata.pop("name")
+        MetadataCatalog.get(name).set(**metadata)
 
 
 def without_ids(records):
