@@ -1,12 +1,13 @@
 """The project's commands started from a warm process, for the tests that run them.
 
-A test that runs ``python train_net.py ...`` waits 3 to 4 seconds on 2 cores for torch,
-torchvision and Lightning to be imported before the command does anything, and the suite
-starts about a hundred such commands. The server here imports those once, then forks a
-process per command; the child becomes that command (``python SCRIPT ARGS`` or
-``python -m MODULE ARGS``): its own session, the test's environment, working directory and
-output files, the script run as ``__main__`` (as the interpreter does, so Lightning starts
-the other DDP processes with the same command line), then the interpreter's normal exit.
+A test that runs ``python train_net.py ...`` waits 6 seconds on the 2-core development
+machine for torch, torchvision and Lightning to be imported (measured idle) before the
+command does anything, and the suite starts about a hundred such commands. The server here
+imports those once, then forks a process per command; the child becomes that command
+(``python SCRIPT ARGS`` or ``python -m MODULE ARGS``): the test's environment, working
+directory and output files, its own session if asked, the script run as ``__main__`` (as
+the interpreter does, so Lightning starts the other DDP processes with the same command
+line), then the interpreter's normal exit.
 
 Only modules that read nothing of the environment when imported are preloaded: Detectron2's
 ``detectron2.data`` registers its datasets under ``DETECTRON2_DATASETS`` at import, so it is
