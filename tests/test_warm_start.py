@@ -102,7 +102,9 @@ def test_a_killed_command_reports_the_signal_and_a_timeout_raises(probe):
     )
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(0.5)
+    deadline = time.time() + 60
     while "to stderr" not in log.read_text():
+        assert time.time() < deadline and proc.poll() is None, log.read_text()
         time.sleep(0.1)
     assert os.getsid(proc.pid) == proc.pid  # its own session
     os.killpg(proc.pid, signal.SIGKILL)
