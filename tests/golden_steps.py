@@ -10,8 +10,8 @@ the numbers (tests/test_golden_steps.py).
 Each config is built with tests/runs.py's ``tiny_cfg`` (random weights, 3 classes, BN
 backbone, a ResNet-50/101 at a quarter of its channels), seeded, and trained one step on
 ``batch()`` (two 96 x 96 images) in float64 and, for the configs whose losses are this
-project's, in float32 too. A gradient is kept as
-its sum, its L2 norm and its dot product with a fixed random tensor.
+project's, in float32 too. A gradient is kept as its sum, its L2 norm and its dot product
+with a fixed random tensor.
 """
 
 import contextlib
