@@ -98,20 +98,9 @@ def mixed_aspect_split(root):
 
 
 def start(cmd, environ, log_path):
-    """``python CMD`` in its own session, its output in ``log_path``: started warm
-    (tests/warm_start.py) where the environment allows."""
-    cmd = [str(c) for c in cmd]
-    if warm_start.can_start(environ):
-        return warm_start.start(cmd, cwd=ROOT, env=environ, stdout=log_path, stderr=log_path)
-    with open(log_path, "w") as log:
-        return subprocess.Popen(
-            [sys.executable, *cmd],
-            cwd=ROOT,
-            env=environ,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    """``python CMD`` in its own session, its output in ``log_path`` (started warm where
+    the environment allows: tests/warm_start.py)."""
+    return warm_start.start(cmd, cwd=ROOT, env=environ, stdout=log_path, stderr=log_path)
 
 
 def run(
@@ -147,7 +136,6 @@ def run(
     )
     out.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}-{time.monotonic_ns()}.log"
-    log_path.write_text("")
     proc = start(cmd, environ, log_path)
     try:
         proc.wait(timeout=timeout)

@@ -114,7 +114,7 @@ def become(request):
 
 
 class WarmProcess:
-    """A started command, as much of ``subprocess.Popen`` as the tests use."""
+    """A command started warm, as much of ``subprocess.Popen`` as the tests use."""
 
     def __init__(self, conn):
         self._conn = conn
@@ -146,6 +146,9 @@ class WarmProcess:
             return self.wait(0.001)
         except subprocess.TimeoutExpired:
             return None
+
+    def kill(self):
+        os.kill(self.pid, signal.SIGKILL)
 
 
 _server = {}
@@ -188,40 +191,42 @@ def can_start(env):
     return not cold() and same and env.get("PYTHONWARNINGS") == "ignore"
 
 
-def start(argv, *, cwd, env, stdout, stderr, new_session=True):
+def start(argv, *, cwd, env, stdout, stderr, new_session=True, fresh=False):
     """``python ARGV`` (``argv`` as after ``python``: a script or ``-m MODULE``, then its
-    arguments) from the warm server, its output appended to the files ``stdout`` and
-    ``stderr``; in its own session (as ``Popen(start_new_session=True)``), or else in the
-    server's process group, which is the tests' (a Ctrl-C reaches it)."""
+    arguments), its output appended to the files ``stdout`` and ``stderr``; in its own
+    session (as ``Popen(start_new_session=True)``), or else in the process group of the
+    server (the tests', which a Ctrl-C reaches). From the warm server where
+    ``can_start(env)``, unless ``fresh``; else a fresh interpreter (a ``Popen``)."""
+    argv = [str(a) for a in argv]
+    if fresh or not can_start(env):
+        with open(stdout, "a") as out, open(stderr, "a") as err:
+            return subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=new_session,
+            )
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(server())
-    request = dict(argv=[str(a) for a in argv], cwd=str(cwd), env=env, stdout=str(stdout))
-    request.update(stderr=str(stderr), new_session=new_session)
+    request = dict(argv=argv, cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
+    request.update(new_session=new_session)
     conn.sendall((json.dumps(request) + "\n").encode())
     return WarmProcess(conn)
 
 
 def run(argv, *, cwd, env, timeout, fresh=False):
-    """As ``subprocess.run([sys.executable, *argv], capture_output=True, text=True)``:
-    warm where ``can_start(env)``, unless ``fresh``, else a fresh interpreter."""
-    if fresh or not can_start(env):
-        return subprocess.run(
-            [sys.executable, *map(str, argv)],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    """As ``subprocess.run([sys.executable, *argv], capture_output=True, text=True)``, the
+    process started by :func:`start`."""
     with tempfile.TemporaryDirectory(prefix="warm-run-") as folder:
         out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        open(out, "w").close()
-        open(err, "w").close()
-        proc = start(argv, cwd=cwd, env=env, stdout=out, stderr=err, new_session=False)
+        proc = start(argv, cwd=cwd, env=env, stdout=out, stderr=err, new_session=False, fresh=fresh)
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
             raise
         with open(out) as f_out, open(err) as f_err:
