@@ -3,6 +3,7 @@ runs it, the tiny training that several test modules read (``trained_run`` in
 conftest.py), and the small model configs and inputs of the model tests (``tiny_cfg``,
 ``batch``)."""
 
+import contextlib
 import os
 import types
 
@@ -81,6 +82,37 @@ def tiny_training(base):
     return types.SimpleNamespace(
         base=base, data=base / "data", out=out, done=done, console=done.stdout + done.stderr
     )
+
+
+@contextlib.contextmanager
+def synthetic_lvis_on(root):
+    """The synthetic LVIS splits (``alrp_synthetic_lvis_*``) registered on ``root`` and
+    written there, in place of a registration by an earlier test of the process (under
+    ``datasets/``, where train_net, predict or export registered them), which is restored
+    after."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from alrp_d2.data.synthetic_lvis import register_synthetic_lvis
+
+    def unregister():
+        names = [n for n in DatasetCatalog.list() if n.startswith("alrp_synthetic_lvis_")]
+        registered = {n: (DatasetCatalog[n], MetadataCatalog.get(n).as_dict()) for n in names}
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        return registered
+
+    earlier = unregister()
+    register_synthetic_lvis(str(root))
+    DatasetCatalog.get("alrp_synthetic_lvis_tiny_val")  # writes the files
+    try:
+        yield
+    finally:
+        unregister()
+        for name, (load, metadata) in earlier.items():
+            DatasetCatalog.register(name, load)
+            metadata.pop("name")
+            MetadataCatalog.get(name).set(**metadata)
 
 
 def tiny_cfg(path, narrow=True, **overrides):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
-from runs import TINY
+from runs import TINY, synthetic_lvis_on
 
 pytestmark = pytest.mark.detectron2
 pytest.importorskip(
@@ -27,7 +27,7 @@ if HAS_DETECTRON2:
     from alrp_d2.config import get_cfg
     from alrp_d2.data.register import register_coco_json
     from alrp_d2.data.synthetic import CLASSES, generate_split
-    from alrp_d2.data.synthetic_lvis import FREQUENCY, generate_lvis_split, register_synthetic_lvis
+    from alrp_d2.data.synthetic_lvis import FREQUENCY, generate_lvis_split
     from alrp_d2.engine.module import DetectionModule
     from alrp_d2.evaluation import (
         LRPEvaluator,
@@ -47,10 +47,8 @@ NAME = "alrp_synthetic_lvis_tiny_val"
 def root(tmp_path_factory):
     """The synthetic splits' folder, with the LVIS datasets registered on it."""
     root = str(tmp_path_factory.mktemp("lvis") / "alrp_synthetic")
-    register_synthetic_lvis(root)
-    root = MetadataCatalog.get(NAME).image_root.rstrip("/")  # registered before, elsewhere
-    DatasetCatalog.get(NAME)  # writes the files
-    return root
+    with synthetic_lvis_on(root):
+        yield root
 
 
 def read(path):

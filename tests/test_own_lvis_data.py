@@ -13,7 +13,7 @@ import types
 
 import pytest
 from conftest import HAS_DETECTRON2
-from runs import TINY, python_module, train_net
+from runs import TINY, python_module, synthetic_lvis_on, train_net
 
 # Slow: train_net.py trainings on an LVIS json (the fast lane, -m "not slow", leaves them out).
 pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
@@ -26,7 +26,7 @@ if HAS_DETECTRON2:
 
     from alrp_d2.data.register import register_coco_datasets
     from alrp_d2.data.synthetic import CLASSES
-    from alrp_d2.data.synthetic_lvis import generate_lvis_split, register_synthetic_lvis
+    from alrp_d2.data.synthetic_lvis import generate_lvis_split
     from alrp_d2.evaluation import is_lvis_dataset
 
 # synthetic category id (1..4: circle, square, triangle, cross) -> the user's id
@@ -55,25 +55,10 @@ def user_lvis(root, split, path, ids=None):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """The synthetic splits' folder (``tiny_train/``, ``tiny_val/``: the split folders of
-    the images' ``coco_url``), with ``alrp_synthetic_lvis_*`` registered on it, in place
-    of a registration under ``datasets/`` by an earlier module of the process (restored
-    after)."""
-    names = [n for n in DatasetCatalog.list() if n.startswith("alrp_synthetic_lvis_")]
-    earlier = {n: (DatasetCatalog[n], MetadataCatalog.get(n).as_dict()) for n in names}
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    the images' ``coco_url``), with ``alrp_synthetic_lvis_*`` registered on it."""
     root = tmp_path_factory.mktemp("lvis_own") / "alrp_synthetic"
-    register_synthetic_lvis(str(root))
-    DatasetCatalog.get("alrp_synthetic_lvis_tiny_val")  # writes the files
-    yield types.SimpleNamespace(root=str(root))
-    for name in [n for n in DatasetCatalog.list() if n.startswith("alrp_synthetic_lvis_")]:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    for name, (load, metadata) in earlier.items():
-        DatasetCatalog.register(name, load)
-        metadata.pop("name")
-        MetadataCatalog.get(name).set(**metadata)
+    with synthetic_lvis_on(root):
+        yield types.SimpleNamespace(root=str(root))
 
 
 def without_ids(records):
