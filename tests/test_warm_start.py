@@ -4,6 +4,7 @@ output, exit status, its own session and fresh random seeds."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,33 +13,14 @@ import time
 import pytest
 import warm_start
 
-PROBE = """
-import json, os, sys, __main__
-import torch
-print(json.dumps({
-    "argv": sys.argv,
-    "cwd": os.getcwd(),
-    "path0": sys.path[0],
-    "only_here": os.environ.get("ONLY_HERE"),
-    "home": os.environ.get("HOME"),
-    "name": __name__,
-    "spec": getattr(__main__.__spec__, "name", None),
-    "seed": torch.initial_seed(),
-}))
-print("to stderr", file=sys.stderr)
-code = os.environ.get("EXIT_WITH")
-if code == "raise":
-    raise ValueError("the probe's error")
-if code == "sleep":
-    import time
-    time.sleep(60)
-sys.exit(int(code or 0))
-"""
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_probe.py")
 
 
 @pytest.fixture()
 def probe(tmp_path):
-    (tmp_path / "probe.py").write_text(PROBE)
+    """The probe copied outside the project (a command the tests' interpreter starts as
+    ``python`` does, never warm)."""
+    shutil.copy(PROBE, tmp_path / "probe.py")
     return tmp_path
 
 
@@ -62,7 +44,10 @@ def test_a_script_sees_what_a_fresh_interpreter_gives_it(probe, tmp_path):
     assert warm.returncode == fresh.returncode == 3
     assert warm.stderr.strip().endswith("to stderr") and "to stderr" not in warm.stdout
     seen, expected = json.loads(warm.stdout), json.loads(fresh.stdout)
-    assert seen.pop("seed") != expected.pop("seed")
+    seen.pop("pid"), expected.pop("pid")
+    assert expected.pop("executable") == sys.executable
+    # Its commands run through the server's interpreter script (test_the_interpreter...).
+    assert seen.pop("executable") == interpreter() or warm_start.cold()
     assert seen == expected
     assert seen["spec"] is None and seen["name"] == "__main__" and seen["home"] is None
     assert seen["path0"] == str(probe) and seen["only_here"] == "yes"
@@ -72,21 +57,25 @@ def test_a_module_run_with_dash_m_sees_its_spec_and_the_working_directory(probe)
     warm, fresh = both(["-m", "probe", "x"], cwd=probe)
     assert warm.returncode == fresh.returncode == 0, warm.stderr
     seen, expected = json.loads(warm.stdout), json.loads(fresh.stdout)
-    seen.pop("seed"), expected.pop("seed")
+    for key in ("pid", "executable"):
+        seen.pop(key), expected.pop(key)
     assert seen == expected and seen["spec"] == "probe"
 
 
-def test_an_uncaught_error_exits_1_with_its_traceback(probe):
-    warm, fresh = both([probe / "probe.py"], cwd=probe, EXIT_WITH="raise")
+@pytest.mark.parametrize(
+    "end,printed", [("raise", "ValueError: the probe's error"), ("a message", "a message")]
+)
+def test_an_uncaught_error_or_an_exit_message_exits_1_and_prints_it(probe, end, printed):
+    warm, fresh = both([probe / "probe.py"], cwd=probe, EXIT_WITH=end)
     assert warm.returncode == fresh.returncode == 1
-    assert "ValueError: the probe's error" in warm.stderr
+    assert printed in warm.stderr and printed in fresh.stderr
 
 
 def test_two_commands_draw_different_seeds(probe):
+    """Not the server's seed, which they would share."""
+    argv, seed = [probe / "probe.py"], env(SEED="1")
     seeds = {
-        json.loads(warm_start.run([probe / "probe.py"], cwd=probe, env=env(), timeout=60).stdout)[
-            "seed"
-        ]
+        json.loads(warm_start.run(argv, cwd=probe, env=seed, timeout=60).stdout)["seed"]
         for _ in range(2)
     }
     assert len(seeds) == 2
@@ -127,7 +116,11 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
     )
     tests = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run(
-        [sys.executable, "-c", code, tests], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, tests],
+        env=dict(os.environ, WARM_START_PRELOAD=""),  # a quick server
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     server_pid = int(done.stdout.split()[0])
     deadline = time.time() + 30
@@ -138,3 +131,55 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
             return
         time.sleep(0.2)
     pytest.fail(f"the warm-start server {server_pid} outlived its parent")
+
+
+def interpreter():
+    if warm_start.cold():
+        pytest.skip("ALRP_TESTS_COLD: no warm start")
+    return warm_start.interpreter_path(warm_start.server())
+
+
+def test_the_interpreter_of_warm_commands_starts_the_projects_commands_warm(probe):
+    """What Lightning's DDP launcher starts as ``sys.executable SCRIPT ARGS`` (the other
+    ranks) starts warm when it is the project's; anything else runs the interpreter."""
+    python = interpreter()
+    done = subprocess.run(
+        [python, PROBE, "an argument"], env=env(ONLY_HERE="yes"), capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stderr.strip().endswith("to stderr"), done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["executable"] == python  # started by the server
+    assert seen["argv"] == [PROBE, "an argument"] and seen["only_here"] == "yes"
+    outside = subprocess.run(
+        [python, probe / "probe.py"], env=env(), capture_output=True, text=True
+    )
+    assert json.loads(outside.stdout)["executable"] == sys.executable
+    code = subprocess.run(
+        [python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+    )
+    assert code.stdout.strip() == sys.executable
+
+
+def test_the_interpreter_passes_on_exit_codes_signals_and_its_own_death():
+    python = interpreter()
+    exited = subprocess.run([python, PROBE], env=env(EXIT_WITH="3"), capture_output=True)
+    assert exited.returncode == 3
+    killed = subprocess.run([python, PROBE], env=env(EXIT_WITH="kill"), capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(
+            [python, PROBE], env=env(EXIT_WITH="sleep"), stdout=subprocess.PIPE, text=True
+        )
+        command = json.loads(proc.stdout.readline())["pid"]
+        assert command != proc.pid  # the command is the server's child
+        proc.send_signal(signum)  # SIGTERM passed on; SIGKILL seen by the server
+        assert proc.wait(30) == -signum
+        proc.stdout.close()
+        deadline = time.time() + 30
+        while True:
+            try:
+                os.kill(command, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, f"the command {command} outlived its interpreter"
+            time.sleep(0.05)

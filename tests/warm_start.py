@@ -21,6 +21,7 @@ imported by each child, as in a fresh interpreter.
 import atexit
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -28,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 
-PRELOAD = ("torch", "torchvision", "pytorch_lightning")
+# The modules the server imports (``WARM_START_PRELOAD``, comma-separated, in place of these).
+PRELOAD = os.environ.get("WARM_START_PRELOAD", "torch,torchvision,pytorch_lightning")
 
 
 # ---------------------------------------------------------------- the server and its children
@@ -36,11 +38,13 @@ PRELOAD = ("torch", "torchvision", "pytorch_lightning")
 
 def serve(path):
     """Accept one request per connection and fork a supervisor for it, which forks the
-    command's process, sends its pid, waits for it and sends its wait status. Returns only
-    in a command's process, with its request."""
+    command's process, sends its pid, waits for it and sends its wait status; the command is
+    killed if the connection closes first (its client died). Returns only in a command's
+    process, with its request and the standard streams the client sent, if any."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    write_interpreter(path)
     # Ended with the tests' process, even where it could not stop it (a pytest-xdist worker
     # may end without running its atexit functions).
     listener.settimeout(2.0)
@@ -61,15 +65,33 @@ def serve(path):
             conn.close()
             continue
         listener.close()  # the supervisor
+        _, streams, _, _ = socket.recv_fds(conn, 1, 3)
         request = json.loads(conn.makefile("r").readline())
         pid = os.fork()
         if pid == 0:
             conn.close()
-            return request
+            return request, streams
+        for fd in streams:
+            os.close(fd)
         conn.sendall(struct.pack("!q", pid))
-        _, status = os.waitpid(pid, 0)
-        conn.sendall(struct.pack("!q", status))
+        _supervise(conn, pid)
         os._exit(0)
+
+
+def _supervise(conn, pid):
+    """Wait for process ``pid`` and send its wait status on ``conn``; kill it if ``conn``
+    closes first."""
+    process = os.pidfd_open(pid)
+    watched = [conn, process]
+    while process not in select.select(watched, [], [])[0]:
+        if not conn.recv(1):
+            os.kill(pid, signal.SIGKILL)
+            watched = [process]
+    _, status = os.waitpid(pid, 0)
+    try:
+        conn.sendall(struct.pack("!q", status))
+    except OSError:
+        pass  # the client is gone
 
 
 def _reap():
@@ -80,17 +102,25 @@ def _reap():
         pass
 
 
-def become(request):
-    """Turn this forked process into ``request["argv"]`` run by a fresh interpreter."""
+def become(request, streams, socket_path):
+    """Turn this forked process into ``request["argv"]`` run by a fresh interpreter, its
+    standard streams ``streams`` (sent by a client) or else the request's files."""
     if request["new_session"]:
         os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, name in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
-        target = os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if not streams:
+        streams = [
+            os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            for fd, name in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"]))
+        ]
+    for fd, target in enumerate(streams):
         os.dup2(target, fd)
         os.close(target)
+    # The command's own commands (the other DDP processes Lightning starts with
+    # ``sys.executable``) start warm too, through the server's interpreter script.
+    sys.executable = interpreter_path(socket_path)
     # A fresh interpreter draws its generators' seeds anew; Python's random does so at fork.
     import numpy
     import torch
@@ -100,17 +130,115 @@ def become(request):
     argv = request["argv"]
     import runpy
 
-    if argv[0] == "-m":
-        sys.argv = [argv[1], *argv[2:]]
-        sys.path[0] = os.getcwd()
-        runpy._run_module_as_main(argv[1], alter_argv=True)
-    else:
-        sys.argv = list(argv)
-        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-        runpy.run_path(argv[0], run_name="__main__")
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
+            runpy._run_module_as_main(argv[1], alter_argv=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as stop:
+        end(stop.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        end(0, signal.SIGINT)  # as the interpreter does: killed by the SIGINT it did not handle
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        end(1)
+    end(0)
+
+
+def end(code, signum=None):
+    """End as the interpreter ends (after its non-daemon threads, its ``atexit`` functions,
+    with its output flushed; ``code`` as ``sys.exit`` takes it), without tearing its modules
+    down: with torch loaded that takes over 2 seconds of CPU in a forked process, whose
+    every object's page it copies."""
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    import atexit
+    import threading
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if signum is not None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit((code or 0) & 0xFF)
 
 
 # ---------------------------------------------------------------------------- the client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a client passes on to its command: what Lightning's launcher and a cluster send.
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def interpreter_path(socket_path):
+    return os.path.join(os.path.dirname(socket_path), "python")
+
+
+def write_interpreter(socket_path):
+    """An executable that runs a command as ``python`` does, warm when it is one of the
+    project's: the ``sys.executable`` of the server's commands."""
+    path = interpreter_path(socket_path)
+    reference = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED")}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(path, "w") as f:
+        f.write(
+            f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {tests!r})\n"
+            f"import warm_start\nwarm_start.forward({socket_path!r}, {sys.executable!r}, "
+            f"{reference!r})\n"
+        )
+    os.chmod(path, 0o755)
+
+
+def forward(socket_path, python, reference):
+    """``python ARGS`` (``sys.argv[1:]``) from the server at ``socket_path`` when it is one
+    of the project's commands and the server can give it its environment, with this
+    process's standard streams, the signals in ``FORWARDED`` passed on and its exit status
+    (or its killing signal) as this process's; else ``python`` itself, exec'ed."""
+    argv = sys.argv[1:]
+    env = dict(os.environ)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not (_project_command(argv) and can_start(env, reference)):
+            raise ConnectionRefusedError
+        conn.connect(socket_path)
+    except OSError:
+        os.execv(python, [python, *argv])
+    socket.send_fds(conn, [b"F"], [0, 1, 2])
+    request = dict(argv=argv, cwd=os.getcwd(), env=env, new_session=False)
+    conn.sendall((json.dumps(request) + "\n").encode())
+    proc = WarmProcess(conn)
+
+    def pass_on(signum, _):
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, pass_on)
+    code = proc.wait()
+    if code < 0:
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def _project_command(argv):
+    if argv[:1] == ["-m"]:
+        return len(argv) > 1 and argv[1].split(".")[0] == "alrp_d2"
+    return bool(argv) and os.path.abspath(argv[0]).startswith(ROOT + os.sep)
 
 
 class WarmProcess:
@@ -184,10 +312,10 @@ def _stop(proc, folder):
     os.rmdir(folder)
 
 
-def can_start(env):
+def can_start(env, reference=os.environ):
     """Whether a command with environment ``env`` can start warm: the interpreter options
-    read from the environment at start-up must be the server's."""
-    same = all(env.get(k) == os.environ.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED"))
+    read from the environment at start-up must be the server's (``reference``'s)."""
+    same = all(env.get(k) == reference.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED"))
     return not cold() and same and env.get("PYTHONWARNINGS") == "ignore"
 
 
@@ -211,6 +339,7 @@ def start(argv, *, cwd, env, stdout, stderr, new_session=True, fresh=False):
             )
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(server())
+    conn.sendall(b"N")  # no streams: the request names files
     request = dict(argv=argv, cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
     request.update(new_session=new_session)
     conn.sendall((json.dumps(request) + "\n").encode())
@@ -235,6 +364,6 @@ def run(argv, *, cwd, env, timeout, fresh=False):
 
 
 if __name__ == "__main__":
-    for module in PRELOAD:
+    for module in filter(None, PRELOAD.split(",")):
         __import__(module)
-    become(serve(sys.argv[1]))
+    become(*serve(sys.argv[1]), sys.argv[1])
