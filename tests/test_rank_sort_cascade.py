@@ -118,8 +118,9 @@ def test_stage_losses_are_weighted_by_the_stage_loss_weights():
 def test_stage_gradients_reach_the_features_whole():
     model = cascade()
     heads = model.roi_heads.train()
+    channels = model.backbone.output_shape()["p2"].channels
     features = {
-        f: torch.randn(1, 256, 96 // s, 96 // s, requires_grad=True)
+        f: torch.randn(1, channels, 96 // s, 96 // s, requires_grad=True)
         for f, s in zip(("p2", "p3", "p4", "p5"), (4, 8, 16, 32))
     }
     proposal = Instances((96, 96), proposal_boxes=Boxes(torch.tensor([[8.0, 8.0, 60.0, 70.0]])))
@@ -148,8 +149,9 @@ def test_test_scores_are_the_sigmoid_of_the_stages_mean_logits():
     model = cascade(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0})
     heads = model.roi_heads.eval()
     g = torch.Generator().manual_seed(1)
+    channels = model.backbone.output_shape()["p2"].channels
     features = {
-        f: torch.randn(1, 256, 96 // s, 96 // s, generator=g)
+        f: torch.randn(1, channels, 96 // s, 96 // s, generator=g)
         for f, s in zip(("p2", "p3", "p4", "p5", "p6"), (4, 8, 16, 32, 64))
     }
     xy = torch.rand(12, 2, generator=g) * 50
@@ -169,7 +171,9 @@ def test_test_scores_are_the_sigmoid_of_the_stages_mean_logits():
                 rois = Boxes(decoded)
                 rois.clip((96, 96))
         probs = (sum(logits) / 3).sigmoid()
-        expected, _ = fast_rcnn_inference([decoded], [probs], [(96, 96)], 0.0, 0.5, 100)
+        expected, _ = fast_rcnn_inference(
+            [decoded], [probs], [(96, 96)], 0.0, 0.5, heads.box_predictor[0].test_topk_per_image
+        )
     assert len(detections[0]) > 0
     assert torch.allclose(detections[0].scores, expected[0].scores)
     assert torch.equal(detections[0].pred_classes, expected[0].pred_classes)

@@ -304,7 +304,8 @@ def test_rs_atss_head_has_a_learnable_box_scale_per_level():
     assert isinstance(head, ScaledBoxRetinaNetHead)
     assert torch.equal(head.box_scales.detach(), torch.ones(5))  # Scale(1.0) on P3-P7
     assert "head.box_scales" in model.state_dict()
-    features = [torch.randn(1, 256, 8 // 2**i + 1, 8 // 2**i + 1) for i in range(5)]
+    channels = model.backbone.output_shape()["p3"].channels
+    features = [torch.randn(1, channels, 8 // 2**i + 1, 8 // 2**i + 1) for i in range(5)]
     _, unscaled = RetinaNetHead.forward(head, features)
     with torch.no_grad():
         head.box_scales[2] = 2.0
