@@ -50,12 +50,12 @@ def train_net(*args, env_root, timeout=300, fresh=False):
     return warm_start.run([script, *args], cwd=ROOT, env=env, timeout=timeout, fresh=fresh)
 
 
-def python_module(module, *args, env_root=None, timeout=300):
-    """``python -m MODULE ARGS`` in the repository root, as :func:`train_net`."""
+def python_module(module, *args, env_root=None, timeout=300, cwd=ROOT):
+    """``python -m MODULE ARGS`` in ``cwd`` (the repository root), as :func:`train_net`."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if env_root is not None:
         env["DETECTRON2_DATASETS"] = str(env_root)
-    return warm_start.run(["-m", module, *args], cwd=ROOT, env=env, timeout=timeout)
+    return warm_start.run(["-m", module, *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def tiny_training(base):

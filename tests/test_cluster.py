@@ -1,10 +1,9 @@
 """Launches as users launch them: torchrun, SLURM's srun, Detectron2's flags."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+import warm_start
 from runs import ROOT, TINY
 
 # Slow: torchrun and SLURM launches (the fast lane, -m "not slow", leaves them out).
@@ -104,9 +103,9 @@ def test_torchrun_launches_two_cpu_processes(tmp_path):
     for name in CLUSTER_VARS:
         env.pop(name, None)
     out = tmp_path / "out"
-    run = subprocess.run(
+    # torchrun (started warm: its workers too, tests/warm_start.py)
+    run = warm_start.run(
         [
-            sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc-per-node",
@@ -127,8 +126,6 @@ def test_torchrun_launches_two_cpu_processes(tmp_path):
         ],
         cwd=ROOT,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import warm_start
 from runs import ROOT
 
 GPU = os.path.join(ROOT, "benchmarks", "gpu")
@@ -69,7 +70,12 @@ def test_sync_counter_attributes_each_synchronisation(monkeypatch):
 @pytest.mark.detectron2
 def test_cpu_dry_run_writes_a_measured_report(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    # PYTHON: the warm start's interpreter (tests/warm_start.py), which starts verify.py and
+    # its quickstart as the tests start the project's commands.
+    python = (
+        sys.executable if warm_start.cold() else warm_start.interpreter_path(warm_start.server())
+    )
+    env = dict(os.environ, OUT=str(out), PYTHON=python, PYTHONWARNINGS="ignore")
     done = subprocess.run(
         ["bash", os.path.join(GPU, "run.sh"), "--cpu-dry-run"],
         cwd=tmp_path,

@@ -9,14 +9,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import ROOT, VAL
+from runs import ROOT, VAL, python_module
 
 pytestmark = pytest.mark.detectron2
 
@@ -183,14 +181,8 @@ def test_command_line_pictures_and_coco_json_with_the_runs_thresholds(
 ):
     """The real command, its thresholds found beside the weights (inference/<dataset>/)."""
     output = tmp_path / "pictures"
-    env = dict(os.environ, DETECTRON2_DATASETS=str(run.data), PYTHONWARNINGS="ignore")
-    done = subprocess.run(
-        [sys.executable, "-m", "alrp_d2.predict", *map(str, base_args(run, inputs, output))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    done = python_module(
+        "alrp_d2.predict", *base_args(run, inputs, output), env_root=run.data, timeout=180
     )
     assert done.returncode == 0, done.stderr[-3000:]
     thresholds_file = run.out / "inference" / VAL / "lrp_thresholds.json"

@@ -11,14 +11,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import warm_start
-from runs import ROOT, TINY
+from runs import ROOT, TINY, train_net
 
 # Slow: train_net.py killed and resumed (the fast lane, -m "not slow", leaves them out).
 pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
@@ -413,14 +411,7 @@ def test_truncated_image_names_file_and_dataset_then_resume(damaged_data, refere
     assert f"training image '{image}' of dataset 'alrp_synthetic_tiny_train' cannot be used" in log
     assert "image file is truncated" in log
     assert (out / "last.ckpt").is_file() and "progress up to iteration" in log
-    check = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", TINY, "--check-data"],
-        cwd=ROOT,
-        env=dict(os.environ, DETECTRON2_DATASETS=str(root), PYTHONWARNINGS="ignore"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    check = train_net("--config-file", TINY, "--check-data", env_root=root, timeout=120)
     assert check.returncode == 1
     assert f"{image}: image unreadable" in check.stderr + check.stdout
     assert "1 problems found" in check.stdout

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from runs import ROOT
+from runs import ROOT, python_module
 
 from alrp_d2.run_folder import THRESHOLD_FILES, RunFolder
 
@@ -164,12 +164,7 @@ def test_console_scripts_are_the_python_m_commands():
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv, message, tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120
-    )
+    done = python_module(*argv, cwd=tmp_path, timeout=120)
     last = done.stderr.strip().splitlines()[-1]  # (after the libraries' warnings)
     assert done.returncode == 2 and last.startswith(message), done.stderr
     assert "Traceback" not in done.stderr and os.listdir(tmp_path) == []

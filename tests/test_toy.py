@@ -1,10 +1,9 @@
 """The toy example reproduces the golden values of the paper (spec, section 8)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from runs import python_module
 
 from alrp_d2 import toy
 
@@ -59,12 +58,8 @@ def test_other_losses(result):
 @pytest.mark.slow
 def test_cli_json_and_plot(tmp_path):
     png = tmp_path / "pr.png"
-    out = subprocess.run(
-        [sys.executable, "-m", "alrp_d2.toy", "--json", "--plot", str(png)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    out = python_module("alrp_d2.toy", "--json", "--plot", png)
+    assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert set(data) == {"outputs", "cross_entropy", "ap_loss", "l1", "iou_loss"}
     assert set(data["outputs"]["C&R2"]) == {"alrp", "ap_iou", "ap", "lrp_per_positive"}
@@ -74,7 +69,6 @@ def test_cli_json_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_cli_tables():
-    out = subprocess.run(
-        [sys.executable, "-m", "alrp_d2.toy"], check=True, capture_output=True, text=True
-    )
+    out = python_module("alrp_d2.toy")
+    assert out.returncode == 0, out.stderr
     assert "Table S2" in out.stdout and "C&R3" in out.stdout

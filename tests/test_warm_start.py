@@ -103,8 +103,10 @@ def test_a_killed_command_reports_the_signal_and_a_timeout_raises(probe):
 
 
 def test_an_environment_the_server_cannot_give_starts_a_fresh_interpreter(probe):
-    assert not warm_start.can_start(env(PYTHONPATH="/elsewhere"))
+    assert not warm_start.can_start(env(PYTHONHASHSEED="7"))
     assert not warm_start.can_start(dict(env(), PYTHONWARNINGS="default"))
+    if os.environ.get("PYTHONPATH"):  # the server's, replaced
+        assert not warm_start.can_start(env(PYTHONPATH="/elsewhere"))
 
 
 def test_the_server_ends_with_the_process_that_started_it(tmp_path):
@@ -158,6 +160,27 @@ def test_the_interpreter_of_warm_commands_starts_the_projects_commands_warm(prob
         [python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
     )
     assert code.stdout.strip() == sys.executable
+
+
+def test_a_pythonpath_in_front_and_dash_u_as_a_fresh_interpreter_takes_them(tmp_path):
+    """As ``PYTHONPATH=FOLDER:... python -u SCRIPT`` (what torchrun and the GPU check's
+    run.sh start); a folder that holds a package the server imported starts fresh."""
+    python = interpreter()
+    front = tmp_path / "front"
+    front.mkdir()
+    path = os.pathsep.join(filter(None, [str(front), os.environ.get("PYTHONPATH")]))
+    runs = [
+        subprocess.run([exe, "-u", PROBE], env=env(PYTHONPATH=path), capture_output=True, text=True)
+        for exe in (python, sys.executable)
+    ]
+    seen, expected = (json.loads(done.stdout) for done in runs)
+    assert seen.pop("executable") == python and expected.pop("executable") == sys.executable
+    seen.pop("pid"), expected.pop("pid")
+    assert seen == expected
+    assert seen["path1"] == str(front) and seen["write_through"]
+    assert warm_start.can_start(env(PYTHONPATH=path))
+    (front / "torch").mkdir()
+    assert not warm_start.can_start(env(PYTHONPATH=path))
 
 
 def test_the_interpreter_passes_on_exit_codes_signals_and_its_own_death():

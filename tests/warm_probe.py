@@ -17,6 +17,8 @@ print(
             "argv": sys.argv,
             "cwd": os.getcwd(),
             "path0": sys.path[0],
+            "path1": sys.path[1],
+            "write_through": sys.stdout.write_through,
             "only_here": os.environ.get("ONLY_HERE"),
             "home": os.environ.get("HOME"),
             "name": __name__,

@@ -108,6 +108,7 @@ def become(request, streams, socket_path):
     if request["new_session"]:
         os.setsid()
     os.chdir(request["cwd"])
+    extra_path = added_path(request["env"], os.environ, _imported())
     os.environ.clear()
     os.environ.update(request["env"])
     if not streams:
@@ -118,6 +119,14 @@ def become(request, streams, socket_path):
     for fd, target in enumerate(streams):
         os.dup2(target, fd)
         os.close(target)
+    if os.environ.get("PYTHONUNBUFFERED"):  # as ``python -u``
+        import io
+
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            raw = io.FileIO(stream.fileno(), "w", closefd=False)
+            wrapper = io.TextIOWrapper(raw, stream.encoding, stream.errors, write_through=True)
+            setattr(sys, name, wrapper)
     # The command's own commands (the other DDP processes Lightning starts with
     # ``sys.executable``) start warm too, through the server's interpreter script.
     sys.executable = interpreter_path(socket_path)
@@ -130,6 +139,7 @@ def become(request, streams, socket_path):
     argv = request["argv"]
     import runpy
 
+    sys.path[1:1] = extra_path or []  # after the script's folder, as PYTHONPATH's entries go
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
@@ -181,6 +191,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def _imported():
+    return {name.partition(".")[0] for name in sys.modules}
+
+
+def server_modules(socket_path):
+    """The packages the server at ``socket_path`` imported."""
+    with open(os.path.join(os.path.dirname(socket_path), "modules.json")) as f:
+        return json.load(f)
+
+
 def interpreter_path(socket_path):
     return os.path.join(os.path.dirname(socket_path), "python")
 
@@ -189,7 +209,9 @@ def write_interpreter(socket_path):
     """An executable that runs a command as ``python`` does, warm when it is one of the
     project's: the ``sys.executable`` of the server's commands."""
     path = interpreter_path(socket_path)
-    reference = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED")}
+    reference = {k: os.environ[k] for k in ("PYTHONPATH", "PYTHONHASHSEED") if k in os.environ}
+    with open(os.path.join(os.path.dirname(socket_path), "modules.json"), "w") as f:
+        json.dump(sorted(_imported()), f)
     tests = os.path.dirname(os.path.abspath(__file__))
     with open(path, "w") as f:
         f.write(
@@ -207,9 +229,12 @@ def forward(socket_path, python, reference):
     (or its killing signal) as this process's; else ``python`` itself, exec'ed."""
     argv = sys.argv[1:]
     env = dict(os.environ)
+    if argv[:1] == ["-u"]:  # as torchrun starts its workers
+        argv, env["PYTHONUNBUFFERED"] = argv[1:], "1"
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if not (_project_command(argv) and can_start(env, reference)):
+        modules = server_modules(socket_path)
+        if not (_project_command(argv) and can_start(env, reference, modules)):
             raise ConnectionRefusedError
         conn.connect(socket_path)
     except OSError:
@@ -312,11 +337,37 @@ def _stop(proc, folder):
     os.rmdir(folder)
 
 
-def can_start(env, reference=os.environ):
+def can_start(env, reference=os.environ, modules=None):
     """Whether a command with environment ``env`` can start warm: the interpreter options
-    read from the environment at start-up must be the server's (``reference``'s)."""
-    same = all(env.get(k) == reference.get(k) for k in ("PYTHONPATH", "PYTHONHASHSEED"))
-    return not cold() and same and env.get("PYTHONWARNINGS") == "ignore"
+    read from the environment at start-up must be the server's (``reference``'s), its
+    ``PYTHONPATH`` the server's or folders in front of it (``added_path``)."""
+    same = env.get("PYTHONHASHSEED") == reference.get("PYTHONHASHSEED")
+    return (
+        not cold()
+        and same
+        and added_path(env, reference, modules) is not None
+        and env.get("PYTHONWARNINGS") == "ignore"
+    )
+
+
+def added_path(env, reference, modules=None):
+    """The folders ``env``'s PYTHONPATH puts in front of ``reference``'s, where the rest is
+    ``reference``'s and none of them holds one of the packages ``modules`` (by default
+    the server's: what it imported, a fresh interpreter would take from there); else
+    None."""
+    theirs, ours = (
+        [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p] for e in (env, reference)
+    )
+    front = theirs[: len(theirs) - len(ours)]
+    if theirs[len(front) :] != ours:
+        return None
+    if front and modules is None:
+        modules = server_modules(server())
+    for folder in front:
+        for module in modules:
+            if any(os.path.exists(os.path.join(folder, module + end)) for end in ("", ".py")):
+                return None
+    return front
 
 
 def start(argv, *, cwd, env, stdout, stderr, new_session=True, fresh=False):
