@@ -92,6 +92,8 @@ CASES = [
 
 
 def worker(rank, init_file, out_dir):
+    # Forked from the tests' process: one thread, never its OpenMP pool (not fork-safe).
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
     for loss_name, kind, seed, delta in CASES:
@@ -117,7 +119,7 @@ def worker(rank, init_file, out_dir):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     mp.start_processes(
-        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn"
+        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="fork"
     )
     merged = {}
     for rank in range(WORLD):

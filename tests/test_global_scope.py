@@ -75,6 +75,8 @@ def step(model, batch, architecture):
 
 
 def worker(rank, init_file, out_dir):
+    # Forked from the tests' process: one thread, never its OpenMP pool (not fork-safe).
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     batch = images()
     results = {}
@@ -108,7 +110,7 @@ def worker(rank, init_file, out_dir):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("global_scope")
     mp.start_processes(
-        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn"
+        worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="fork"
     )
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
