@@ -256,10 +256,14 @@ def dcn():
         os.path.join(COCO, "alrp_atss_X_101_64x4d_FPN_DCN_800.yaml"),
         narrow=False,  # group norm's 32 groups
         **{
+            # Half the widths (a quarter of the FPN's), each a multiple of the 32 groups.
             "MODEL.RESNETS.NUM_GROUPS": 1,
-            "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
+            "MODEL.RESNETS.WIDTH_PER_GROUP": 32,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS": 32,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": 128,
             "MODEL.RESNETS.NORM": "GN",
             "MODEL.FPN.NORM": "GN",
+            "MODEL.FPN.OUT_CHANNELS": 64,
             "MODEL.RETINANET.NUM_CONVS": 1,
             "MODEL.RETINANET.SCORE_THRESH_TEST": 0.0,
             "TEST.DETECTIONS_PER_IMAGE": 20,
