@@ -21,9 +21,9 @@ import os
 import sys
 
 import torch
+from runs import ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "training_step.json")
 # The keys and shapes of every config's state_dict: what a checkpoint must hold to load.
 STATE_KEYS = os.path.join(HERE, "golden", "state_dict_keys.json")

@@ -8,8 +8,8 @@ import os
 import types
 
 import warm_start
+from warm_start import ROOT
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny_synthetic.yaml")
 VAL = "alrp_synthetic_tiny_val"
 EPOCH = 4  # iterations per epoch of the tiny config (32 images, batch 8)

@@ -157,9 +157,11 @@ def test_the_interpreter_of_warm_commands_starts_the_projects_commands_warm(prob
     )
     assert json.loads(outside.stdout)["executable"] == sys.executable
     code = subprocess.run(
-        [python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+        [python, "-u", "-c", "import sys; print(sys.executable, sys.stdout.write_through)"],
+        capture_output=True,
+        text=True,
     )
-    assert code.stdout.strip() == sys.executable
+    assert code.stdout.split() == [sys.executable, "True"]  # -u kept
 
 
 def test_a_pythonpath_in_front_and_dash_u_as_a_fresh_interpreter_takes_them(tmp_path):

@@ -93,7 +93,11 @@ def _supervise(conn, pid):
     process = os.pidfd_open(pid)
     watched = [conn, process]
     while process not in select.select(watched, [], [])[0]:
-        if not conn.recv(1):
+        try:
+            closed = not conn.recv(1)
+        except OSError:
+            closed = True
+        if closed:
             os.kill(pid, signal.SIGKILL)
             watched = [process]
     _, status = os.waitpid(pid, 0)
@@ -195,6 +199,7 @@ def end(code, signum=None):
 
 # ---------------------------------------------------------------------------- the client
 
+# The repository (tests/runs.py and the tests take it from here).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a client passes on to its command: what Lightning's launcher and a cluster send.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -236,7 +241,7 @@ def forward(socket_path, python, reference):
     of the project's commands and the server can give it its environment, with this
     process's standard streams, the signals in ``FORWARDED`` passed on and its exit status
     (or its killing signal) as this process's; else ``python`` itself, exec'ed."""
-    argv = sys.argv[1:]
+    argv = given = sys.argv[1:]
     env = dict(os.environ)
     if argv[:1] == ["-u"]:  # as torchrun starts its workers
         argv, env["PYTHONUNBUFFERED"] = argv[1:], "1"
@@ -247,7 +252,7 @@ def forward(socket_path, python, reference):
             raise ConnectionRefusedError
         conn.connect(socket_path)
     except OSError:
-        os.execv(python, [python, *argv])
+        os.execv(python, [python, *given])
     socket.send_fds(conn, [b"F"], [0, 1, 2])
     request = dict(argv=argv, cwd=os.getcwd(), env=env, new_session=False)
     conn.sendall((json.dumps(request) + "\n").encode())
