@@ -90,17 +90,24 @@ def serve(path):
 def _supervise(conn, pid):
     """Wait for process ``pid`` and send its wait status on ``conn``; kill it if ``conn``
     closes first."""
-    process = os.pidfd_open(pid)
-    watched = [conn, process]
-    while process not in select.select(watched, [], [])[0]:
-        try:
-            closed = not conn.recv(1)
-        except OSError:
-            closed = True
-        if closed:
-            os.kill(pid, signal.SIGKILL)
-            watched = [process]
-    _, status = os.waitpid(pid, 0)
+    try:
+        process = os.pidfd_open(pid)  # readable when it ends (Linux 5.3)
+    except (AttributeError, OSError):
+        process = None  # else looked at every 50 ms
+    watched = [conn] + ([process] if process is not None else [])
+    while True:
+        ready = select.select(watched, [], [], None if process is not None else 0.05)[0]
+        if conn in ready:
+            try:
+                closed = not conn.recv(1)
+            except OSError:
+                closed = True
+            if closed:
+                os.kill(pid, signal.SIGKILL)
+                watched.remove(conn)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
     try:
         conn.sendall(struct.pack("!q", status))
     except OSError:
