@@ -260,10 +260,7 @@ def forward(socket_path, python, reference):
         conn.connect(socket_path)
     except OSError:
         os.execv(python, [python, *given])
-    socket.send_fds(conn, [b"F"], [0, 1, 2])
-    request = dict(argv=argv, cwd=os.getcwd(), env=env, new_session=False)
-    conn.sendall((json.dumps(request) + "\n").encode())
-    proc = WarmProcess(conn)
+    proc = _request(conn, dict(argv=argv, cwd=os.getcwd(), env=env, new_session=False), [0, 1, 2])
 
     def pass_on(signum, _):
         try:
@@ -412,9 +409,15 @@ def start(argv, *, cwd, env, stdout, stderr, new_session=True, fresh=False):
             )
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(server())
-    conn.sendall(b"N")  # no streams: the request names files
     request = dict(argv=argv, cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
-    request.update(new_session=new_session)
+    return _request(conn, dict(request, new_session=new_session))
+
+
+def _request(conn, request, streams=()):
+    """Send ``request`` on ``conn`` (connected to the server), with the standard streams
+    ``streams`` (file descriptors) or, without them, the files it names (``serve`` reads
+    one byte with the descriptors, then the request's line): the started command."""
+    socket.send_fds(conn, [b"F" if streams else b"N"], list(streams))
     conn.sendall((json.dumps(request) + "\n").encode())
     return WarmProcess(conn)
 
